@@ -1,0 +1,47 @@
+"""proxyclient: proxy-tuning for base models behind a completion API.
+
+    scores = base_logprob + alpha * (expert_logprob - anti_expert_logprob)
+
+The base answers over HTTP with its top-k next-token logprobs; expert and anti-expert run locally.
+
+    from proxyclient import ProxyTuner, GenerationConfig, connect
+
+    base = connect("vllm", "http://127.0.0.1:8000/v1", "my-base-model")
+    with ProxyTuner(base, expert="path/to/expert", anti_expert="path/to/anti") as tuner:
+        print(tuner.generate("Hello", GenerationConfig(max_new_tokens=32)).text)
+"""
+
+from proxyclient.adapters import connect
+from proxyclient.config import GenerationConfig, UnseenPolicy
+from proxyclient.errors import (
+    APIConnectionError,
+    APIStatusError,
+    BaseModelError,
+    ConfigError,
+    ContextLengthError,
+    ModelLoadError,
+    NotFoundError,
+    ProxyClientError,
+    TopKTooLargeError,
+)
+from proxyclient.result import Generation, Timings, Usage
+from proxyclient.tuner import ProxyTuner
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "BaseModelError",
+    "ConfigError",
+    "ContextLengthError",
+    "Generation",
+    "GenerationConfig",
+    "ModelLoadError",
+    "NotFoundError",
+    "ProxyClientError",
+    "ProxyTuner",
+    "Timings",
+    "TopKTooLargeError",
+    "UnseenPolicy",
+    "Usage",
+    "connect",
+]

@@ -1,0 +1,92 @@
+"""Proxy-tuning's formula on a restricted candidate set. Pure tensor math: no I/O, no models.
+
+    score(t) = base_logprob(t) + alpha * (expert_logprob(t) - anti_expert_logprob(t))
+
+Log-probabilities stand in for logits: each model's normalising constant is the same for every
+candidate, so it cancels in the softmax over any candidate set. That is why the formula is exact on
+whatever part of the vocabulary the base reveals, and why local models with padded vocabularies
+(more logits than tokens) need no special care beyond ignoring ids the others lack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from proxyclient.config import UnseenPolicy
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The tokens that may be chosen next, with their proxy-tuned scores."""
+
+    ids: torch.Tensor  # [n] int64, ids in the shared vocabulary
+    scores: torch.Tensor  # [n] float64, base + alpha * (expert - anti)
+    dropped: int  # base candidates whose id the proxies lack (never silently lost: counted)
+
+
+def base_scores(
+    base_ids: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    vocab_size: int,
+    policy: UnseenPolicy,
+) -> Candidates:
+    """The base's score for each candidate under ``policy``, before the proxies' correction.
+
+    base_ids: [k] int64, base_logprobs: [k] float, finite (the adapter drops sentinels).
+    vocab_size: size of the vocabulary shared by base and proxies; ids >= it are dropped.
+    """
+    base_ids = base_ids.to(torch.int64)
+    base_logprobs = base_logprobs.to(torch.float64)
+    known = base_ids < vocab_size
+    dropped = int((~known).sum())
+    seen_ids, seen_lp = base_ids[known], base_logprobs[known]
+    if policy is UnseenPolicy.RESTRICT:
+        return Candidates(seen_ids, seen_lp, dropped)
+    if seen_ids.numel() == 0:
+        raise ValueError("the base returned no candidate inside the shared vocabulary")
+
+    n_unseen = vocab_size - seen_ids.numel()
+    if policy is UnseenPolicy.FLOOR:
+        unseen_lp = seen_lp.min()
+    elif policy is UnseenPolicy.RESIDUAL:
+        # Mass of everything the server returned, dropped ids included: they are not "unseen".
+        returned_mass = float(torch.logsumexp(base_logprobs, dim=0).exp())
+        leftover = max(0.0, 1.0 - returned_mass)
+        unseen_lp = math.log(leftover / n_unseen) if leftover > 0 and n_unseen else -math.inf
+    else:
+        raise ValueError(f"unknown unseen policy {policy!r}")
+    scores = torch.full((vocab_size,), float(unseen_lp), dtype=torch.float64)
+    scores[seen_ids] = seen_lp
+    return Candidates(torch.arange(vocab_size), scores, dropped)
+
+
+def combine(
+    base_ids: torch.Tensor,
+    base_logprobs: torch.Tensor,
+    expert_logprobs: torch.Tensor,
+    anti_logprobs: torch.Tensor,
+    *,
+    alpha: float,
+    policy: UnseenPolicy,
+    vocab_size: int,
+) -> Candidates:
+    """Proxy-tuned scores of the candidates.
+
+    base_ids, base_logprobs: [k] the base's returned top-k.
+    expert_logprobs, anti_logprobs: [V_e], [V_a] log-softmax over each proxy's whole output,
+    with V_e, V_a >= vocab_size (padded vocabularies allowed).
+    """
+    if expert_logprobs.shape[-1] < vocab_size or anti_logprobs.shape[-1] < vocab_size:
+        raise ValueError(
+            f"proxy logprobs cover {expert_logprobs.shape[-1]} / {anti_logprobs.shape[-1]} ids, "
+            f"fewer than the shared vocabulary's {vocab_size}"
+        )
+    base = base_scores(base_ids, base_logprobs, vocab_size, policy)
+    if alpha == 0:
+        return base
+    expert = expert_logprobs[base.ids].to(torch.float64)
+    anti = anti_logprobs[base.ids].to(torch.float64)
+    return Candidates(base.ids, base.scores + alpha * (expert - anti), base.dropped)

@@ -1,0 +1,78 @@
+"""What one generation should do: GenerationConfig and the unseen-token policies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from proxyclient.errors import ConfigError
+
+
+class UnseenPolicy(StrEnum):
+    """What happens to tokens outside the base's returned top-k.
+
+    Their base log-probability is unknown but at most the smallest returned one.
+    - ``restrict``: only the base's top-k are candidates (the unseen get probability 0).
+    - ``floor``: every shared-vocabulary token is a candidate; unseen ones get the k-th
+      (smallest returned) logprob as their base score, an upper bound.
+    - ``residual``: unseen ones share the leftover base mass 1 - sum(top-k) evenly.
+    With the whole vocabulary returned (k = -1) all three are the exact formula.
+    """
+
+    RESTRICT = "restrict"
+    FLOOR = "floor"
+    RESIDUAL = "residual"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options of one generation. Validated on construction.
+
+    ``top_logprobs`` is k, the number of next-token logprobs asked of the base per step;
+    -1 asks for the whole vocabulary where the server allows it (vLLM ``--max-logprobs -1``).
+    ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1.0 mean off.
+    ``expert_chat_template`` gives the expert (only) the prompt formatted with its tokenizer's chat
+    template, as the paper does for chat-tuned experts; base and anti-expert get the plain prompt.
+    """
+
+    max_new_tokens: int = 64
+    alpha: float = 1.0
+    top_logprobs: int = 20
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    unseen: UnseenPolicy = UnseenPolicy.RESTRICT
+    expert_chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        try:
+            object.__setattr__(self, "unseen", UnseenPolicy(self.unseen))
+        except ValueError:
+            choices = ", ".join(p.value for p in UnseenPolicy)
+            raise ConfigError(f"unseen must be one of {choices}, got {self.unseen!r}") from None
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ConfigError(
+                f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
+            )
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
+        if self.top_logprobs == 0 or self.top_logprobs < -1:
+            raise ConfigError(
+                f"top_logprobs must be a positive integer, or -1 for the whole vocabulary, "
+                f"got {self.top_logprobs!r}"
+            )
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop sequences must be non-empty strings")

@@ -1,0 +1,49 @@
+"""What a generation returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["length", "stop", "eos", "error"]
+
+
+@dataclass
+class Usage:
+    """What the generation cost.
+
+    ``prompt_tokens`` counts every token id sent to the base, summed over requests: each step
+    resends the whole prefix, which is what a hosted API bills.
+    ``dropped_candidates`` counts base candidates that had no twin in the proxies' vocabulary.
+    """
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_candidates: int = 0
+
+
+@dataclass
+class Timings:
+    """Where the wall time went. With overlap, ``wall_s`` is about max(base, local) per step."""
+
+    steps: int = 0
+    wall_s: float = 0.0
+    base_s: float = 0.0  # waiting for the base's answers
+    local_s: float = 0.0  # expert + anti-expert forwards
+
+
+@dataclass
+class Generation:
+    """The result: text, chosen token ids, why it stopped, and usage."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+    unseen_policy: str = "restrict"
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,50 @@
+"""Choosing the next token from scored candidates. Pure tensor math: no I/O, no models.
+
+Steps, in the order transformers' warpers apply them:
+1. temperature 0: greedy, the highest score wins (the first one on exact ties);
+2. divide by temperature;
+3. top-k: keep the k highest;
+4. top-p: keep the smallest set of highest-probability candidates whose mass reaches p;
+5. draw from the softmax with the caller's generator (seeded for reproducibility).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def warp(scores: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scores after temperature, top-k and top-p; removed candidates get -inf. Input unchanged.
+
+    scores: [n]. temperature > 0. top_k 0 and top_p 1.0 mean off.
+    """
+    logits = scores.to(torch.float64) / temperature
+    if 0 < top_k < logits.numel():
+        kth_best = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_best, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=0).cumsum(dim=0)
+        # Drop a candidate when the mass before it already reaches top_p; the best always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=0)) >= top_p
+        drop_sorted[0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits
+
+
+def choose(
+    scores: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Index (into ``scores``) of the chosen candidate. scores: [n], n >= 1."""
+    if scores.numel() == 0:
+        raise ValueError("no candidate to choose from")
+    if temperature == 0:
+        return int(torch.argmax(scores))
+    probs = warp(scores, temperature=temperature, top_k=top_k, top_p=top_p).softmax(dim=0)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,426 @@
+"""The decoding loop. One step:
+
+1. ask the base for its top-k after the current ids (HTTP, in flight) and, meanwhile, feed the new
+   token(s) to expert and anti-expert (worker thread, KV caches kept);
+2. combine: base + alpha * (expert - anti) over the candidates, under the unseen-token policy;
+3. choose (greedy or sampled) and append the token to every sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from proxyclient.adapters.base import BaseModel, TopLogprobs
+from proxyclient.combine import combine
+from proxyclient.config import GenerationConfig
+from proxyclient.detokenize import TextAssembler
+from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError, ResponseFormatError
+from proxyclient.local import KVState, LocalModel, check_model_source
+from proxyclient.result import FinishReason, Generation, Timings, Usage
+from proxyclient.sampling import choose
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Run:
+    """The state of one generation; what it holds is returned even when a step fails."""
+
+    config: GenerationConfig
+    assembler: TextAssembler
+    token_ids: list[int] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def result(self) -> Generation:
+        return Generation(
+            text=self.assembler.text,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason or "error",
+            usage=dataclasses.replace(self.usage),
+            unseen_policy=self.config.unseen.value,
+            timings=dataclasses.replace(self.timings),
+            error=self.error,
+        )
+
+
+class ProxyTuner:
+    """A remote base model steered by a local expert and anti-expert.
+
+    ``expert`` and ``anti_expert`` are model folders (or loaded :class:`LocalModel` objects, then
+    ``tokenizer`` is required). Base and proxies share the anti-expert's tokenizer here.
+    ``threads`` sets torch's CPU threads: with a server on the same small machine use 1.
+    ``overlap=False`` runs the base request and the local forwards one after the other
+    (for measuring what the overlap saves).
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        expert: str | Path | LocalModel,
+        anti_expert: str | Path | LocalModel,
+        *,
+        tokenizer: Any = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        threads: int | None = None,
+        overlap: bool = True,
+    ) -> None:
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.base = base
+        self.overlap = overlap
+        self.expert = _load(expert, "expert", device, dtype)
+        self.anti_expert = _load(anti_expert, "anti-expert", device, dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(anti_expert)
+        self.expert_tokenizer = (
+            _tokenizer_for(expert) if isinstance(expert, str | Path) else self.tokenizer
+        )
+        _check_same_vocabulary(self.expert_tokenizer, self.tokenizer)
+        # Ids both proxies score and the tokenizer knows; padded logits beyond it are ignored.
+        self.vocab_size = min(
+            len(self.tokenizer), self.expert.output_size, self.anti_expert.output_size
+        )
+        self.eos_ids = _eos_ids(self.tokenizer, self.expert.model, self.anti_expert.model)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proxyclient-local")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"ProxyTuner(base={self.base!r}, vocab_size={self.vocab_size})"
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def generate(
+        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+    ) -> Generation:
+        """Generate from ``prompt``. ``options`` override fields of ``config``."""
+        return self._sync_loop().run_until_complete(self.agenerate(prompt, config, **options))
+
+    async def agenerate(
+        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+    ) -> Generation:
+        stream = self.astream(prompt, config, **options)
+        async for _ in stream:
+            pass
+        return stream.generation
+
+    def stream(
+        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+    ) -> GenerationStream:
+        """Text pieces as tokens are chosen; ``.generation`` holds the result afterwards."""
+        loop = self._sync_loop()
+        return GenerationStream(self.astream(prompt, config, **options), loop)
+
+    def astream(
+        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+    ) -> AsyncGenerationStream:
+        config = _with_options(config, options)
+        prompt_ids = self._encode(prompt)
+        expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
+        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids, config.stop))
+        return AsyncGenerationStream(self._pieces(run, prompt_ids, expert_ids), run)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_until_complete(self.base.aclose())
+            self._loop.close()
+        self._executor.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        await self.base.aclose()
+        self._executor.shutdown(wait=False)
+
+    def __enter__(self) -> ProxyTuner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ProxyTuner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _pieces(
+        self, run: _Run, prompt_ids: list[int], expert_ids: list[int]
+    ) -> AsyncIterator[str]:
+        config = run.config
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        base_ids = list(prompt_ids)
+        states = (KVState(), KVState())
+        new_for_proxies = (expert_ids, prompt_ids)
+        started = time.perf_counter()
+        try:
+            for _ in range(config.max_new_tokens):
+                top, expert_lp, anti_lp = await self._step(
+                    run, base_ids, states, new_for_proxies, use_proxies=config.alpha != 0
+                )
+                token = self._pick(run, top, expert_lp, anti_lp, generator)
+                base_ids.append(token)
+                new_for_proxies = ([token], [token])
+                if token in self.eos_ids:
+                    run.finish_reason = "eos"
+                    break
+                run.token_ids.append(token)
+                run.usage.completion_tokens += 1
+                piece = run.assembler.add(token)
+                if piece:
+                    yield piece
+                if run.assembler.stopped:
+                    run.finish_reason = "stop"
+                    break
+            else:
+                run.finish_reason = "length"
+        except ProxyClientError as exc:
+            run.error = str(exc)
+            exc.partial = run.result()
+            raise
+        finally:
+            run.timings.wall_s = time.perf_counter() - started
+        piece = run.assembler.finish()
+        if piece:
+            yield piece
+
+    async def _step(
+        self,
+        run: _Run,
+        base_ids: list[int],
+        states: tuple[KVState, KVState],
+        new_for_proxies: tuple[Sequence[int], Sequence[int]],
+        *,
+        use_proxies: bool,
+    ) -> tuple[TopLogprobs, torch.Tensor | None, torch.Tensor | None]:
+        k = run.config.top_logprobs
+        run.usage.requests += 1
+        run.usage.prompt_tokens += len(base_ids)
+        run.timings.steps += 1
+
+        async def ask_base() -> TopLogprobs:
+            start = time.perf_counter()
+            try:
+                return await self.base.top_logprobs(base_ids, k)
+            finally:
+                run.timings.base_s += time.perf_counter() - start
+
+        def run_proxies() -> tuple[torch.Tensor, torch.Tensor]:
+            start = time.perf_counter()
+            try:
+                return (
+                    self.expert.feed(states[0], new_for_proxies[0]),
+                    self.anti_expert.feed(states[1], new_for_proxies[1]),
+                )
+            finally:
+                run.timings.local_s += time.perf_counter() - start
+
+        if not use_proxies:
+            return await ask_base(), None, None
+        loop = asyncio.get_running_loop()
+        if not self.overlap:
+            top = await ask_base()
+            expert_lp, anti_lp = await loop.run_in_executor(self._executor, run_proxies)
+            return top, expert_lp, anti_lp
+        # Both must finish before we go on (the proxies' KV caches are shared state), so wait for
+        # both even when one fails, then raise the first failure.
+        outcome = await asyncio.gather(
+            ask_base(), loop.run_in_executor(self._executor, run_proxies), return_exceptions=True
+        )
+        for result in outcome:
+            if isinstance(result, BaseException):
+                raise result
+        top, (expert_lp, anti_lp) = outcome
+        return top, expert_lp, anti_lp
+
+    def _pick(
+        self,
+        run: _Run,
+        top: TopLogprobs,
+        expert_lp: torch.Tensor | None,
+        anti_lp: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> int:
+        config = run.config
+        base_ids = torch.tensor(top.token_ids, dtype=torch.int64)  # [k]
+        base_lp = torch.tensor(top.logprobs, dtype=torch.float64)  # [k]
+        if expert_lp is None or anti_lp is None:  # alpha == 0: no proxy forward was run
+            expert_lp = anti_lp = torch.zeros(self.vocab_size)
+        candidates = combine(
+            base_ids,
+            base_lp,
+            expert_lp,
+            anti_lp,
+            alpha=config.alpha,
+            policy=config.unseen,
+            vocab_size=self.vocab_size,
+        )
+        run.usage.dropped_candidates += candidates.dropped
+        if candidates.ids.numel() == 0:
+            raise ResponseFormatError(
+                f"none of the base's {len(top)} candidates is inside the proxies' vocabulary "
+                f"({self.vocab_size} ids): do base and proxies share a tokenizer?"
+            )
+        index = choose(
+            candidates.scores,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            generator=generator,
+        )
+        return int(candidates.ids[index])
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = list(self.tokenizer(prompt).input_ids)
+        if not ids:
+            raise ConfigError("the prompt is empty and the tokenizer adds no BOS token")
+        return ids
+
+    def _encode_for_expert(self, prompt: str) -> list[int]:
+        tokenizer = self.expert_tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "expert_chat_template=True but the expert's tokenizer has no chat_template; "
+                "drop the option or use an expert whose tokenizer_config.json defines one"
+            )
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        bos = tokenizer.bos_token
+        has_bos = bool(bos) and text.startswith(bos)
+        return list(tokenizer(text, add_special_tokens=not has_bos).input_ids)
+
+    def _sync_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise ConfigError(
+                "the synchronous API cannot run inside a running event loop (an async app, "
+                "Jupyter): use `await tuner.agenerate(...)` or `tuner.astream(...)`"
+            )
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop
+
+
+class AsyncGenerationStream:
+    """Async iterator of text pieces; ``generation`` is the result once it is exhausted."""
+
+    def __init__(self, pieces: AsyncIterator[str], run: _Run) -> None:
+        self._pieces = pieces
+        self._run = run
+
+    def __aiter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()  # type: ignore[attr-defined]
+
+    @property
+    def generation(self) -> Generation:
+        """The result so far (final once iteration ended)."""
+        return self._run.result()
+
+
+class GenerationStream:
+    """Iterator of text pieces; ``generation`` is the result once it is exhausted."""
+
+    def __init__(self, inner: AsyncGenerationStream, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return self._loop.run_until_complete(self._inner.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._inner.aclose())
+
+    @property
+    def generation(self) -> Generation:
+        return self._inner.generation
+
+
+def _with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    config = config or GenerationConfig()
+    if not options:
+        return config
+    unknown = set(options) - {f.name for f in dataclasses.fields(GenerationConfig)}
+    if unknown:
+        raise ConfigError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(config, **options)
+
+
+def _load(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:
+    if isinstance(model, LocalModel):
+        return model
+    return LocalModel.load(model, role=role, device=device, dtype=dtype)
+
+
+def _tokenizer_for(model: str | Path | LocalModel) -> Any:
+    from transformers import AutoTokenizer
+
+    if isinstance(model, LocalModel):
+        raise ConfigError("pass tokenizer=... when expert/anti-expert are LocalModel objects")
+    source = check_model_source(model, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {exc}") from None
+
+
+def _check_same_vocabulary(expert_tokenizer: Any, anti_tokenizer: Any) -> None:
+    expert_vocab, anti_vocab = expert_tokenizer.get_vocab(), anti_tokenizer.get_vocab()
+    if expert_vocab == anti_vocab:
+        return
+    differing = sorted(
+        (t for t in expert_vocab.keys() ^ anti_vocab.keys()), key=lambda t: (len(t), t)
+    )[:5]
+    if not differing:
+        differing = [t for t in expert_vocab if expert_vocab[t] != anti_vocab[t]][:5]
+    raise ModelLoadError(
+        f"expert and anti-expert have different vocabularies ({len(expert_vocab)} vs "
+        f"{len(anti_vocab)} tokens; e.g. {differing!r} differ). Proxy-tuning needs the tuned and "
+        f"untuned versions of one small model, sharing one tokenizer."
+    )
+
+
+def _eos_ids(tokenizer: Any, *models: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for model in models:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    return frozenset(ids)
