@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +21,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from proxyclient.errors import (
@@ -82,7 +84,10 @@ def _backoff(retry_state: RetryCallState) -> float:
         delay = parse_retry_after(exc.response.headers)
         if delay is not None and delay <= MAX_RETRY_AFTER_S:
             return delay
-    return wait_exponential_jitter(initial=INITIAL_BACKOFF_S, max=MAX_BACKOFF_S)(retry_state)
+    backoff = wait_exponential(multiplier=INITIAL_BACKOFF_S, max=MAX_BACKOFF_S) + wait_random(
+        0, INITIAL_BACKOFF_S
+    )
+    return backoff(retry_state)
 
 
 def error_message(body: Any) -> str:
@@ -208,8 +213,8 @@ class HTTPTransport:
             ) from None
 
         if response.is_error:
-            body = _json_or_text(response)
-            message = self.redact(error_message(body))
+            body = self._redacted_body(response)
+            message = error_message(body)
             raise status_error(
                 response.status_code,
                 f"{sent}: HTTP {response.status_code}: {message}",
@@ -222,15 +227,14 @@ class HTTPTransport:
                 f"{sent}: the answer is not JSON: {self.redact(response.text[:200])!r}"
             ) from None
 
+    def _redacted_body(self, response: httpx.Response) -> Any:
+        try:
+            return json.loads(self.redact(response.text))
+        except ValueError:
+            return self.redact(response.text)
+
     async def aclose(self) -> None:
         if self._client is not None and not self._client.is_closed:
             with contextlib.suppress(RuntimeError):  # its loop is gone, and its sockets with it
                 await self._client.aclose()
         self._client = None
-
-
-def _json_or_text(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text

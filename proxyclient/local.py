@@ -80,10 +80,13 @@ class LocalModel:
     model: Any
     device: torch.device
     name: str = "local"
+    _cache_arg: str = field(init=False, default="past_key_values")
     _accepts_logits_to_keep: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.model.forward).parameters
+        # transformers >= 5.2x renamed past_key_values to cache (the old name warns until 5.40).
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._accepts_logits_to_keep = "logits_to_keep" in params
 
     @classmethod
@@ -123,11 +126,11 @@ class LocalModel:
         if not token_ids:
             raise ValueError("feed needs at least one token")
         input_ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {"past_key_values": state.cache, "use_cache": True}
+        kwargs: dict[str, Any] = {self._cache_arg: state.cache, "use_cache": True}
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, **kwargs)
-        state.cache = out.past_key_values
+        state.cache = out[self._cache_arg]
         state.length += len(token_ids)
         logits = out.logits[0, -1].float()  # [output_size]
         return torch.log_softmax(logits, dim=-1).cpu()

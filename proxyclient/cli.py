@@ -1,0 +1,164 @@
+"""`proxyclient generate ...`: proxy-tuned text from the shell.
+
+Text streams to stdout; diagnostics go to stderr. Any problem we can name exits with code 2 and a
+one-paragraph message, no traceback; what was generated before a failure is still printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from proxyclient.config import GenerationConfig, UnseenPolicy
+from proxyclient.errors import ProxyClientError
+
+API_KEY_ENV = "PROXYCLIENT_API_KEY"
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxyclient",
+        description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser(
+        "generate",
+        help="generate proxy-tuned text",
+        description="scores = base + alpha * (expert - anti_expert), token by token.",
+    )
+    base = gen.add_argument_group("base model (remote)")
+    base.add_argument("--api", default="vllm", help="server dialect (default: vllm)")
+    base.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
+    base.add_argument("--base-model", required=True, help="model name the server serves")
+    base.add_argument(
+        "--api-key", default=None, help=f"sent as a Bearer token (default: ${API_KEY_ENV})"
+    )
+    base.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    base.add_argument("--max-retries", type=int, default=3)
+
+    local = gen.add_argument_group("expert and anti-expert (local)")
+    local.add_argument("--expert", required=True, help="folder of the tuned small model")
+    local.add_argument("--anti-expert", required=True, help="folder of the untuned small model")
+    local.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0 ...")
+    local.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 else), fp32 ...")
+    local.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; use 1 when a server shares this machine's few cores",
+    )
+    local.add_argument(
+        "--expert-chat-template",
+        action="store_true",
+        help="format the prompt with the expert's chat template (expert only)",
+    )
+
+    decoding = gen.add_argument_group("decoding")
+    decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--alpha", type=float, default=1.0)
+    decoding.add_argument(
+        "--top-logprobs", type=int, default=20, help="k asked of the base; -1 = whole vocabulary"
+    )
+    decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument("--top-k", type=int, default=0)
+    decoding.add_argument("--seed", type=int, default=None)
+    decoding.add_argument(
+        "--unseen",
+        choices=[p.value for p in UnseenPolicy],
+        default=UnseenPolicy.RESTRICT.value,
+        help="tokens outside the base's top-k (default: restrict)",
+    )
+    decoding.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="proxyclient: %(levelname)s: %(message)s",
+    )
+    try:
+        return _generate(args)
+    except ProxyClientError as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _generate(args: argparse.Namespace) -> int:
+    # Imported here so that `--help` and argument errors answer at once.
+    from transformers.utils import logging as hf_logging
+
+    from proxyclient.adapters import connect
+    from proxyclient.tuner import ProxyTuner
+
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        alpha=args.alpha,
+        top_logprobs=args.top_logprobs,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        unseen=args.unseen,
+        expert_chat_template=args.expert_chat_template,
+    )
+    base = connect(
+        args.api,
+        args.base_url,
+        args.base_model,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+    )
+    with ProxyTuner(
+        base,
+        expert=args.expert,
+        anti_expert=args.anti_expert,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+    ) as tuner:
+        stream = tuner.stream(prompt, config)
+        try:
+            for piece in stream:
+                if not args.json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except ProxyClientError as exc:
+            _print_result(args, stream.generation.to_dict() | {"error": str(exc)})
+            _fail(str(exc))
+            return EXIT_USAGE
+        _print_result(args, stream.generation.to_dict())
+    return 0
+
+
+def _print_result(args: argparse.Namespace, result: dict) -> None:
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif result["text"] and not result["text"].endswith("\n"):
+        print()
+
+
+def _fail(message: str) -> None:
+    print(f"proxyclient: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

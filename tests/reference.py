@@ -1,0 +1,82 @@
+"""The paper's formula with all three models loaded locally: the correctness anchor.
+
+Deliberately independent of proxyclient's loop: full forward over the whole sequence every step
+(no KV cache), the whole vocabulary, plain argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TIE_TOLERANCE = 1e-5
+
+
+@torch.inference_mode()
+def next_logprobs(model, ids: list[int]) -> torch.Tensor:
+    logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@dataclass
+class ReferenceStep:
+    token: int
+    scores: torch.Tensor  # [V] proxy-tuned scores, -inf outside the allowed candidates
+
+
+def proxy_tuned_greedy(
+    base,
+    expert,
+    anti_expert,
+    prompt_ids: list[int],
+    *,
+    alpha: float,
+    max_new_tokens: int,
+    eos_ids: frozenset[int],
+    restrict_to_top_k: int | None = None,
+    expert_prompt_ids: list[int] | None = None,
+) -> list[ReferenceStep]:
+    """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` only the base's top-k compete."""
+    ids = list(prompt_ids)
+    expert_ids = list(expert_prompt_ids or prompt_ids)
+    steps: list[ReferenceStep] = []
+    for _ in range(max_new_tokens):
+        base_lp = next_logprobs(base, ids)
+        expert_lp = next_logprobs(expert, expert_ids)
+        anti_lp = next_logprobs(anti_expert, ids)
+        vocab = min(base_lp.numel(), expert_lp.numel(), anti_lp.numel())
+        scores = base_lp[:vocab] + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
+        if restrict_to_top_k is not None:
+            allowed = torch.topk(base_lp[:vocab], restrict_to_top_k).indices
+            mask = torch.full_like(scores, -torch.inf)
+            mask[allowed] = 0
+            scores = scores + mask
+        token = int(torch.argmax(scores))
+        steps.append(ReferenceStep(token, scores))
+        if token in eos_ids:
+            break
+        ids.append(token)
+        expert_ids.append(token)
+    return steps
+
+
+def assert_same_tokens(
+    got: list[int], reference: list[ReferenceStep], eos_ids: frozenset[int]
+) -> None:
+    """Token for token equal (the loop leaves EOS out of its ids); a divergence is accepted only
+    at a tie within TIE_TOLERANCE, after which the sequences legitimately differ."""
+    expected = [s.token for s in reference]
+    for i, step in enumerate(reference):
+        if step.token in eos_ids:
+            assert len(got) == i, f"reference ends with EOS after {i} tokens: {expected}; got {got}"
+            return
+        assert i < len(got), f"output ends after {len(got)} tokens; reference {expected}"
+        if got[i] != step.token:
+            gap = float(step.scores[step.token] - step.scores[got[i]])
+            assert gap <= TIE_TOLERANCE, (
+                f"diverged at step {i}: got {got[i]}, reference {step.token} "
+                f"(score gap {gap:.3g}); got {got}, expected {expected}"
+            )
+            return
+    assert len(got) == len(reference), f"got {got}, expected {expected}"

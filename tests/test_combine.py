@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+from proxyclient.combine import base_scores, combine
+from proxyclient.config import UnseenPolicy
+
+# Hand-computed case: vocabulary of 4, the base reveals ids 2 (p=.5) and 0 (p=.25).
+BASE_IDS = torch.tensor([2, 0])
+BASE_LP = torch.tensor([math.log(0.5), math.log(0.25)], dtype=torch.float64)
+EXPERT = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+ANTI = torch.tensor([-2.0, -2.0, -2.0, -2.0])
+
+
+def run(policy, alpha=0.5, base_ids=BASE_IDS, base_lp=BASE_LP, vocab_size=4):
+    return combine(
+        base_ids, base_lp, EXPERT, ANTI, alpha=alpha, policy=policy, vocab_size=vocab_size
+    )
+
+
+def test_restrict_scores_only_the_returned_tokens():
+    out = run(UnseenPolicy.RESTRICT)
+    assert out.ids.tolist() == [2, 0]
+    # log .5 + .5 * (-3 + 2) and log .25 + .5 * (-1 + 2)
+    assert out.scores.tolist() == pytest.approx([-1.1931472, -0.8862944])
+    assert out.dropped == 0
+
+
+def test_floor_gives_unseen_tokens_the_smallest_returned_logprob():
+    out = run(UnseenPolicy.FLOOR)
+    assert out.ids.tolist() == [0, 1, 2, 3]
+    # id1: log .25 + .5 * 0; id3: log .25 + .5 * (-4 + 2)
+    assert out.scores.tolist() == pytest.approx([-0.8862944, -1.3862944, -1.1931472, -2.3862944])
+
+
+def test_residual_spreads_the_leftover_mass_over_unseen_tokens():
+    out = run(UnseenPolicy.RESIDUAL)
+    # leftover 1 - .75 = .25 over 2 unseen tokens: log .125 each before the correction
+    assert out.scores.tolist() == pytest.approx([-0.8862944, -2.0794415, -1.1931472, -3.0794415])
+
+
+def test_alpha_zero_is_the_base_alone():
+    out = run(UnseenPolicy.RESTRICT, alpha=0.0)
+    assert out.scores.tolist() == pytest.approx(BASE_LP.tolist())
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+def test_whole_vocabulary_makes_every_policy_the_exact_formula(policy):
+    lp = torch.log_softmax(torch.tensor([0.3, -1.0, 2.0, 0.1], dtype=torch.float64), dim=0)
+    ids = torch.argsort(lp, descending=True)
+    out = run(policy, alpha=2.0, base_ids=ids, base_lp=lp[ids])
+    exact = lp + 2.0 * (EXPERT.double() - ANTI.double())
+    assert dict(zip(out.ids.tolist(), out.scores.tolist(), strict=True)) == pytest.approx(
+        dict(enumerate(exact.tolist()))
+    )
+
+
+def test_ids_outside_the_shared_vocabulary_are_dropped_and_counted():
+    ids = torch.tensor([5, 2, 4])
+    lp = torch.tensor([math.log(0.4), math.log(0.3), math.log(0.1)], dtype=torch.float64)
+    out = run(UnseenPolicy.RESTRICT, base_ids=ids, base_lp=lp)
+    assert out.ids.tolist() == [2]
+    assert out.dropped == 2
+
+
+def test_residual_counts_dropped_ids_as_returned_mass():
+    ids = torch.tensor([5, 2])
+    lp = torch.tensor([math.log(0.4), math.log(0.5)], dtype=torch.float64)
+    out = base_scores(ids, lp, 4, UnseenPolicy.RESIDUAL)
+    # leftover 1 - .9 = .1 over the 3 ids the base did not return inside the vocabulary
+    assert out.scores.tolist() == pytest.approx(
+        [math.log(0.1 / 3)] * 2 + [math.log(0.5)] + [math.log(0.1 / 3)]
+    )
+
+
+def test_residual_with_no_mass_left_excludes_the_unseen():
+    lp = torch.tensor([math.log(0.6), math.log(0.4)], dtype=torch.float64)
+    out = base_scores(torch.tensor([1, 3]), lp, 4, UnseenPolicy.RESIDUAL)
+    assert out.scores[0] == -math.inf and out.scores[2] == -math.inf
+
+
+def test_combine_does_not_modify_its_inputs():
+    expert, anti = EXPERT.clone(), ANTI.clone()
+    combine(BASE_IDS, BASE_LP, expert, anti, alpha=1.0, policy=UnseenPolicy.FLOOR, vocab_size=4)
+    assert torch.equal(expert, EXPERT) and torch.equal(anti, ANTI)
+
+
+def test_proxy_logprobs_shorter_than_the_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="fewer than the shared vocabulary"):
+        run(UnseenPolicy.RESTRICT, vocab_size=5)

@@ -1,0 +1,33 @@
+import pytest
+
+from proxyclient import ConfigError, GenerationConfig, UnseenPolicy
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
+        ({"top_logprobs": 0}, "top_logprobs must be a positive integer, or -1"),
+        ({"top_logprobs": -2}, "top_logprobs must be a positive integer, or -1"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"unseen": "bogus"}, "unseen must be one of restrict, floor, residual"),
+        ({"stop": ("",)}, "stop sequences must be non-empty"),
+    ],
+)
+def test_bad_values_name_the_option(options, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig(**options)
+
+
+def test_defaults_and_normalisation():
+    config = GenerationConfig(stop="\n\n", unseen="floor")
+    assert config.stop == ("\n\n",)
+    assert config.unseen is UnseenPolicy.FLOOR
+    assert GenerationConfig().unseen is UnseenPolicy.RESTRICT
+    assert GenerationConfig().alpha == 1.0
+    assert GenerationConfig(top_logprobs=-1).top_logprobs == -1

@@ -1,0 +1,221 @@
+"""The decoding loop against an in-process base (no server): equivalence with the paper's formula,
+streaming, stop/eos/length, usage, and failures that keep the partial generation."""
+
+import asyncio
+import shutil
+
+import pytest
+from local_base import LocalBase
+from reference import assert_same_tokens, proxy_tuned_greedy
+
+from proxyclient import GenerationConfig, ModelLoadError, ProxyTuner
+from proxyclient.adapters.base import TopLogprobs
+from proxyclient.errors import ServerError
+
+PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
+
+
+@pytest.fixture(scope="module")
+def tuner(tiny_models, hf_models):
+    with ProxyTuner(
+        LocalBase(hf_models["base"]),
+        tiny_models["expert"],
+        tiny_models["anti_expert"],
+        device="cpu",
+    ) as t:
+        yield t
+
+
+def reference(hf_models, tuner, prompt, *, alpha, n, k=None, expert="expert", anti="anti_expert"):
+    return proxy_tuned_greedy(
+        hf_models["base"],
+        hf_models[expert],
+        hf_models[anti],
+        tuner.tokenizer(prompt).input_ids,
+        alpha=alpha,
+        max_new_tokens=n,
+        eos_ids=tuner.eos_ids,
+        restrict_to_top_k=k,
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_whole_vocabulary_equals_the_formula(tuner, hf_models, prompt, alpha):
+    got = tuner.generate(prompt, max_new_tokens=12, alpha=alpha, top_logprobs=-1)
+    assert_same_tokens(
+        got.token_ids, reference(hf_models, tuner, prompt, alpha=alpha, n=12), tuner.eos_ids
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_restrict_equals_the_formula_on_the_base_top_k(tuner, hf_models, k):
+    got = tuner.generate(PROMPTS[1], max_new_tokens=12, alpha=1.5, top_logprobs=k)
+    assert_same_tokens(
+        got.token_ids, reference(hf_models, tuner, PROMPTS[1], alpha=1.5, n=12, k=k), tuner.eos_ids
+    )
+
+
+def test_steering_changes_the_output(tuner):
+    plain = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, top_logprobs=-1)
+    steered = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, top_logprobs=-1)
+    assert plain.token_ids != steered.token_ids
+
+
+def test_expert_equal_to_anti_expert_gives_the_base_output(tiny_models, hf_models, tuner):
+    same = ProxyTuner(
+        LocalBase(hf_models["base"]),
+        tiny_models["anti_expert"],
+        tiny_models["anti_expert"],
+        device="cpu",
+    )
+    got = same.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, top_logprobs=-1)
+    base_only = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, top_logprobs=-1)
+    assert got.token_ids == base_only.token_ids
+
+
+@pytest.mark.parametrize("unseen", ["floor", "residual"])
+def test_padded_proxy_vocabularies_change_nothing(tiny_models, hf_models, tuner, unseen):
+    padded = ProxyTuner(
+        LocalBase(hf_models["base"]),
+        tiny_models["expert_padded"],
+        tiny_models["anti_expert_padded"],
+        device="cpu",
+    )
+    assert padded.vocab_size == tuner.vocab_size
+    options = dict(max_new_tokens=10, alpha=1.0, top_logprobs=20, unseen=unseen)
+    assert (
+        padded.generate(PROMPTS[0], **options).token_ids
+        == tuner.generate(PROMPTS[0], **options).token_ids
+    )
+
+
+def test_stream_sync_and_async_agree(tuner):
+    config = GenerationConfig(max_new_tokens=10, top_logprobs=20)
+    whole = tuner.generate(PROMPTS[0], config)
+    stream = tuner.stream(PROMPTS[0], config)
+    pieces = list(stream)
+    assert "".join(pieces) == whole.text == stream.generation.text
+    assert len(pieces) > 1
+
+    async def run_async():
+        astream = tuner.astream(PROMPTS[0], config)
+        return [p async for p in astream], await tuner.agenerate(PROMPTS[0], config)
+
+    async_pieces, async_result = asyncio.run(run_async())
+    assert async_pieces == pieces
+    assert async_result.token_ids == whole.token_ids
+
+
+def test_length_and_usage(tuner):
+    prompt_len = len(tuner.tokenizer(PROMPTS[0]).input_ids)
+    got = tuner.generate(PROMPTS[0], max_new_tokens=6, top_logprobs=20)
+    assert got.finish_reason == "length"
+    assert len(got.token_ids) == got.usage.completion_tokens == 6
+    assert got.usage.requests == 6
+    assert got.usage.prompt_tokens == sum(prompt_len + i for i in range(6))
+    assert got.text == tuner.tokenizer.decode(got.token_ids)
+
+
+def test_stop_sequence_cuts_the_text(tuner):
+    free = tuner.generate(PROMPTS[1], max_new_tokens=20, top_logprobs=20).text
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
+    assert stop.strip(), f"pick a visible stop string from {free!r}"
+    got = tuner.generate(PROMPTS[1], max_new_tokens=20, top_logprobs=20, stop=[stop])
+    assert got.finish_reason == "stop"
+    assert got.text == free[: free.index(stop)]
+    streamed = "".join(tuner.stream(PROMPTS[1], max_new_tokens=20, top_logprobs=20, stop=[stop]))
+    assert streamed == got.text
+
+
+def test_sampling_is_reproducible_with_a_seed(tuner):
+    options = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_logprobs=20)
+    first = tuner.generate(PROMPTS[0], seed=3, **options)
+    assert tuner.generate(PROMPTS[0], seed=3, **options).token_ids == first.token_ids
+    others = {tuple(tuner.generate(PROMPTS[0], seed=s, **options).token_ids) for s in range(4, 8)}
+    assert others != {tuple(first.token_ids)}
+
+
+def test_a_server_fault_keeps_what_was_generated(tiny_models, hf_models, tuner):
+    failing = ProxyTuner(
+        LocalBase(hf_models["base"], fail_at_request=5),
+        tiny_models["expert"],
+        tiny_models["anti_expert"],
+        device="cpu",
+    )
+    with pytest.raises(ServerError, match="injected fault") as info:
+        failing.generate(PROMPTS[0], max_new_tokens=10, top_logprobs=20)
+    partial = info.value.partial
+    expected = tuner.generate(PROMPTS[0], max_new_tokens=4, top_logprobs=20)
+    assert partial.finish_reason == "error"
+    assert partial.token_ids == expected.token_ids
+    assert partial.text == expected.text
+    assert "injected fault" in partial.error
+
+
+class ScriptedBase:
+    """Answers each request with the next scripted top-k list."""
+
+    name = "scripted"
+    capabilities = None
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    async def top_logprobs(self, prompt_ids, k):
+        return self.answers.pop(0)
+
+    async def aclose(self):
+        pass
+
+
+def test_eos_ends_the_generation_and_is_not_in_the_output(tiny_models, tuner):
+    eos = next(iter(tuner.eos_ids))
+    answers = [TopLogprobs((300, 301), (-0.1, -3.0)), TopLogprobs((eos, 300), (-0.1, -3.0))]
+    scripted = ProxyTuner(
+        ScriptedBase(answers), tiny_models["expert"], tiny_models["anti_expert"], device="cpu"
+    )
+    got = scripted.generate("x", max_new_tokens=10, alpha=0.0)
+    assert got.finish_reason == "eos"
+    assert got.token_ids == [300]
+
+
+def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
+    got = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1, expert_chat_template=True)
+    chat = tuner.expert_tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
+    )
+    expert_ids = tuner._encode_for_expert(PROMPTS[0])
+    assert tuner.expert_tokenizer.decode(expert_ids, skip_special_tokens=True) == chat
+    expected = proxy_tuned_greedy(
+        hf_models["base"],
+        hf_models["expert"],
+        hf_models["anti_expert"],
+        tuner.tokenizer(PROMPTS[0]).input_ids,
+        alpha=1.0,
+        max_new_tokens=8,
+        eos_ids=tuner.eos_ids,
+        expert_prompt_ids=expert_ids,
+    )
+    assert_same_tokens(got.token_ids, expected, tuner.eos_ids)
+    plain = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1)
+    assert plain.token_ids != got.token_ids
+
+
+def test_expert_and_anti_expert_with_different_vocabularies_are_refused(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "anti"
+    shutil.copytree(tiny_models["anti_expert"], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ModelLoadError, match="different vocabularies"):
+        ProxyTuner(ScriptedBase([]), tiny_models["expert"], other, device="cpu")
+
+
+def test_unknown_generation_option_is_named(tuner):
+    from proxyclient import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown generation option.*max_tokens"):
+        tuner.generate("x", max_tokens=3)
