@@ -217,5 +217,5 @@ def test_expert_and_anti_expert_with_different_vocabularies_are_refused(tiny_mod
 def test_unknown_generation_option_is_named(tuner):
     from proxyclient import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown generation option.*max_tokens"):
+    with pytest.raises(ConfigError, match=r"unknown generation option.*max_tokens"):
         tuner.generate("x", max_tokens=3)
