@@ -43,15 +43,12 @@ class TextAssembler:
 
     def finish(self) -> str:
         """The rest, at the end of generation (incomplete characters as U+FFFD)."""
-        if not self.stopped:
-            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-            tail = self._decode(self._ids[self._prefix_offset :])[len(prefix) :]
-            self._read_offset = self._prefix_offset = len(self._ids)
-            self._text += tail
-            self._release(final=True)
-        piece = self._text[self._shown :]
-        self._shown = len(self._text)
-        return piece
+        if self.stopped:
+            return ""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        self._text += self._decode(self._ids[self._prefix_offset :])[len(prefix) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return self._release(final=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

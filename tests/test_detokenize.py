@@ -1,0 +1,58 @@
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxyclient.detokenize import TextAssembler
+
+TEXTS = st.lists(
+    st.sampled_from([*list("ab cd\n\t_():="), "é", "日本", "🙂", "  ", "\xa0"]),
+    min_size=1,
+    max_size=30,
+).map("".join)
+SLOW = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf_models):
+    return hf_models["tokenizer"]
+
+
+def assemble(tokenizer, ids, stop=(), prompt="x = 1\n"):
+    assembler = TextAssembler(tokenizer, tokenizer(prompt).input_ids, stop)
+    pieces = []
+    for token in ids:
+        pieces.append(assembler.add(token))
+        if assembler.stopped:
+            break
+    pieces.append(assembler.finish())
+    return pieces, assembler
+
+
+@SLOW
+@given(text=TEXTS)
+def test_pieces_add_up_to_the_decoded_text(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    pieces, assembler = assemble(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) == assembler.text
+    # Incomplete UTF-8 waits for the next token instead of showing U+FFFD.
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@SLOW
+@given(text=TEXTS, stop=st.sampled_from(["\n", "cd", "日本", "🙂 ", "zz"]))
+def test_stop_sequences_cut_the_text_and_are_never_shown(tokenizer, text, stop):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    pieces, assembler = assemble(tokenizer, ids, stop=[stop])
+    full = tokenizer.decode(ids)
+    expected = full[: full.index(stop)] if stop in full else full
+    assert "".join(pieces) == expected == assembler.text
+    assert assembler.stopped == (stop in full)
+
+
+def test_text_that_may_start_a_stop_sequence_is_held_back(tokenizer):
+    assembler = TextAssembler(tokenizer, [], ["END"])
+    shown = [assembler.add(t) for t in tokenizer("abc E", add_special_tokens=False).input_ids]
+    assert "".join(shown) == "abc "
+    assert assembler.finish() == "E"
