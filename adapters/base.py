@@ -41,6 +41,10 @@ class TopLogprobs:
             complete=complete,
         )
 
+    def first(self, n: int) -> TopLogprobs:
+        """The n most likely entries."""
+        return TopLogprobs(self.token_ids[:n], self.logprobs[:n], self.complete)
+
     def __len__(self) -> int:
         return len(self.token_ids)
 

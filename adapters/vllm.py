@@ -64,7 +64,9 @@ def parse_response(body: Any, *, k: int) -> TopLogprobs:
                 f"Use the adapter of its dialect (e.g. --api openai)."
             )
         pairs.append((int(match.group(1)), logprob))
-    return TopLogprobs.from_pairs(pairs, complete=k == -1)
+    top_logprobs = TopLogprobs.from_pairs(pairs, complete=k == -1)
+    # vLLM adds the sampled token when it is outside the top k: a random extra candidate.
+    return top_logprobs.first(k) if k > 0 else top_logprobs
 
 
 class VLLMCompletions:
