@@ -25,7 +25,12 @@ from proxyclient.errors import (
 COMPLETIONS_PATH = "/completions"
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
 _MAX_ALLOWED = re.compile(r"max(?:imum)? allowed:?\s*(-?\d+)", re.IGNORECASE)
-_CONTEXT = re.compile(r"context length|max_model_len|maximum model length", re.IGNORECASE)
+# The last alternative is what vLLM 0.32 says when the prompt fills the context exactly: it
+# shrinks max_tokens to the room left, which is 0.
+_CONTEXT = re.compile(
+    r"context length|max_model_len|maximum model length|max_tokens must be at least 1, got 0",
+    re.IGNORECASE,
+)
 
 
 def build_request(model: str, prompt_ids: Sequence[int], k: int) -> tuple[str, dict[str, Any]]:
