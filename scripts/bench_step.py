@@ -1,0 +1,158 @@
+"""Per-step timings of the decoding loop.
+
+1. Local per-step time at prefix 16 vs 512 tokens (KV cache on: must be flat), next to a full
+   forward over the prefix (what a step would cost without the cache).
+2. Per-step wall time against a real vLLM server with and without overlapping the base request
+   and the local forwards, same prompt, same tokens, run alternately.
+
+    .venv/bin/python scripts/bench_step.py                   # tiny proxies (hidden 128, 2 layers)
+    .venv/bin/python scripts/bench_step.py --proxy-hidden 512 --proxy-layers 8
+
+torch uses 1 thread: client and server share this machine's cores (shared/notes/real-servers.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tiny_models import build_tiny_models
+from vllm_server import VLLMServer
+
+from proxyclient import GenerationConfig, ProxyTuner, connect
+from proxyclient.local import KVState, LocalModel
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class WithLatency:
+    """The base behind an extra network round trip (sleeping, so it uses no CPU): on this machine
+    the server is local, while users' servers are remote."""
+
+    def __init__(self, base, seconds: float) -> None:
+        self.base, self.seconds = base, seconds
+        self.name, self.capabilities = base.name, base.capabilities
+
+    async def top_logprobs(self, prompt_ids, k):
+        await asyncio.sleep(self.seconds)
+        return await self.base.top_logprobs(prompt_ids, k)
+
+    async def aclose(self) -> None:
+        await self.base.aclose()
+
+
+def proxy_models(tiny: dict[str, Path], hidden: int, layers: int, out: Path) -> tuple[Path, Path]:
+    """Expert/anti-expert of the requested size (random weights, the tiny tokenizer)."""
+    if hidden == 128 and layers == 2:
+        return tiny["expert"], tiny["anti_expert"]
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    paths = []
+    for seed, name in ((1, "anti"), (2, "expert")):
+        path = out / f"{name}-h{hidden}-l{layers}"
+        if not (path / "config.json").exists():
+            config = AutoConfig.from_pretrained(tiny["anti_expert"])
+            config.hidden_size, config.num_hidden_layers = hidden, layers
+            config.intermediate_size, config.num_attention_heads = 2 * hidden, hidden // 64
+            config.num_key_value_heads = hidden // 64
+            torch.manual_seed(seed)
+            LlamaForCausalLM(config).save_pretrained(path)
+            for file in tiny["anti_expert"].iterdir():
+                if file.name not in ("config.json", "model.safetensors"):
+                    shutil.copy(file, path)
+        paths.append(path)
+    return paths[1], paths[0]
+
+
+def local_step_ms(model: LocalModel, prefix: int, steps: int) -> tuple[float, float]:
+    """Median ms of one cached single-token step after ``prefix`` tokens, and of a full forward."""
+    ids = [(7 * i) % 900 + 3 for i in range(prefix + steps)]
+    state = KVState()
+    model.feed(state, ids[:prefix])
+    cached = []
+    for token in ids[prefix:]:
+        start = time.perf_counter()
+        model.feed(state, [token])
+        cached.append(time.perf_counter() - start)
+    full = []
+    for _ in range(max(3, steps // 4)):
+        start = time.perf_counter()
+        model.feed(KVState(), ids[:prefix])
+        full.append(time.perf_counter() - start)
+    return statistics.median(cached) * 1e3, statistics.median(full) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--proxy-hidden", type=int, default=128)
+    parser.add_argument("--proxy-layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per timed generation")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting")
+    parser.add_argument(
+        "--added-latency-ms",
+        type=float,
+        nargs="*",
+        default=[0.0, 20.0],
+        help="simulated network round trips to time part 2 with",
+    )
+    parser.add_argument("--models", type=Path, default=REPO / ".cache" / "tiny-models")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    tiny = build_tiny_models(args.models)
+    expert, anti = proxy_models(tiny, args.proxy_hidden, args.proxy_layers, args.models)
+    print(f"proxies: hidden {args.proxy_hidden}, {args.proxy_layers} layers; torch threads: 1")
+
+    model = LocalModel.load(expert, device="cpu")
+    print("\n1. local step of one proxy (median ms)")
+    print(f"{'prefix':>8} {'cached step':>12} {'full forward':>13}")
+    for prefix in (16, 512):
+        local_step_ms(model, prefix, 8)  # warm-up
+        cached, full = local_step_ms(model, prefix, 64)
+        print(f"{prefix:>8} {cached:>12.2f} {full:>13.2f}")
+
+    print("\n2. per step against a real vLLM server (base: tiny 3-layer model), k=20")
+    server = VLLMServer(tiny["base"], "tiny-base", max_logprobs=50).start()
+    try:
+        for latency_ms in args.added_latency_ms:
+            print(f"\n   added network latency: {latency_ms:g} ms per request")
+            time_overlap(server, expert, anti, latency_ms / 1e3, args)
+    finally:
+        server.stop()
+    return 0
+
+
+def time_overlap(server: VLLMServer, expert: Path, anti: Path, latency: float, args) -> None:
+    config = GenerationConfig(max_new_tokens=args.tokens, top_logprobs=20)
+    tuners = {}
+    for overlap in (True, False):
+        base = WithLatency(connect("vllm", server.base_url, "tiny-base"), latency)
+        tuners[overlap] = ProxyTuner(base, expert, anti, overlap=overlap)
+    for tuner in tuners.values():
+        tuner.generate("def main():", config, max_new_tokens=4)  # warm-up
+    samples: dict[bool, list] = {True: [], False: []}
+    for _ in range(args.rounds):
+        for overlap, tuner in tuners.items():
+            samples[overlap].append(tuner.generate("def main():", config).timings)
+    print(f"{'overlap':>8} {'wall/step':>10} {'base/step':>10} {'local/step':>11}  (ms)")
+    for overlap, timings in samples.items():
+        steps = sum(t.steps for t in timings)
+        wall = sum(t.wall_s for t in timings) / steps * 1e3
+        base = sum(t.base_s for t in timings) / steps * 1e3
+        local = sum(t.local_s for t in timings) / steps * 1e3
+        print(f"{'on' if overlap else 'off':>8} {wall:>10.2f} {base:>10.2f} {local:>11.2f}")
+    for tuner in tuners.values():
+        tuner.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

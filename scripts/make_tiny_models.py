@@ -1,0 +1,245 @@
+"""Build tiny, deterministic Llama models and one shared tokenizer, offline, in a few seconds.
+
+The models are random (not trained): they exist so that tests and servers have real checkpoints
+with a real byte-level BPE tokenizer. ``lm_head`` is scaled so that top-k lists are not flat.
+
+    python scripts/make_tiny_models.py OUT_DIR [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+logger = logging.getLogger(__name__)
+
+# Bump whenever anything below changes the files produced.
+BUILD_VERSION = "tiny-models-v1"
+
+MODEL_KEYS = ("base", "expert", "anti_expert", "expert_padded", "anti_expert_padded")
+
+VOCAB_SIZE = 1024
+NUM_TRAINING_FILES = 200
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+PADDED_EXTRA_ROWS = 8
+LM_HEAD_SCALE = 20.0
+EXPERT_NOISE = 0.5  # noise std, relative to each perturbed weight's std
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+ROUND_TRIP_SAMPLES = ("def main():\n    return 0\n", "héllo 日本 🙂", "  tabs\tand\nnewlines  ")
+
+
+def _training_files() -> list[Path]:
+    stdlib = Path(os.__file__).parent
+    return sorted(stdlib.glob("*.py"))[:NUM_TRAINING_FILES]
+
+
+def _training_texts() -> Iterator[str]:
+    for path in _training_files():
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the shared byte-level BPE tokenizer on a fixed slice of the stdlib's sources."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_texts(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        # Cleanup would turn "a ." into "a." and break decode(encode(x)) == x.
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    _check_round_trip(fast)
+    return fast
+
+
+def _check_round_trip(tokenizer: PreTrainedTokenizerFast) -> None:
+    for text in ROUND_TRIP_SAMPLES:
+        ids = tokenizer.encode(text)
+        if ids[0] != tokenizer.bos_token_id or ids.count(tokenizer.bos_token_id) != 1:
+            raise RuntimeError(f"expected exactly one leading {BOS} in {ids} for {text!r}")
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        if back != text:
+            raise RuntimeError(f"tokenizer round trip failed: {text!r} -> {ids} -> {back!r}")
+
+
+def _config(tokenizer: PreTrainedTokenizerFast, num_layers: int, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _random_model(
+    tokenizer: PreTrainedTokenizerFast, num_layers: int, seed: int
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tokenizer, num_layers, len(tokenizer))).to(torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    return model.eval()
+
+
+def _perturbed(model: LlamaForCausalLM, seed: int) -> LlamaForCausalLM:
+    """A related model: noise on lm_head and the last decoder layer (norm weights stay at 1)."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    params = [out.lm_head.weight, *out.model.layers[-1].parameters()]
+    with torch.no_grad():
+        for p in params:
+            std = p.std().item() if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=gen) * (EXPERT_NOISE * std))
+    return out
+
+
+def _padded(model: LlamaForCausalLM, extra: int, seed: int) -> LlamaForCausalLM:
+    """The same weights with `extra` random rows appended to the embeddings and lm_head."""
+    vocab = model.config.vocab_size
+    config = copy.deepcopy(model.config)
+    config.vocab_size = vocab + extra
+    padded = LlamaForCausalLM(config).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = state[name]
+        rows = torch.randn((extra, w.shape[1]), generator=gen) * w.std()
+        state[name] = torch.cat([w, rows], dim=0)
+    padded.load_state_dict(state, strict=True)
+    return padded.eval()
+
+
+def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    # transformers 5 writes "TokenizersBackend", which transformers 4 (e.g. in other tools' venvs)
+    # cannot resolve; "PreTrainedTokenizerFast" loads the same tokenizer in both.
+    config_file = path / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _paths(out_dir: Path) -> dict[str, Path]:
+    return {key: out_dir / key for key in MODEL_KEYS}
+
+
+def _is_current(out_dir: Path) -> bool:
+    version_file = out_dir / "BUILD_VERSION"
+    if not version_file.is_file() or version_file.read_text().strip() != BUILD_VERSION:
+        return False
+    return all((p / "config.json").is_file() for p in _paths(out_dir).values())
+
+
+def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
+    """Build (or reuse) the tiny models under `out_dir`; returns {key: model dir}.
+
+    Keys: base (3 layers), anti_expert (2 layers), expert (anti_expert perturbed), and
+    expert_padded / anti_expert_padded (vocab padded by 8 rows, tokenizer unchanged).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = _paths(out_dir)
+    # Serialise concurrent builders (e.g. parallel test workers) on the same directory.
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _is_current(out_dir):
+            return paths
+        (out_dir / "BUILD_VERSION").unlink(missing_ok=True)
+        for path in paths.values():
+            shutil.rmtree(path, ignore_errors=True)
+
+        tokenizer = build_tokenizer()
+        base = _random_model(tokenizer, num_layers=3, seed=0)
+        anti_expert = _random_model(tokenizer, num_layers=2, seed=1)
+        expert = _perturbed(anti_expert, seed=2)
+        models_by_key = {
+            "base": base,
+            "expert": expert,
+            "anti_expert": anti_expert,
+            "expert_padded": _padded(expert, PADDED_EXTRA_ROWS, seed=3),
+            "anti_expert_padded": _padded(anti_expert, PADDED_EXTRA_ROWS, seed=4),
+        }
+        with _quiet_progress_bars():
+            for key, model in models_by_key.items():
+                _save(model, tokenizer, paths[key])
+        (out_dir / "BUILD_VERSION").write_text(BUILD_VERSION + "\n")
+        logger.info("built tiny models in %s", out_dir)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: build into OUT_DIR and print one `key<TAB>path` line per model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for key, path in build_tiny_models(args.out_dir, force=args.force).items():
+        print(f"{key}\t{path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

