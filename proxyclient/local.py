@@ -109,7 +109,8 @@ class LocalModel:
             raise ModelLoadError(
                 f"could not load the {role} model from {source!r}: {exc}"
             ) from None
-        model.to(resolved_device).eval()
+        # Older transformers call the argument torch_dtype; converting here holds for both.
+        model.to(device=resolved_device, dtype=resolved_dtype).eval()
         logger.info("loaded %s from %s on %s as %s", role, source, resolved_device, resolved_dtype)
         return cls(model=model, device=resolved_device, name=role)
 
