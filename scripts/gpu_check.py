@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from local_base import LocalBase  # noqa: E402
 from make_tiny_models import build_tiny_models  # noqa: E402
-from reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy  # noqa: E402
+from reference import assert_same_tokens, proxy_tuned_greedy  # noqa: E402
 
 from proxyclient import ProxyTuner  # noqa: E402
 from proxyclient.adapters.base import TopLogprobs  # noqa: E402
@@ -54,6 +54,12 @@ class DelayedBase:
 
     async def aclose(self) -> None:
         pass
+
+
+@torch.inference_mode()
+def full_forward(model: LocalModel, ids: list[int]) -> torch.Tensor:
+    logits = model.model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def big_proxies(tiny: dict[str, Path], out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             state = KVState()
             steps = [model.feed(state, ids[:3])] + [model.feed(state, [t]) for t in ids[3:]]
             worst = max(
-                float((lp - next_logprobs(model.model, ids[:n]).float().cpu()).abs().max())
+                float((lp - full_forward(model, ids[:n])).abs().max())
                 for n, lp in zip(range(3, len(ids) + 1), steps, strict=True)
             )
             print(f"3. KV-cached vs full forward on {device}, {dtype}: max |diff| {worst:.2e}")
