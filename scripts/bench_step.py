@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny_models import build_tiny_models
+from make_tiny_models import build_proxy_pair, build_tiny_models
 from vllm_server import VLLMServer
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
@@ -48,29 +47,6 @@ class WithLatency:
 
     async def aclose(self) -> None:
         await self.base.aclose()
-
-
-def proxy_models(tiny: dict[str, Path], hidden: int, layers: int, out: Path) -> tuple[Path, Path]:
-    """Expert/anti-expert of the requested size (random weights, the tiny tokenizer)."""
-    if hidden == 128 and layers == 2:
-        return tiny["expert"], tiny["anti_expert"]
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    paths = []
-    for seed, name in ((1, "anti"), (2, "expert")):
-        path = out / f"{name}-h{hidden}-l{layers}"
-        if not (path / "config.json").exists():
-            config = AutoConfig.from_pretrained(tiny["anti_expert"])
-            config.hidden_size, config.num_hidden_layers = hidden, layers
-            config.intermediate_size, config.num_attention_heads = 2 * hidden, hidden // 64
-            config.num_key_value_heads = hidden // 64
-            torch.manual_seed(seed)
-            LlamaForCausalLM(config).save_pretrained(path)
-            for file in tiny["anti_expert"].iterdir():
-                if file.name not in ("config.json", "model.safetensors"):
-                    shutil.copy(file, path)
-        paths.append(path)
-    return paths[1], paths[0]
 
 
 def local_step_ms(model: LocalModel, prefix: int, steps: int) -> tuple[float, float]:
@@ -109,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     tiny = build_tiny_models(args.models)
-    expert, anti = proxy_models(tiny, args.proxy_hidden, args.proxy_layers, args.models)
+    expert, anti = tiny["expert"], tiny["anti_expert"]
+    if (args.proxy_hidden, args.proxy_layers) != (128, 2):
+        expert, anti = build_proxy_pair(
+            tiny["anti_expert"], args.models, hidden=args.proxy_hidden, layers=args.proxy_layers
+        )
     print(f"proxies: hidden {args.proxy_hidden}, {args.proxy_layers} layers; torch threads: 1")
 
     model = LocalModel.load(expert, device="cpu")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from local_base import LocalBase  # noqa: E402
-from make_tiny_models import build_tiny_models  # noqa: E402
+from make_tiny_models import build_proxy_pair, build_tiny_models  # noqa: E402
 from reference import assert_same_tokens, proxy_tuned_greedy  # noqa: E402
 
 from proxyclient import ProxyTuner  # noqa: E402
@@ -60,23 +60,6 @@ class DelayedBase:
 def full_forward(model: LocalModel, ids: list[int]) -> torch.Tensor:
     logits = model.model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-
-def big_proxies(tiny: dict[str, Path], out: Path, hidden: int, layers: int) -> tuple[Path, Path]:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    paths = []
-    for seed, name in ((1, "anti"), (2, "expert")):
-        config = AutoConfig.from_pretrained(tiny["anti_expert"])
-        config.hidden_size, config.num_hidden_layers = hidden, layers
-        config.intermediate_size = 4 * hidden
-        config.num_attention_heads = config.num_key_value_heads = hidden // 64
-        torch.manual_seed(seed)
-        path = out / f"{name}-big"
-        LlamaForCausalLM(config).save_pretrained(path)
-        AutoTokenizer.from_pretrained(tiny["anti_expert"]).save_pretrained(path)
-        paths.append(path)
-    return paths[1], paths[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if dtype == torch.float32 and worst > 1e-4:
                 failures += 1
 
-        expert, anti = big_proxies(tiny, Path(tmp), hidden=1024, layers=16)
+        expert, anti = build_proxy_pair(tiny["anti_expert"], Path(tmp), hidden=1024, layers=16)
         delay = args.delay_ms / 1e3
         print(f"4. overlap, proxies hidden 1024 x 16 layers (bf16 on cuda), base delay "
               f"{args.delay_ms:g} ms, 64 tokens, median of 3 (ms per step):")  # fmt: skip

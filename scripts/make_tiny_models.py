@@ -99,14 +99,16 @@ def _check_round_trip(tokenizer: PreTrainedTokenizerFast) -> None:
             raise RuntimeError(f"tokenizer round trip failed: {text!r} -> {ids} -> {back!r}")
 
 
-def _config(tokenizer: PreTrainedTokenizerFast, num_layers: int, vocab_size: int) -> LlamaConfig:
+def _config(
+    tokenizer: PreTrainedTokenizerFast, num_layers: int, vocab_size: int, hidden: int = 128
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         head_dim=64,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
@@ -117,10 +119,11 @@ def _config(tokenizer: PreTrainedTokenizerFast, num_layers: int, vocab_size: int
 
 
 def _random_model(
-    tokenizer: PreTrainedTokenizerFast, num_layers: int, seed: int
+    tokenizer: PreTrainedTokenizerFast, num_layers: int, seed: int, hidden: int = 128
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_config(tokenizer, num_layers, len(tokenizer))).to(torch.float32)
+    config = _config(tokenizer, num_layers, len(tokenizer), hidden)
+    model = LlamaForCausalLM(config).to(torch.float32)
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
     return model.eval()
@@ -227,6 +230,21 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
         (out_dir / "BUILD_VERSION").write_text(BUILD_VERSION + "\n")
         logger.info("built tiny models in %s", out_dir)
     return paths
+
+
+def build_proxy_pair(
+    tokenizer_dir: Path, out_dir: Path, *, hidden: int, layers: int
+) -> tuple[Path, Path]:
+    """A larger random expert and anti-expert on the tiny tokenizer, for timing: (expert, anti)."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    anti_path = out_dir / f"anti-h{hidden}-l{layers}"
+    expert_path = out_dir / f"expert-h{hidden}-l{layers}"
+    if not (expert_path / "config.json").exists():
+        with _quiet_progress_bars():
+            anti = _random_model(tokenizer, layers, seed=1, hidden=hidden)
+            _save(anti, tokenizer, anti_path)
+            _save(_perturbed(anti, seed=2), tokenizer, expert_path)
+    return expert_path, anti_path
 
 
 def main(argv: list[str] | None = None) -> int:
