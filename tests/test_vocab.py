@@ -1,0 +1,80 @@
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from other_tokenizers import metaspace_tokenizer, tiktoken_encoding
+
+from proxyclient.vocab import bytes_of_token_string, from_hf, from_tiktoken
+
+TEXTS = st.text(
+    alphabet=st.sampled_from([*"abcdef _():=\n\t", "é", "日", "本", "🙂", "\u00a0"]), max_size=40
+)
+SETTINGS = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def byte_level(hf_models):
+    return hf_models["tokenizer"]
+
+
+@SETTINGS
+@given(text=TEXTS)
+def test_byte_level_bpe_ids_spell_the_text(byte_level, text):
+    vocab = from_hf(byte_level)
+    assert vocab.bytes_of(byte_level(text, add_special_tokens=False).input_ids) == text.encode()
+
+
+@SETTINGS
+@given(text=TEXTS)
+def test_metaspace_with_byte_fallback_ids_spell_the_text(text):
+    tokenizer = metaspace_tokenizer()
+    vocab = from_hf(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    # Metaspace puts a space before the first word; decoding strips it again.
+    assert vocab.bytes_of(ids) in (text.encode(), b" " + text.encode())
+
+
+@SETTINGS
+@given(text=TEXTS)
+def test_tiktoken_ids_spell_the_text(text):
+    encoding = tiktoken_encoding()
+    assert from_tiktoken(encoding).bytes_of(encoding.encode(text)) == text.encode()
+
+
+def test_special_tokens_have_no_bytes(byte_level):
+    vocab = from_hf(byte_level)
+    assert byte_level.eos_token_id in vocab.special_ids
+    assert vocab.token_bytes[byte_level.eos_token_id] is None
+    encoding = tiktoken_encoding()
+    eot = encoding.encode_single_token("<|endoftext|>")
+    assert from_tiktoken(encoding).token_bytes[eot] is None
+
+
+def test_byte_fallback_pieces_are_single_bytes():
+    vocab = from_hf(metaspace_tokenizer())
+    newline = metaspace_tokenizer().convert_tokens_to_ids("<0x0A>")
+    assert vocab.token_bytes[newline] == b"\n"
+    assert vocab.id_of(b"\n") == newline
+
+
+def test_id_of_finds_every_token(byte_level):
+    vocab = from_hf(byte_level)
+    for data in vocab.token_bytes:
+        if data is not None:
+            assert vocab.token_bytes[vocab.id_of(data)] == data
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ("hello", b"hello"),
+        (" the", b" the"),
+        ("bytes:\\xe6\\x97", b"\xe6\x97"),
+        ("", None),
+        ("\ufffd", None),
+        ("日本", "日本".encode()),
+    ],
+)
+def test_api_token_strings(token, expected):
+    assert bytes_of_token_string(token) == expected
