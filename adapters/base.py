@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -11,6 +11,22 @@ LogprobSemantics = Literal["raw", "processed"]
 
 # OpenAI and vLLM clamp -inf to -9999.0; anything at or below this is "no probability".
 SENTINEL_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the base continues at one step: the prompt's ids, then the ids generated so far.
+
+    Ids are in the base's tokenizer. Text-only dialects (TGI, chat) decode them; a chat API needs
+    to know where the user's prompt ends and the assistant's partial answer begins.
+    """
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+    @property
+    def generated(self) -> tuple[int, ...]:
+        return self.ids[self.prompt_len :]
 
 
 @dataclass(frozen=True)
@@ -24,26 +40,38 @@ class TopLogprobs:
     token_ids: tuple[int, ...]  # [n] ids in the base tokenizer
     logprobs: tuple[float, ...]  # [n]
     complete: bool = False
+    unresolved: int = 0  # returned entries whose token id could not be recovered (counted, dropped)
+    retokenized: bool = False  # a text-only server split the prompt differently from our ids
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[int, float | None]], *, complete: bool = False):
-        """Build from (id, logprob) pairs, dropping sentinels and keeping the best of duplicates."""
+    def from_pairs(
+        cls,
+        pairs: Iterable[tuple[int | None, float | None]],
+        *,
+        k: int = -1,
+        complete: bool = False,
+    ) -> TopLogprobs:
+        """Build from (id, logprob) pairs: sentinels dropped, the best of duplicates kept, an id of
+        None counted as unresolved, and at most the k best kept (servers add the sampled token)."""
         best: dict[int, float] = {}
+        unresolved = 0
         for token_id, logprob in pairs:
             if logprob is None or math.isnan(logprob) or logprob <= SENTINEL_LOGPROB:
+                continue
+            if token_id is None:
+                unresolved += 1
                 continue
             if token_id not in best or logprob > best[token_id]:
                 best[token_id] = float(logprob)
         ranked = sorted(best.items(), key=lambda item: -item[1])
+        if k > 0:
+            ranked = ranked[:k]
         return cls(
             token_ids=tuple(i for i, _ in ranked),
             logprobs=tuple(lp for _, lp in ranked),
             complete=complete,
+            unresolved=unresolved,
         )
-
-    def first(self, n: int) -> TopLogprobs:
-        """The n most likely entries."""
-        return TopLogprobs(self.token_ids[:n], self.logprobs[:n], self.complete)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -55,6 +83,8 @@ class Capabilities:
 
     max_k: most top logprobs per position (-1: whole vocabulary; None: not known yet).
     logprobs: "raw" = the model's own distribution; "processed" = after the server's warpers.
+    multi_step: False where only the first token after the prompt can be scored (plain chat APIs
+    cannot continue a partial assistant message).
     """
 
     max_k: int | None
@@ -62,6 +92,7 @@ class Capabilities:
     ids_in_response: bool
     prompt_scoring: bool
     logprobs: LogprobSemantics
+    multi_step: bool = True
 
 
 @runtime_checkable
@@ -71,8 +102,8 @@ class BaseModel(Protocol):
     name: str
     capabilities: Capabilities
 
-    async def top_logprobs(self, prompt_ids: Sequence[int], k: int) -> TopLogprobs:
-        """Top-k logprobs of the token after ``prompt_ids``; k = -1 asks for all of them."""
+    async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
+        """Top-k logprobs of the token after ``prompt``; k = -1 asks for all of them."""
         ...
 
     async def aclose(self) -> None:

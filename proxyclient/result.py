@@ -14,13 +14,17 @@ class Usage:
 
     ``prompt_tokens`` counts every token id sent to the base, summed over requests: each step
     resends the whole prefix, which is what a hosted API bills.
-    ``dropped_candidates`` counts base candidates that had no twin in the proxies' vocabulary.
+    ``dropped_candidates`` counts base candidates that had no twin in the proxies' vocabulary,
+    or whose token id the server's answer did not reveal.
+    ``retokenized_steps`` counts steps at which a text-only server (TGI, chat) split the text
+    differently from the ids we track, so the base saw the canonical split of the same text.
     """
 
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     dropped_candidates: int = 0
+    retokenized_steps: int = 0
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from proxyclient.adapters.base import BaseModel, TopLogprobs
+from proxyclient.adapters.base import BaseModel, Prompt, TopLogprobs
 from proxyclient.combine import combine
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
@@ -167,10 +167,21 @@ class ProxyTuner:
         states = (KVState(), KVState())
         new_for_proxies = (expert_ids, prompt_ids)
         started = time.perf_counter()
+        multi_step = getattr(self.base.capabilities, "multi_step", True)
         try:
-            for _ in range(config.max_new_tokens):
+            for step in range(config.max_new_tokens):
+                if step == 1 and not multi_step:
+                    raise ConfigError(
+                        f"the {self.base.name!r} base can score only the first token after the "
+                        f"prompt (a plain chat API cannot continue a partial answer); use "
+                        f"max_new_tokens=1 or ProxyTuner.choose(), or a server that can continue"
+                    )
                 top, expert_lp, anti_lp = await self._step(
-                    run, base_ids, states, new_for_proxies, use_proxies=config.alpha != 0
+                    run,
+                    Prompt(tuple(base_ids), len(prompt_ids)),
+                    states,
+                    new_for_proxies,
+                    use_proxies=config.alpha != 0,
                 )
                 token = self._pick(run, top, expert_lp, anti_lp, generator)
                 base_ids.append(token)
@@ -201,7 +212,7 @@ class ProxyTuner:
     async def _step(
         self,
         run: _Run,
-        base_ids: list[int],
+        prompt: Prompt,
         states: tuple[KVState, KVState],
         new_for_proxies: tuple[Sequence[int], Sequence[int]],
         *,
@@ -209,13 +220,13 @@ class ProxyTuner:
     ) -> tuple[TopLogprobs, torch.Tensor | None, torch.Tensor | None]:
         k = run.config.top_logprobs
         run.usage.requests += 1
-        run.usage.prompt_tokens += len(base_ids)
+        run.usage.prompt_tokens += len(prompt.ids)
         run.timings.steps += 1
 
         async def ask_base() -> TopLogprobs:
             start = time.perf_counter()
             try:
-                return await self.base.top_logprobs(base_ids, k)
+                return await self.base.top_logprobs(prompt, k)
             finally:
                 run.timings.base_s += time.perf_counter() - start
 
@@ -269,7 +280,8 @@ class ProxyTuner:
             policy=config.unseen,
             vocab_size=self.vocab_size,
         )
-        run.usage.dropped_candidates += candidates.dropped
+        run.usage.dropped_candidates += candidates.dropped + top.unresolved
+        run.usage.retokenized_steps += top.retokenized
         if candidates.ids.numel() == 0:
             raise ResponseFormatError(
                 f"none of the base's {len(top)} candidates is inside the proxies' vocabulary "

@@ -41,9 +41,9 @@ class WithLatency:
         self.base, self.seconds = base, seconds
         self.name, self.capabilities = base.name, base.capabilities
 
-    async def top_logprobs(self, prompt_ids, k):
+    async def top_logprobs(self, prompt, k):
         await asyncio.sleep(self.seconds)
-        return await self.base.top_logprobs(prompt_ids, k)
+        return await self.base.top_logprobs(prompt, k)
 
     async def aclose(self) -> None:
         await self.base.aclose()

@@ -3,11 +3,9 @@ for unit tests of the loop without a server. Integration tests use a real vLLM s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from proxyclient.adapters.base import Capabilities, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.errors import ServerError
 
 
@@ -26,8 +24,9 @@ class LocalBase:
         self.fail_at_request = fail_at_request
 
     @torch.inference_mode()
-    async def top_logprobs(self, prompt_ids: Sequence[int], k: int) -> TopLogprobs:
-        self.requests.append(list(prompt_ids))
+    async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
+        prompt_ids = list(prompt.ids)
+        self.requests.append(prompt_ids)
         if self.fail_at_request is not None and len(self.requests) == self.fail_at_request:
             raise ServerError("HTTP 503: injected fault", status_code=503, body=None)
         logits = self.model(input_ids=torch.tensor([list(prompt_ids)])).logits[0, -1].double()

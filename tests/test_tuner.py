@@ -162,7 +162,7 @@ class ScriptedBase:
     def __init__(self, answers):
         self.answers = list(answers)
 
-    async def top_logprobs(self, prompt_ids, k):
+    async def top_logprobs(self, prompt, k):
         return self.answers.pop(0)
 
     async def aclose(self):

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from proxyclient.adapters import connect
+from proxyclient.adapters.base import Prompt
 from proxyclient.adapters.vllm import build_request, parse_response
 from proxyclient.errors import (
     BadRequestError,
@@ -102,7 +103,7 @@ def serve(status_and_body, models=None):
 
 
 def ask(base, k=20, n=3):
-    return asyncio.run(base.top_logprobs(list(range(n)), k))
+    return asyncio.run(base.top_logprobs(Prompt(tuple(range(n)), n), k))
 
 
 def test_top_k_over_the_cap_names_the_servers_maximum():

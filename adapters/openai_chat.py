@@ -1,0 +1,80 @@
+"""``/v1/chat/completions`` with ``logprobs: true, top_logprobs: k`` (OpenAI: k <= 20).
+
+Each top-logprob entry carries the token's exact ``bytes``, so ids are recovered without loss.
+A plain chat API cannot continue a partial assistant message: it scores only the first token of
+the answer, so this adapter supports one step (``multi_step=False``), which is what
+``ProxyTuner.choose`` needs. Servers that can continue (vLLM: ``continue_final_message``) get
+token-by-token generation with ``continue_final_message=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.errors import ResponseFormatError
+from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.vocab import bytes_of_token_string
+
+OPENAI_MAX_TOP_LOGPROBS = 20
+
+
+class OpenAIChat(DialectAdapter):
+    dialect = "openai-chat"
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer,
+        max_k: int | None = OPENAI_MAX_TOP_LOGPROBS,
+        continue_final_message: bool = False,
+    ) -> None:
+        super().__init__(transport, model)
+        self.tokenizer = tokenizer
+        self.continue_final_message = continue_final_message
+        self.capabilities = Capabilities(
+            max_k=max_k,
+            token_id_prompts=False,
+            ids_in_response=False,
+            prompt_scoring=False,
+            logprobs="raw",
+            multi_step=continue_final_message,
+        )
+
+    def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
+        decode = self.tokenizer.decode
+        messages = [{"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}]
+        payload: dict[str, Any] = {
+            "model": self.name,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "logprobs": True,
+            "top_logprobs": k,
+        }
+        if prompt.generated:
+            messages.append({"role": "assistant", "content": decode(prompt.generated)})
+            payload |= {"continue_final_message": True, "add_generation_prompt": False}
+        return "/chat/completions", payload
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        try:
+            content = body["choices"][0]["logprobs"]["content"]
+        except (KeyError, IndexError, TypeError):
+            content = None
+        if not content or not content[0].get("top_logprobs"):
+            raise ResponseFormatError(
+                "the chat answer has no logprobs.content[0].top_logprobs; does this model allow "
+                "logprobs (OpenAI's reasoning models do not)?"
+            )
+        vocab = self.tokenizer.vocab
+        pairs = []
+        for entry in content[0]["top_logprobs"]:
+            raw = entry.get("bytes")
+            data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
+            pairs.append((None if data is None else vocab.id_of(data), entry.get("logprob")))
+        return TopLogprobs.from_pairs(pairs, k=k)

@@ -1,0 +1,95 @@
+"""The base model's tokenizer, whatever its kind: a local Hugging Face tokenizer or tiktoken.
+
+Adapters that exchange text or token strings with a server (OpenAI, chat, TGI) need it to turn the
+ids the loop tracks into text, and the server's token strings or bytes back into ids.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from proxyclient.errors import ConfigError, ModelLoadError
+from proxyclient.vocab import ByteVocab, from_hf, from_tiktoken
+
+TIKTOKEN_PREFIX = "tiktoken:"
+
+
+class BaseTokenizer:
+    """encode/decode plus the byte vocabulary, over an HF tokenizer or a tiktoken Encoding."""
+
+    def __init__(self, inner: Any, *, name: str = "") -> None:
+        self.inner = inner
+        self.is_tiktoken = hasattr(inner, "decode_single_token_bytes")
+        self.name = name or getattr(inner, "name_or_path", None) or getattr(inner, "name", "")
+
+    def __repr__(self) -> str:
+        kind = "tiktoken" if self.is_tiktoken else "hf"
+        return f"BaseTokenizer({kind}:{self.name!s})"
+
+    @cached_property
+    def vocab(self) -> ByteVocab:
+        return from_tiktoken(self.inner) if self.is_tiktoken else from_hf(self.inner)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if self.is_tiktoken:
+            return list(self.inner.encode(text, disallowed_special=()))
+        return list(self.inner(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
+        """Text of ``ids`` without special tokens; bytes that are not valid UTF-8 become U+FFFD."""
+        if self.is_tiktoken:
+            data = self.vocab.bytes_of(list(ids))
+            return data.decode("utf-8", errors="replace")
+        return self.inner.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        if self.is_tiktoken:
+            return getattr(self.inner, "eot_token", None)
+        return self.inner.eos_token_id
+
+
+def load_base_tokenizer(spec: Any) -> BaseTokenizer:
+    """From ``tiktoken:ENCODING``, a local HF tokenizer folder, or a tokenizer object."""
+    if isinstance(spec, BaseTokenizer):
+        return spec
+    if not isinstance(spec, str | Path):
+        return BaseTokenizer(spec)
+    text = str(spec)
+    if text.startswith(TIKTOKEN_PREFIX):
+        import tiktoken
+
+        name = text[len(TIKTOKEN_PREFIX) :]
+        try:
+            return BaseTokenizer(tiktoken.get_encoding(name), name=name)
+        except ValueError as exc:
+            raise ConfigError(f"unknown tiktoken encoding {name!r}: {exc}") from None
+        except Exception as exc:  # tiktoken fetches its ranks over the network on first use
+            raise ModelLoadError(
+                f"tiktoken could not load {name!r} ({type(exc).__name__}: {exc}); it downloads the "
+                f"encoding on first use: run once with network access, or set TIKTOKEN_CACHE_DIR "
+                f"to a folder that holds it"
+            ) from None
+    if not Path(text).expanduser().is_dir():
+        raise ModelLoadError(
+            f"base tokenizer {text!r} is neither tiktoken:ENCODING nor a folder holding a "
+            f"Hugging Face tokenizer (tokenizer.json)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return BaseTokenizer(AutoTokenizer.from_pretrained(Path(text).expanduser()), name=text)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {text!r}: {exc}") from None
+
+
+def tiktoken_for_model(model: str) -> str | None:
+    """The tiktoken encoding name OpenAI uses for ``model`` (no download needed), or None."""
+    import tiktoken
+
+    try:
+        return tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        return None
