@@ -51,26 +51,28 @@ class TopLogprobs:
         k: int = -1,
         complete: bool = False,
     ) -> TopLogprobs:
-        """Build from (id, logprob) pairs: sentinels dropped, the best of duplicates kept, an id of
-        None counted as unresolved, and at most the k best kept (servers add the sampled token)."""
+        """Build from (id, logprob) pairs: sentinels dropped, the best of duplicates kept, and at
+        most the k best kept (servers add the sampled token). An id of None (a token the answer
+        did not identify) still takes its place in the ranking, then counts as unresolved."""
         best: dict[int, float] = {}
-        unresolved = 0
+        unknown: list[float] = []
         for token_id, logprob in pairs:
             if logprob is None or math.isnan(logprob) or logprob <= SENTINEL_LOGPROB:
                 continue
             if token_id is None:
-                unresolved += 1
-                continue
-            if token_id not in best or logprob > best[token_id]:
+                unknown.append(float(logprob))
+            elif token_id not in best or logprob > best[token_id]:
                 best[token_id] = float(logprob)
-        ranked = sorted(best.items(), key=lambda item: -item[1])
+        ranked: list[tuple[int | None, float]] = [*best.items(), *((None, lp) for lp in unknown)]
+        ranked.sort(key=lambda item: -item[1])
         if k > 0:
             ranked = ranked[:k]
+        known = [(i, lp) for i, lp in ranked if i is not None]
         return cls(
-            token_ids=tuple(i for i, _ in ranked),
-            logprobs=tuple(lp for _, lp in ranked),
+            token_ids=tuple(i for i, _ in known),
+            logprobs=tuple(lp for _, lp in known),
             complete=complete,
-            unresolved=unresolved,
+            unresolved=len(ranked) - len(known),
         )
 
     def __len__(self) -> int:
