@@ -10,6 +10,7 @@ import re
 from typing import Any, ClassVar
 
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.discovery import dialect_hint
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
     APIStatusError,
@@ -17,6 +18,7 @@ from proxyclient.errors import (
     ContextLengthError,
     NotFoundError,
     ProxyClientError,
+    ResponseFormatError,
     TopKTooLargeError,
 )
 
@@ -72,9 +74,14 @@ class DialectAdapter:
         what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}"
         try:
             body = await self.transport.request_json("POST", path, payload, what=what)
+            return self.parse_response(body, prompt, k)
         except APIStatusError as exc:
             raise await self.explain(exc, prompt, k) from None
-        return self.parse_response(body, prompt, k)
+        except ResponseFormatError as exc:
+            hint = await dialect_hint(self.transport, self.dialect)
+            if not hint:
+                raise
+            raise ResponseFormatError(f"{exc}{hint}") from None
 
     async def explain(self, exc: APIStatusError, prompt: Prompt, k: int) -> ProxyClientError:
         """The error with what to do about it."""
@@ -104,12 +111,17 @@ class DialectAdapter:
                     status_code=exc.status_code,
                     body=exc.body,
                 )
+        hint = ""
+        if exc.status_code in (404, 405):
+            hint = await dialect_hint(self.transport, self.dialect)
         if isinstance(exc, NotFoundError):
             return NotFoundError(
-                f"{text} — {await self._served_models_hint()}",
+                f"{text} — {hint.strip() or await self._served_models_hint()}",
                 status_code=exc.status_code,
                 body=exc.body,
             )
+        if hint:
+            return type(exc)(f"{text}{hint}", status_code=exc.status_code, body=exc.body)
         return exc
 
     async def _served_models_hint(self) -> str:

@@ -227,6 +227,14 @@ class HTTPTransport:
                 f"{sent}: the answer is not JSON: {self.redact(response.text[:200])!r}"
             ) from None
 
+    async def peek(self, url: str, timeout: float = 3.0) -> Any:
+        """GET an absolute URL once (no retries); its JSON on 200, else None. For discovery."""
+        try:
+            response = await self._http().get(url, timeout=timeout)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
     def _redacted_body(self, response: httpx.Response) -> Any:
         try:
             return json.loads(self.redact(response.text))

@@ -24,13 +24,14 @@ from proxyclient.errors import (
     ProxyClientError,
     TopKTooLargeError,
 )
-from proxyclient.result import Generation, Timings, Usage
+from proxyclient.result import Choice, Generation, Timings, Usage
 from proxyclient.tuner import ProxyTuner
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "BaseModelError",
+    "Choice",
     "ConfigError",
     "ContextLengthError",
     "Generation",

@@ -51,3 +51,23 @@ class Generation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Choice:
+    """The proxy-tuned choice among single-token options (the paper's black-box setting).
+
+    ``probabilities`` are over the options (they sum to 1 over those with a value); an option gets
+    None when it is not a candidate (outside the base's top-k under ``restrict``).
+    ``missing`` lists the options the base did not return in its top-k, under any policy.
+    """
+
+    option: str | None
+    probabilities: dict[str, float | None]
+    base_probabilities: dict[str, float | None]
+    missing: list[str]
+    usage: Usage = field(default_factory=Usage)
+    unseen_policy: str = "restrict"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from proxyclient.adapters.base import BaseModel, Prompt, TopLogprobs
-from proxyclient.combine import combine
+from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
 from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError, ResponseFormatError
 from proxyclient.local import KVState, LocalModel, check_model_source
-from proxyclient.result import FinishReason, Generation, Timings, Usage
+from proxyclient.result import Choice, FinishReason, Generation, Timings, Usage
 from proxyclient.sampling import choose
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,53 @@ class ProxyTuner:
         expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
         run = _Run(config, TextAssembler(self.tokenizer, prompt_ids, config.stop))
         return AsyncGenerationStream(self._pieces(run, prompt_ids, expert_ids), run)
+
+    def choose(
+        self,
+        prompt: str,
+        options: Sequence[str],
+        config: GenerationConfig | None = None,
+        **settings: Any,
+    ) -> Choice:
+        """The proxy-tuned choice among single-token ``options`` after ``prompt``: one step."""
+        return self._sync_loop().run_until_complete(
+            self.achoose(prompt, options, config, **settings)
+        )
+
+    async def achoose(
+        self,
+        prompt: str,
+        options: Sequence[str],
+        config: GenerationConfig | None = None,
+        **settings: Any,
+    ) -> Choice:
+        config = _with_options(config, {"max_new_tokens": 1, **settings})
+        option_ids = {option: self._single_token(option) for option in options}
+        if not option_ids:
+            raise ConfigError("choose() needs at least one option")
+        prompt_ids = self._encode(prompt)
+        expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
+        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids))
+        top, expert_lp, anti_lp = await self._step(
+            run,
+            Prompt(tuple(prompt_ids), len(prompt_ids)),
+            (KVState(), KVState()),
+            (expert_ids, prompt_ids),
+            use_proxies=config.alpha != 0,
+        )
+        tuned = self._combine(run, top, expert_lp, anti_lp)
+        base = self._combine(run, top, None, None, alpha=0.0, count=False)
+        probabilities = _option_probabilities(tuned, option_ids)
+        present = {o: p for o, p in probabilities.items() if p is not None}
+        returned = set(top.token_ids)
+        return Choice(
+            option=max(present, key=present.__getitem__) if present else None,
+            probabilities=probabilities,
+            base_probabilities=_option_probabilities(base, option_ids),
+            missing=[o for o, i in option_ids.items() if i not in returned],
+            usage=dataclasses.replace(run.usage),
+            unseen_policy=config.unseen.value,
+        )
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -267,26 +314,7 @@ class ProxyTuner:
         generator: torch.Generator | None,
     ) -> int:
         config = run.config
-        base_ids = torch.tensor(top.token_ids, dtype=torch.int64)  # [k]
-        base_lp = torch.tensor(top.logprobs, dtype=torch.float64)  # [k]
-        if expert_lp is None or anti_lp is None:  # alpha == 0: no proxy forward was run
-            expert_lp = anti_lp = torch.zeros(self.vocab_size)
-        candidates = combine(
-            base_ids,
-            base_lp,
-            expert_lp,
-            anti_lp,
-            alpha=config.alpha,
-            policy=config.unseen,
-            vocab_size=self.vocab_size,
-        )
-        run.usage.dropped_candidates += candidates.dropped + top.unresolved
-        run.usage.retokenized_steps += top.retokenized
-        if candidates.ids.numel() == 0:
-            raise ResponseFormatError(
-                f"none of the base's {len(top)} candidates is inside the proxies' vocabulary "
-                f"({self.vocab_size} ids): do base and proxies share a tokenizer?"
-            )
+        candidates = self._combine(run, top, expert_lp, anti_lp)
         index = choose(
             candidates.scores,
             temperature=config.temperature,
@@ -296,7 +324,49 @@ class ProxyTuner:
         )
         return int(candidates.ids[index])
 
+    def _combine(
+        self,
+        run: _Run,
+        top: TopLogprobs,
+        expert_lp: torch.Tensor | None,
+        anti_lp: torch.Tensor | None,
+        *,
+        alpha: float | None = None,
+        count: bool = True,
+    ) -> Candidates:
+        base_ids = torch.tensor(top.token_ids, dtype=torch.int64)  # [k]
+        base_lp = torch.tensor(top.logprobs, dtype=torch.float64)  # [k]
+        if expert_lp is None or anti_lp is None:  # alpha == 0: no proxy forward was run
+            expert_lp = anti_lp = torch.zeros(self.vocab_size)
+        candidates = combine(
+            base_ids,
+            base_lp,
+            expert_lp,
+            anti_lp,
+            alpha=run.config.alpha if alpha is None else alpha,
+            policy=run.config.unseen,
+            vocab_size=self.vocab_size,
+        )
+        if count:
+            run.usage.dropped_candidates += candidates.dropped + top.unresolved
+            run.usage.retokenized_steps += top.retokenized
+        if candidates.ids.numel() == 0:
+            raise ResponseFormatError(
+                f"none of the base's {len(top)} candidates is inside the proxies' vocabulary "
+                f"({self.vocab_size} ids): do base and proxies share a tokenizer?"
+            )
+        return candidates
+
     # -- helpers ------------------------------------------------------------------------------
+
+    def _single_token(self, option: str) -> int:
+        ids = self.tokenizer(option, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ConfigError(
+                f"option {option!r} is {len(ids)} tokens {ids}; choose() compares single-token "
+                f"options (try a shorter label, or one with a leading space such as ' A')"
+            )
+        return int(ids[0])
 
     def _encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -373,6 +443,53 @@ class GenerationStream:
         except StopAsyncIteration:
             raise StopIteration from None
 
+    def choose(
+        self,
+        prompt: str,
+        options: Sequence[str],
+        config: GenerationConfig | None = None,
+        **settings: Any,
+    ) -> Choice:
+        """The proxy-tuned choice among single-token ``options`` after ``prompt``: one step."""
+        return self._sync_loop().run_until_complete(
+            self.achoose(prompt, options, config, **settings)
+        )
+
+    async def achoose(
+        self,
+        prompt: str,
+        options: Sequence[str],
+        config: GenerationConfig | None = None,
+        **settings: Any,
+    ) -> Choice:
+        config = _with_options(config, {"max_new_tokens": 1, **settings})
+        option_ids = {option: self._single_token(option) for option in options}
+        if not option_ids:
+            raise ConfigError("choose() needs at least one option")
+        prompt_ids = self._encode(prompt)
+        expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
+        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids))
+        top, expert_lp, anti_lp = await self._step(
+            run,
+            Prompt(tuple(prompt_ids), len(prompt_ids)),
+            (KVState(), KVState()),
+            (expert_ids, prompt_ids),
+            use_proxies=config.alpha != 0,
+        )
+        tuned = self._combine(run, top, expert_lp, anti_lp)
+        base = self._combine(run, top, None, None, alpha=0.0, count=False)
+        probabilities = _option_probabilities(tuned, option_ids)
+        present = {o: p for o, p in probabilities.items() if p is not None}
+        returned = set(top.token_ids)
+        return Choice(
+            option=max(present, key=present.__getitem__) if present else None,
+            probabilities=probabilities,
+            base_probabilities=_option_probabilities(base, option_ids),
+            missing=[o for o, i in option_ids.items() if i not in returned],
+            usage=dataclasses.replace(run.usage),
+            unseen_policy=config.unseen.value,
+        )
+
     def close(self) -> None:
         self._loop.run_until_complete(self._inner.aclose())
 
@@ -436,3 +553,17 @@ def _eos_ids(tokenizer: Any, *models: Any) -> frozenset[int]:
         elif isinstance(eos, list | tuple):
             ids.update(int(e) for e in eos)
     return frozenset(ids)
+
+
+def _option_probabilities(
+    candidates: Candidates, option_ids: dict[str, int]
+) -> dict[str, float | None]:
+    """Each option's probability among the options that are candidates; None for the others."""
+    probs = dict(
+        zip(candidates.ids.tolist(), candidates.scores.softmax(dim=0).tolist(), strict=True)
+    )
+    mass = sum(probs.get(i, 0.0) for i in set(option_ids.values()))
+    return {
+        option: (probs[i] / mass if mass > 0 else 0.0) if i in probs else None
+        for option, i in option_ids.items()
+    }

@@ -219,3 +219,34 @@ def test_unknown_generation_option_is_named(tuner):
 
     with pytest.raises(ConfigError, match=r"unknown generation option.*max_tokens"):
         tuner.generate("x", max_tokens=3)
+
+
+def test_choose_gives_the_formulas_probabilities_over_the_options(tuner, hf_models):
+    prompt = PROMPTS[0]
+    options = ["(", ":", " return", "def"]
+    option_ids = [tuner.tokenizer(o, add_special_tokens=False).input_ids[0] for o in options]
+    steps = reference(hf_models, tuner, prompt, alpha=1.0, n=1)
+    expected = steps[0].scores[option_ids].softmax(dim=0).tolist()
+    got = tuner.choose(prompt, options, alpha=1.0, top_logprobs=-1)
+    assert [got.probabilities[o] for o in options] == pytest.approx(expected, abs=1e-6)
+    assert got.option == options[max(range(4), key=expected.__getitem__)]
+    assert got.missing == [] and got.usage.requests == 1
+
+
+def test_choose_reports_options_outside_the_base_top_k(tuner):
+    options = ["(", ":", " return", "def", "x", "y"]
+    got = tuner.choose(PROMPTS[0], options, top_logprobs=2)
+    assert len(got.missing) >= len(options) - 2
+    assert all(got.probabilities[o] is None for o in got.missing)
+    present = [p for p in got.probabilities.values() if p is not None]
+    assert sum(present) == pytest.approx(1.0) or not present
+    floor = tuner.choose(PROMPTS[0], options, top_logprobs=2, unseen="floor")
+    assert floor.missing == got.missing
+    assert all(p is not None for p in floor.probabilities.values())
+
+
+def test_choose_needs_single_token_options(tuner):
+    from proxyclient import ConfigError
+
+    with pytest.raises(ConfigError, match=r"option .def main. is 3 tokens"):
+        tuner.choose(PROMPTS[0], ["(", "def main"])

@@ -1,0 +1,64 @@
+"""What a server can do, found out with one or two tiny requests; which dialect it speaks.
+
+``probe`` asks once with k = 1 (does the endpoint answer with logprobs?) and once with an absurd k
+(the refusal names the server's cap; vLLM also gets k = -1 to see whether it allows the whole
+vocabulary). ``sniff_dialect`` looks at a few read-only endpoints that each stack answers in its own
+way, for error messages that say which --api to use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from proxyclient.adapters.base import Capabilities, Prompt
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.errors import BaseModelError, TopKTooLargeError
+
+HUGE_K = 100_000
+
+
+async def probe(adapter: Any, prompt: Prompt) -> Capabilities:
+    """The adapter's capabilities with ``max_k`` measured on the live server."""
+    await adapter.top_logprobs(prompt, 1)  # raises with a clear message if it cannot work at all
+    max_k = adapter.capabilities.max_k
+    tries = [-1, HUGE_K] if adapter.dialect == "vllm" else [HUGE_K]
+    for k in tries:
+        try:
+            answer = await adapter.top_logprobs(prompt, k)
+        except TopKTooLargeError as exc:
+            max_k = exc.server_max
+            continue
+        except BaseModelError:
+            continue  # refused without naming a cap: keep the configured one
+        max_k = -1 if k == -1 else max(len(answer), max_k or 0)
+        break
+    return dataclasses.replace(adapter.capabilities, max_k=max_k)
+
+
+async def sniff_dialect(transport: HTTPTransport) -> str | None:
+    """The dialect the server behind ``transport`` seems to speak, from read-only endpoints."""
+    root = transport.base_url.removesuffix("/v1")
+    info = await transport.peek(root + "/info")
+    if isinstance(info, dict) and "model_id" in info:
+        return "tgi"
+    props = await transport.peek(root + "/props")
+    if isinstance(props, dict) and ("default_generation_settings" in props or "n_ctx" in props):
+        return "llamacpp"
+    models = await transport.peek(root + "/v1/models")
+    if isinstance(models, dict) and isinstance(models.get("data"), list):
+        owners = {m.get("owned_by") for m in models["data"] if isinstance(m, dict)}
+        return "vllm" if "vllm" in owners else "openai"
+    return None
+
+
+async def dialect_hint(transport: HTTPTransport, expected: str) -> str:
+    """A sentence for error messages when a server does not answer like ``expected``."""
+    found = await sniff_dialect(transport)
+    compatible = found == expected or (found == "vllm" and expected.startswith("openai"))
+    if found is None or compatible:
+        return ""
+    return (
+        f" The server at {transport.base_url} seems to speak {found}, not {expected}: "
+        f"try --api {found}."
+    )
