@@ -12,36 +12,48 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from proxyclient.config import GenerationConfig, UnseenPolicy
 from proxyclient.errors import ProxyClientError
+
+if TYPE_CHECKING:
+    from proxyclient.adapters.base import BaseModel
+    from proxyclient.tuner import ProxyTuner
 
 API_KEY_ENV = "PROXYCLIENT_API_KEY"
 EXIT_USAGE = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="proxyclient",
-        description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
+def _base_options(parser: argparse.ArgumentParser) -> None:
+    base = parser.add_argument_group("base model (remote)")
+    base.add_argument(
+        "--api", default="vllm", help="server dialect: vllm, openai, openai-chat, tgi, llamacpp"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser(
-        "generate",
-        help="generate proxy-tuned text",
-        description="scores = base + alpha * (expert - anti_expert), token by token.",
+    base.add_argument(
+        "--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1 (tgi, llamacpp: no /v1)"
     )
-    base = gen.add_argument_group("base model (remote)")
-    base.add_argument("--api", default="vllm", help="server dialect (default: vllm)")
-    base.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1")
     base.add_argument("--base-model", required=True, help="model name the server serves")
+    base.add_argument(
+        "--base-tokenizer",
+        default=None,
+        help="the base's tokenizer for text dialects: a local HF tokenizer folder or "
+        "tiktoken:ENCODING (default: the anti-expert's; OpenAI models: their encoding)",
+    )
     base.add_argument(
         "--api-key", default=None, help=f"sent as a Bearer token (default: ${API_KEY_ENV})"
     )
     base.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     base.add_argument("--max-retries", type=int, default=3)
+    base.add_argument(
+        "--chat-continue",
+        action="store_true",
+        help="openai-chat: the server can continue a partial answer (vLLM), so generate freely",
+    )
 
-    local = gen.add_argument_group("expert and anti-expert (local)")
+
+def _proxy_and_decoding_options(parser: argparse.ArgumentParser) -> None:
+    local = parser.add_argument_group("expert and anti-expert (local)")
     local.add_argument("--expert", required=True, help="folder of the tuned small model")
     local.add_argument("--anti-expert", required=True, help="folder of the untuned small model")
     local.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0 ...")
@@ -57,27 +69,57 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="format the prompt with the expert's chat template (expert only)",
     )
-
-    decoding = gen.add_argument_group("decoding")
+    decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
-    decoding.add_argument("--max-new-tokens", type=int, default=64)
     decoding.add_argument("--alpha", type=float, default=1.0)
     decoding.add_argument(
         "--top-logprobs", type=int, default=20, help="k asked of the base; -1 = whole vocabulary"
     )
-    decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    decoding.add_argument("--top-p", type=float, default=1.0)
-    decoding.add_argument("--top-k", type=int, default=0)
-    decoding.add_argument("--seed", type=int, default=None)
     decoding.add_argument(
         "--unseen",
         choices=[p.value for p in UnseenPolicy],
         default=UnseenPolicy.RESTRICT.value,
         help="tokens outside the base's top-k (default: restrict)",
     )
-    decoding.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxyclient",
+        description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser(
+        "generate",
+        help="generate proxy-tuned text",
+        description="scores = base + alpha * (expert - anti_expert), token by token.",
+    )
+    _base_options(gen)
+    _proxy_and_decoding_options(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    gen.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+    choose = commands.add_parser(
+        "choose",
+        help="the proxy-tuned choice among single-token options (one step; any API)",
+        description="Prints JSON: the choice and each option's probability, tuned and base.",
+    )
+    _base_options(choose)
+    _proxy_and_decoding_options(choose)
+    choose.add_argument("--options", required=True, help='comma-separated, e.g. "A,B,C,D"')
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what a base server can do (probes it with one or two tiny requests)",
+    )
+    _base_options(inspect)
+    inspect.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
 
 
@@ -87,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="proxyclient: %(levelname)s: %(message)s",
     )
+    commands = {"generate": _generate, "choose": _choose, "inspect": _inspect}
     try:
-        return _generate(args)
+        return commands[args.command](args)
     except ProxyClientError as exc:
         _fail(str(exc))
         return EXIT_USAGE
@@ -96,17 +139,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseModel:
+    from proxyclient.adapters import NEEDS_TOKENIZER, connect
+    from proxyclient.tokenizer import tiktoken_for_model
+
+    tokenizer = args.base_tokenizer
+    # Base and proxies share a tokenizer unless told otherwise, except that OpenAI's own model
+    # names imply their tiktoken encoding (connect() picks it).
+    openai_model = args.api.startswith("openai") and tiktoken_for_model(args.base_model)
+    if tokenizer is None and args.api in NEEDS_TOKENIZER and not openai_model:
+        tokenizer = default_tokenizer
+    options = {"continue_final_message": True} if args.chat_continue else {}
+    return connect(
+        args.api,
+        args.base_url,
+        args.base_model,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        tokenizer=tokenizer,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        **options,
+    )
+
+
+def _tuner(args: argparse.Namespace) -> ProxyTuner:
     # Imported here so that `--help` and argument errors answer at once.
     from transformers.utils import logging as hf_logging
 
-    from proxyclient.adapters import connect
     from proxyclient.tuner import ProxyTuner
 
     if not args.verbose:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    return ProxyTuner(
+        _connect(args, args.anti_expert),
+        expert=args.expert,
+        anti_expert=args.anti_expert,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def _generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         alpha=args.alpha,
@@ -119,22 +198,8 @@ def _generate(args: argparse.Namespace) -> int:
         unseen=args.unseen,
         expert_chat_template=args.expert_chat_template,
     )
-    base = connect(
-        args.api,
-        args.base_url,
-        args.base_model,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV),
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-    )
-    with ProxyTuner(
-        base,
-        expert=args.expert,
-        anti_expert=args.anti_expert,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-    ) as tuner:
+    prompt = _prompt(args)
+    with _tuner(args) as tuner:
         stream = tuner.stream(prompt, config)
         try:
             for piece in stream:
@@ -146,6 +211,44 @@ def _generate(args: argparse.Namespace) -> int:
             _fail(str(exc))
             return EXIT_USAGE
         _print_result(args, stream.generation.to_dict())
+    return 0
+
+
+def _choose(args: argparse.Namespace) -> int:
+    options = [o for o in args.options.split(",") if o]
+    prompt = _prompt(args)
+    with _tuner(args) as tuner:
+        choice = tuner.choose(
+            prompt,
+            options,
+            alpha=args.alpha,
+            top_logprobs=args.top_logprobs,
+            unseen=args.unseen,
+            expert_chat_template=args.expert_chat_template,
+        )
+    print(json.dumps(choice.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    from proxyclient.adapters.base import Prompt
+    from proxyclient.adapters.discovery import probe
+
+    base = _connect(args, None)
+    tokenizer = getattr(base, "tokenizer", None)
+    ids = tuple(tokenizer.encode("Hello")) if tokenizer is not None else (1,)
+
+    async def run() -> dict:
+        try:
+            return dataclasses.asdict(await probe(base, Prompt(ids, len(ids))))
+        finally:
+            await base.aclose()
+
+    capabilities = asyncio.run(run())
+    print(json.dumps({"api": args.api, "model": args.base_model, **capabilities}))
     return 0
 
 
