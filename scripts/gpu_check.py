@@ -48,7 +48,7 @@ class DelayedBase:
         self.delay = delay
         self.answer = TopLogprobs(tuple(range(3, 23)), tuple(-1.0 - 0.1 * i for i in range(20)))
 
-    async def top_logprobs(self, prompt_ids, k):
+    async def top_logprobs(self, prompt, k):
         await asyncio.sleep(self.delay)
         return self.answer
 
