@@ -58,10 +58,10 @@ class OpenAICompletions(DialectAdapter):
         }
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        vocab = self.tokenizer.vocab
-        pairs = []
-        for token, logprob in completion_top_logprobs(body).items():
-            data = bytes_of_token_string(token)
-            pairs.append((None if data is None else vocab.id_of(data), logprob))
+        token_id = self.tokenizer.token_id
+        pairs = [
+            (token_id(bytes_of_token_string(token)), logprob)
+            for token, logprob in completion_top_logprobs(body).items()
+        ]
         # OpenAI returns up to k + 1 entries (the sampled token is added); keep the k best.
         return TopLogprobs.from_pairs(pairs, k=k)

@@ -1,6 +1,7 @@
 """``/v1/chat/completions`` with ``logprobs: true, top_logprobs: k`` (OpenAI: k <= 20).
 
-Each top-logprob entry carries the token's exact ``bytes``, so ids are recovered without loss.
+Each top-logprob entry carries the token's ``bytes``, exact on OpenAI; vLLM sends the bytes of
+U+FFFD for a token that is not valid UTF-8 alone, so such entries count as unresolved.
 A plain chat API cannot continue a partial assistant message: it scores only the first token of
 the answer, so this adapter supports one step (``multi_step=False``), which is what
 ``ProxyTuner.choose`` needs. Servers that can continue (vLLM: ``continue_final_message``) get
@@ -19,6 +20,7 @@ from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
 
 OPENAI_MAX_TOP_LOGPROBS = 20
+REPLACEMENT = "\ufffd".encode()
 
 
 class OpenAIChat(DialectAdapter):
@@ -71,10 +73,11 @@ class OpenAIChat(DialectAdapter):
                 "the chat answer has no logprobs.content[0].top_logprobs; does this model allow "
                 "logprobs (OpenAI's reasoning models do not)?"
             )
-        vocab = self.tokenizer.vocab
         pairs = []
         for entry in content[0]["top_logprobs"]:
             raw = entry.get("bytes")
             data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
-            pairs.append((None if data is None else vocab.id_of(data), entry.get("logprob")))
+            if data is not None and REPLACEMENT in data:
+                data = None  # vLLM sends U+FFFD's bytes for a partial UTF-8 token, not its own
+            pairs.append((self.tokenizer.token_id(data), entry.get("logprob")))
         return TopLogprobs.from_pairs(pairs, k=k)

@@ -32,6 +32,25 @@ class BaseTokenizer:
     def vocab(self) -> ByteVocab:
         return from_tiktoken(self.inner) if self.is_tiktoken else from_hf(self.inner)
 
+    @cached_property
+    def special_tokens(self) -> dict[bytes, int]:
+        """Special tokens by the bytes of their text, as servers write them ("</s>")."""
+        if self.is_tiktoken:
+            return {
+                s.encode(): self.inner.encode_single_token(s) for s in self.inner.special_tokens_set
+            }
+        return {
+            t.encode(): i
+            for t, i in zip(self.inner.all_special_tokens, self.inner.all_special_ids, strict=True)
+        }
+
+    def token_id(self, data: bytes | None) -> int | None:
+        """The id of the token a server names by these bytes (its text, for special tokens)."""
+        if data is None:
+            return None
+        token_id = self.vocab.id_of(data)
+        return token_id if token_id is not None else self.special_tokens.get(data)
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if self.is_tiktoken:
             return list(self.inner.encode(text, disallowed_special=()))

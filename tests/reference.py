@@ -6,6 +6,7 @@ Deliberately independent of proxyclient's loop: full forward over the whole sequ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,22 @@ def proxy_tuned_greedy(
     eos_ids: frozenset[int],
     restrict_to_top_k: int | None = None,
     expert_prompt_ids: list[int] | None = None,
+    base_ids_for: Callable[[list[int]], list[int]] | None = None,
+    unidentifiable: frozenset[int] = frozenset(),
 ) -> list[ReferenceStep]:
-    """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` only the base's top-k compete."""
+    """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` only the base's top-k compete.
+
+    ``base_ids_for(generated)`` gives what the base sees when a dialect sends it something other
+    than our ids (a chat template, text it tokenizes again); ``unidentifiable`` are tokens a
+    dialect cannot name (partial UTF-8 keyed by string): they hold their rank in the top-k but
+    cannot be chosen.
+    """
     ids = list(prompt_ids)
     expert_ids = list(expert_prompt_ids or prompt_ids)
     steps: list[ReferenceStep] = []
     for _ in range(max_new_tokens):
-        base_lp = next_logprobs(base, ids)
+        generated = ids[len(prompt_ids) :]
+        base_lp = next_logprobs(base, base_ids_for(generated) if base_ids_for else ids)
         expert_lp = next_logprobs(expert, expert_ids)
         anti_lp = next_logprobs(anti_expert, ids)
         vocab = min(base_lp.numel(), expert_lp.numel(), anti_lp.numel())
@@ -52,6 +62,8 @@ def proxy_tuned_greedy(
             mask = torch.full_like(scores, -torch.inf)
             mask[allowed] = 0
             scores = scores + mask
+        if unidentifiable:
+            scores[list(unidentifiable)] = -torch.inf
         token = int(torch.argmax(scores))
         steps.append(ReferenceStep(token, scores))
         if token in eos_ids:

@@ -14,36 +14,15 @@ import sys
 
 import httpx
 import pytest
+from conftest import API_KEY, BASE_NAME
 from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 
 pytestmark = pytest.mark.integration
 
-BASE_NAME = "tiny-base"
-API_KEY = "sk-integration-test-key"
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    ", "for i in range(10):"]
 N_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_models, tmp_path_factory):
-    from vllm_server import VLLMServer, start_many
-
-    logs = tmp_path_factory.mktemp("vllm-logs")
-    full = VLLMServer(tiny_models["base"], BASE_NAME, max_logprobs=-1, log_path=logs / "full.log")
-    capped = VLLMServer(
-        tiny_models["base"],
-        BASE_NAME,
-        max_logprobs=20,
-        max_model_len=256,
-        extra_args=["--api-key", API_KEY],
-        log_path=logs / "capped.log",
-    )
-    start_many([full, capped])
-    yield {"full": full, "capped": capped}
-    full.stop()
-    capped.stop()
 
 
 @pytest.fixture(scope="module")
