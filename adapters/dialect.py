@@ -28,6 +28,7 @@ _K_CAP = (
     re.compile(r"(?:<=|less than or equal to|at most|maximum of|no more than)\s*(\d+)", re.I),
     re.compile(r"(?:between|range)\s*\[?\s*0\s*(?:,|and)\s*(\d+)", re.IGNORECASE),
 )
+_REFUSED = re.compile(r"logprobs.*(?:not allowed|not supported)|not allowed.*logprobs", re.I)
 _K_WORDS = re.compile(r"logprob|top_n_tokens|n_probs", re.IGNORECASE)
 # The last alternative is what vLLM 0.32 says when the prompt fills the context exactly: it
 # shrinks max_tokens to the room left, which is 0.
@@ -111,6 +112,13 @@ class DialectAdapter:
                     status_code=exc.status_code,
                     body=exc.body,
                 )
+        if exc.status_code in (400, 403) and _REFUSED.search(text):
+            return type(exc)(
+                f"{text}\nThis model does not give logprobs (OpenAI's reasoning models refuse "
+                f"them), and proxy-tuning needs them: use another base model.",
+                status_code=exc.status_code,
+                body=exc.body,
+            )
         hint = ""
         if exc.status_code in (404, 405):
             hint = await dialect_hint(self.transport, self.dialect)
