@@ -65,3 +65,22 @@ def tiktoken_encoding():
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": len(ranks)},
     )
+
+
+def tiktoken_twin(hf_tokenizer):
+    """A tiktoken Encoding with the same ids and token bytes as a byte-level HF tokenizer, standing
+    in for an OpenAI encoding (cl100k and friends cannot be downloaded here)."""
+    import tiktoken
+
+    from proxyclient.vocab import from_hf
+
+    vocab = from_hf(hf_tokenizer)
+    ranks = {data: i for i, data in enumerate(vocab.token_bytes) if data is not None}
+    specials = {t: i for t, i in zip(hf_tokenizer.all_special_tokens,
+                                     hf_tokenizer.all_special_ids, strict=True)}  # fmt: skip
+    return tiktoken.Encoding(
+        "tiny_twin",
+        pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+    )

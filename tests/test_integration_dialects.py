@@ -210,3 +210,16 @@ def test_tgi_conditions_on_the_text_whatever_our_split(dialect_servers, base_tok
     assert resplit.retokenized and not plain.retokenized
     assert resplit.token_ids == plain.token_ids
     assert dialect_servers["tgi"].requests[-1][2]["inputs"] == "def main"
+
+
+def test_openai_recovers_ids_with_a_tiktoken_encoding(dialect_servers, tiny_models, hf_models):
+    from other_tokenizers import tiktoken_twin
+
+    encoding = BaseTokenizer(tiktoken_twin(hf_models["tokenizer"]))
+    assert encoding.is_tiktoken
+    server = dialect_servers["openai"]
+    with tuner_for(server, tiny_models, encoding, "openai", api_key=KEY) as tuner:
+        got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, top_logprobs=5)
+        ids = tuner.tokenizer(PROMPTS[1]).input_ids
+    assert got.usage.dropped_candidates == 0
+    assert_same_tokens(got.token_ids, reference(hf_models, ids, 5), frozenset({1}))
