@@ -22,25 +22,27 @@ from proxyclient.config import UnseenPolicy
 class Candidates:
     """The tokens that may be chosen next, with their proxy-tuned scores."""
 
-    ids: torch.Tensor  # [n] int64, ids in the shared vocabulary
+    ids: torch.Tensor  # [n] int64, base ids of the candidates
     scores: torch.Tensor  # [n] float64, base + alpha * (expert - anti)
-    dropped: int  # base candidates whose id the proxies lack (never silently lost: counted)
+    dropped: int  # base candidates without a proxy twin (never silently lost: counted)
 
 
 def base_scores(
     base_ids: torch.Tensor,
     base_logprobs: torch.Tensor,
-    vocab_size: int,
+    twin: torch.Tensor,
     policy: UnseenPolicy,
 ) -> Candidates:
     """The base's score for each candidate under ``policy``, before the proxies' correction.
 
     base_ids: [k] int64, base_logprobs: [k] float, finite (the adapter drops sentinels).
-    vocab_size: size of the vocabulary shared by base and proxies; ids >= it are dropped.
+    twin: [V_base] int64, the proxy id of each base id, -1 where the proxies have none; the
+    shared vocabulary is the base ids with a twin. Returned ids outside it are dropped.
     """
     base_ids = base_ids.to(torch.int64)
     base_logprobs = base_logprobs.to(torch.float64)
-    known = base_ids < vocab_size
+    known = base_ids < twin.numel()
+    known[known.clone()] = twin[base_ids[known]] >= 0
     dropped = int((~known).sum())
     seen_ids, seen_lp = base_ids[known], base_logprobs[known]
     if policy is UnseenPolicy.RESTRICT:
@@ -48,7 +50,8 @@ def base_scores(
     if seen_ids.numel() == 0:
         raise ValueError("the base returned no candidate inside the shared vocabulary")
 
-    n_unseen = vocab_size - seen_ids.numel()
+    shared = torch.nonzero(twin >= 0).squeeze(1)  # [S] base ids with a twin
+    n_unseen = shared.numel() - seen_ids.numel()
     if policy is UnseenPolicy.FLOOR:
         unseen_lp = seen_lp.min()
     elif policy is UnseenPolicy.RESIDUAL:
@@ -58,9 +61,9 @@ def base_scores(
         unseen_lp = math.log(leftover / n_unseen) if leftover > 0 and n_unseen else -math.inf
     else:
         raise ValueError(f"unknown unseen policy {policy!r}")
-    scores = torch.full((vocab_size,), float(unseen_lp), dtype=torch.float64)
+    scores = torch.full((twin.numel(),), float(unseen_lp), dtype=torch.float64)
     scores[seen_ids] = seen_lp
-    return Candidates(torch.arange(vocab_size), scores, dropped)
+    return Candidates(shared, scores[shared], dropped)
 
 
 def combine(
@@ -71,22 +74,25 @@ def combine(
     *,
     alpha: float,
     policy: UnseenPolicy,
-    vocab_size: int,
+    twin: torch.Tensor,
 ) -> Candidates:
     """Proxy-tuned scores of the candidates.
 
     base_ids, base_logprobs: [k] the base's returned top-k.
-    expert_logprobs, anti_logprobs: [V_e], [V_a] log-softmax over each proxy's whole output,
-    with V_e, V_a >= vocab_size (padded vocabularies allowed).
+    expert_logprobs, anti_logprobs: [V_e], [V_a] log-softmax over each proxy's whole output
+    (padded vocabularies allowed). twin: [V_base] proxy id per base id, -1 for none
+    (``torch.arange(V)`` when both sides share a tokenizer).
     """
-    if expert_logprobs.shape[-1] < vocab_size or anti_logprobs.shape[-1] < vocab_size:
+    largest = int(twin.max()) if twin.numel() else -1
+    if largest >= min(expert_logprobs.shape[-1], anti_logprobs.shape[-1]):
         raise ValueError(
             f"proxy logprobs cover {expert_logprobs.shape[-1]} / {anti_logprobs.shape[-1]} ids, "
-            f"fewer than the shared vocabulary's {vocab_size}"
+            f"but the bridge maps to proxy id {largest}"
         )
-    base = base_scores(base_ids, base_logprobs, vocab_size, policy)
+    base = base_scores(base_ids, base_logprobs, twin, policy)
     if alpha == 0:
         return base
-    expert = expert_logprobs[base.ids].to(torch.float64)
-    anti = anti_logprobs[base.ids].to(torch.float64)
+    proxy_ids = twin[base.ids]
+    expert = expert_logprobs[proxy_ids].to(torch.float64)
+    anti = anti_logprobs[proxy_ids].to(torch.float64)
     return Candidates(base.ids, base.scores + alpha * (expert - anti), base.dropped)

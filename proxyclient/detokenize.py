@@ -8,8 +8,7 @@ UTF-8 character and waits for the next token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 _CONTEXT_TOKENS = 6
 
@@ -18,8 +17,14 @@ class TextAssembler:
     """Turns chosen token ids into text pieces that are safe to show: complete characters, and
     never the start of a stop sequence that may still complete."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
-        self._tokenizer = tokenizer
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        prompt_ids: Sequence[int],
+        stop: Sequence[str] = (),
+    ) -> None:
+        """``decode``: ids -> text without special tokens, U+FFFD for incomplete characters."""
+        self._decode_ids = decode
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -51,7 +56,7 @@ class TextAssembler:
         return self._release(final=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decode_ids(list(ids))
 
     def _decode_new(self) -> str:
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])

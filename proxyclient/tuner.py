@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from proxyclient.adapters.base import BaseModel, Prompt, TopLogprobs
+from proxyclient.bridge import Realigner, VocabBridge
+from proxyclient.bridge_cache import cached_bridge
 from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
@@ -28,6 +30,8 @@ from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError, Re
 from proxyclient.local import KVState, LocalModel, check_model_source
 from proxyclient.result import Choice, FinishReason, Generation, Timings, Usage
 from proxyclient.sampling import choose
+from proxyclient.tokenizer import load_base_tokenizer
+from proxyclient.vocab import ByteVocab, from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,9 @@ class ProxyTuner:
     """A remote base model steered by a local expert and anti-expert.
 
     ``expert`` and ``anti_expert`` are model folders (or loaded :class:`LocalModel` objects, then
-    ``tokenizer`` is required). Base and proxies share the anti-expert's tokenizer here.
+    ``tokenizer`` is required). ``base_tokenizer`` is the base's tokenizer when it differs from
+    the proxies' (a folder, ``tiktoken:ENCODING``, or a tokenizer object); the two are then
+    combined on their shared byte vocabulary. Left out, base and proxies share the anti-expert's.
     ``threads`` sets torch's CPU threads: with a server on the same small machine use 1.
     ``overlap=False`` runs the base request and the local forwards one after the other
     (for measuring what the overlap saves).
@@ -73,6 +79,7 @@ class ProxyTuner:
         anti_expert: str | Path | LocalModel,
         *,
         tokenizer: Any = None,
+        base_tokenizer: Any = None,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         threads: int | None = None,
@@ -95,7 +102,22 @@ class ProxyTuner:
         self.vocab_size = min(
             len(self.tokenizer), self.expert.output_size, self.anti_expert.output_size
         )
-        self.eos_ids = _eos_ids(self.tokenizer, self.expert.model, self.anti_expert.model)
+        proxy_eos = _eos_ids(self.tokenizer, self.expert.model, self.anti_expert.model)
+        self.base_tokenizer = (
+            load_base_tokenizer(base_tokenizer) if base_tokenizer is not None else None
+        )
+        if self.base_tokenizer is None:
+            self.bridge = VocabBridge.identity(self.vocab_size)
+            self.eos_ids = proxy_eos
+            self._proxy_vocab: ByteVocab | None = None
+        else:
+            self._proxy_vocab = from_hf(self.tokenizer)
+            self.bridge = cached_bridge(
+                self.base_tokenizer, self._proxy_vocab, proxy_eos, self.vocab_size
+            )
+            base_eos = self.base_tokenizer.eos_token_id
+            self.eos_ids = frozenset({base_eos} if base_eos is not None else set())
+        self._base_tokenizer_checked = self.base_tokenizer is not None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proxyclient-local")
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -130,9 +152,12 @@ class ProxyTuner:
     ) -> AsyncGenerationStream:
         config = _with_options(config, options)
         prompt_ids = self._encode(prompt)
+        base_ids = self._encode_base(prompt, prompt_ids)
         expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
-        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids, config.stop))
-        return AsyncGenerationStream(self._pieces(run, prompt_ids, expert_ids), run)
+        run = _Run(config, TextAssembler(self._decode, base_ids, config.stop))
+        return AsyncGenerationStream(
+            self._pieces(run, prompt, base_ids, prompt_ids, expert_ids), run
+        )
 
     def choose(
         self,
@@ -158,11 +183,12 @@ class ProxyTuner:
         if not option_ids:
             raise ConfigError("choose() needs at least one option")
         prompt_ids = self._encode(prompt)
+        base_ids = self._encode_base(prompt, prompt_ids)
         expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
-        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids))
+        run = _Run(config, TextAssembler(self._decode, base_ids))
         top, expert_lp, anti_lp = await self._step(
             run,
-            Prompt(tuple(prompt_ids), len(prompt_ids)),
+            Prompt(tuple(base_ids), len(base_ids)),
             (KVState(), KVState()),
             (expert_ids, prompt_ids),
             use_proxies=config.alpha != 0,
@@ -206,16 +232,23 @@ class ProxyTuner:
     # -- the loop -----------------------------------------------------------------------------
 
     async def _pieces(
-        self, run: _Run, prompt_ids: list[int], expert_ids: list[int]
+        self,
+        run: _Run,
+        prompt: str,
+        base_prompt_ids: list[int],
+        prompt_ids: list[int],
+        expert_ids: list[int],
     ) -> AsyncIterator[str]:
         config = run.config
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        base_ids = list(prompt_ids)
+        base_ids = list(base_prompt_ids)
         states = (KVState(), KVState())
         new_for_proxies = (expert_ids, prompt_ids)
+        realigner = self._realigner()
         started = time.perf_counter()
         multi_step = getattr(self.base.capabilities, "multi_step", True)
         try:
+            await self._check_base_tokenizer(prompt, base_prompt_ids)
             for step in range(config.max_new_tokens):
                 if step == 1 and not multi_step:
                     raise ConfigError(
@@ -225,17 +258,20 @@ class ProxyTuner:
                     )
                 top, expert_lp, anti_lp = await self._step(
                     run,
-                    Prompt(tuple(base_ids), len(prompt_ids)),
+                    Prompt(tuple(base_ids), len(base_prompt_ids)),
                     states,
                     new_for_proxies,
                     use_proxies=config.alpha != 0,
                 )
+                if step == 0:
+                    self._check_unresolved(top)
                 token = self._pick(run, top, expert_lp, anti_lp, generator)
                 base_ids.append(token)
-                new_for_proxies = ([token], [token])
                 if token in self.eos_ids:
                     run.finish_reason = "eos"
                     break
+                proxy_ids = realigner.feed(token) if realigner else [token]
+                new_for_proxies = (proxy_ids, proxy_ids)
                 run.token_ids.append(token)
                 run.usage.completion_tokens += 1
                 piece = run.assembler.add(token)
@@ -345,22 +381,66 @@ class ProxyTuner:
             anti_lp,
             alpha=run.config.alpha if alpha is None else alpha,
             policy=run.config.unseen,
-            vocab_size=self.vocab_size,
+            twin=self.bridge.twin,
         )
         if count:
             run.usage.dropped_candidates += candidates.dropped + top.unresolved
             run.usage.retokenized_steps += top.retokenized
         if candidates.ids.numel() == 0:
             raise ResponseFormatError(
-                f"none of the base's {len(top)} candidates is inside the proxies' vocabulary "
-                f"({self.vocab_size} ids): do base and proxies share a tokenizer?"
+                f"none of the base's {len(top)} candidates is in the vocabulary it shares with "
+                f"the proxies ({self.bridge.shared} tokens): is --base-tokenizer right?"
             )
         return candidates
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _realigner(self) -> Realigner | None:
+        if self.base_tokenizer is None or self._proxy_vocab is None:
+            return None
+        return Realigner(
+            self.base_tokenizer.vocab,
+            self._proxy_vocab,
+            lambda text: self.tokenizer(text, add_special_tokens=False).input_ids,
+        )
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if self.base_tokenizer is not None:
+            return self.base_tokenizer.decode(list(ids))
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _encode_base(self, prompt: str, proxy_ids: list[int]) -> list[int]:
+        if self.base_tokenizer is None:
+            return proxy_ids
+        return self.base_tokenizer.encode(prompt)
+
+    async def _check_base_tokenizer(self, prompt: str, base_ids: list[int]) -> None:
+        """Once: without --base-tokenizer, the server must tokenize as the proxies do."""
+        if self._base_tokenizer_checked:
+            return
+        self._base_tokenizer_checked = True
+        tokenize = getattr(self.base, "tokenize", None)
+        server_ids = await tokenize(prompt) if tokenize is not None else None
+        if server_ids is not None and list(server_ids) != list(base_ids):
+            raise ConfigError(
+                f"the base tokenizes the prompt differently from the proxies ({len(server_ids)} "
+                f"vs {len(base_ids)} tokens): pass the base's tokenizer with --base-tokenizer "
+                f"(base_tokenizer=...) so that the two are bridged"
+            )
+
+    def _check_unresolved(self, top: TopLogprobs) -> None:
+        if self.base_tokenizer is None and top.unresolved > len(top):
+            raise ConfigError(
+                f"{top.unresolved} of the base's {top.unresolved + len(top)} candidates are not "
+                f"tokens of the proxies' tokenizer: the base tokenizes differently; pass its "
+                f"tokenizer with --base-tokenizer (base_tokenizer=...)"
+            )
+
     def _single_token(self, option: str) -> int:
-        ids = self.tokenizer(option, add_special_tokens=False).input_ids
+        if self.base_tokenizer is not None:
+            ids = self.base_tokenizer.encode(option, add_special_tokens=False)
+        else:
+            ids = self.tokenizer(option, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise ConfigError(
                 f"option {option!r} is {len(ids)} tokens {ids}; choose() compares single-token "
@@ -442,53 +522,6 @@ class GenerationStream:
             return self._loop.run_until_complete(self._inner.__anext__())
         except StopAsyncIteration:
             raise StopIteration from None
-
-    def choose(
-        self,
-        prompt: str,
-        options: Sequence[str],
-        config: GenerationConfig | None = None,
-        **settings: Any,
-    ) -> Choice:
-        """The proxy-tuned choice among single-token ``options`` after ``prompt``: one step."""
-        return self._sync_loop().run_until_complete(
-            self.achoose(prompt, options, config, **settings)
-        )
-
-    async def achoose(
-        self,
-        prompt: str,
-        options: Sequence[str],
-        config: GenerationConfig | None = None,
-        **settings: Any,
-    ) -> Choice:
-        config = _with_options(config, {"max_new_tokens": 1, **settings})
-        option_ids = {option: self._single_token(option) for option in options}
-        if not option_ids:
-            raise ConfigError("choose() needs at least one option")
-        prompt_ids = self._encode(prompt)
-        expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
-        run = _Run(config, TextAssembler(self.tokenizer, prompt_ids))
-        top, expert_lp, anti_lp = await self._step(
-            run,
-            Prompt(tuple(prompt_ids), len(prompt_ids)),
-            (KVState(), KVState()),
-            (expert_ids, prompt_ids),
-            use_proxies=config.alpha != 0,
-        )
-        tuned = self._combine(run, top, expert_lp, anti_lp)
-        base = self._combine(run, top, None, None, alpha=0.0, count=False)
-        probabilities = _option_probabilities(tuned, option_ids)
-        present = {o: p for o, p in probabilities.items() if p is not None}
-        returned = set(top.token_ids)
-        return Choice(
-            option=max(present, key=present.__getitem__) if present else None,
-            probabilities=probabilities,
-            base_probabilities=_option_probabilities(base, option_ids),
-            missing=[o for o, i in option_ids.items() if i not in returned],
-            usage=dataclasses.replace(run.usage),
-            unseen_policy=config.unseen.value,
-        )
 
     def close(self) -> None:
         self._loop.run_until_complete(self._inner.aclose())

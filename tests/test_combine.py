@@ -15,7 +15,7 @@ ANTI = torch.tensor([-2.0, -2.0, -2.0, -2.0])
 
 def run(policy, alpha=0.5, base_ids=BASE_IDS, base_lp=BASE_LP, vocab_size=4):
     return combine(
-        base_ids, base_lp, EXPERT, ANTI, alpha=alpha, policy=policy, vocab_size=vocab_size
+        base_ids, base_lp, EXPERT, ANTI, alpha=alpha, policy=policy, twin=torch.arange(vocab_size)
     )
 
 
@@ -67,7 +67,7 @@ def test_ids_outside_the_shared_vocabulary_are_dropped_and_counted():
 def test_residual_counts_dropped_ids_as_returned_mass():
     ids = torch.tensor([5, 2])
     lp = torch.tensor([math.log(0.4), math.log(0.5)], dtype=torch.float64)
-    out = base_scores(ids, lp, 4, UnseenPolicy.RESIDUAL)
+    out = base_scores(ids, lp, torch.arange(4), UnseenPolicy.RESIDUAL)
     # leftover 1 - .9 = .1 over the 3 ids the base did not return inside the vocabulary
     assert out.scores.tolist() == pytest.approx(
         [math.log(0.1 / 3)] * 2 + [math.log(0.5)] + [math.log(0.1 / 3)]
@@ -76,16 +76,30 @@ def test_residual_counts_dropped_ids_as_returned_mass():
 
 def test_residual_with_no_mass_left_excludes_the_unseen():
     lp = torch.tensor([math.log(0.6), math.log(0.4)], dtype=torch.float64)
-    out = base_scores(torch.tensor([1, 3]), lp, 4, UnseenPolicy.RESIDUAL)
+    out = base_scores(torch.tensor([1, 3]), lp, torch.arange(4), UnseenPolicy.RESIDUAL)
     assert out.scores[0] == -math.inf and out.scores[2] == -math.inf
 
 
 def test_combine_does_not_modify_its_inputs():
     expert, anti = EXPERT.clone(), ANTI.clone()
-    combine(BASE_IDS, BASE_LP, expert, anti, alpha=1.0, policy=UnseenPolicy.FLOOR, vocab_size=4)
+    twin = torch.arange(4)
+    combine(BASE_IDS, BASE_LP, expert, anti, alpha=1.0, policy=UnseenPolicy.FLOOR, twin=twin)
     assert torch.equal(expert, EXPERT) and torch.equal(anti, ANTI)
 
 
-def test_proxy_logprobs_shorter_than_the_vocabulary_are_refused():
-    with pytest.raises(ValueError, match="fewer than the shared vocabulary"):
+def test_proxy_logprobs_shorter_than_the_bridge_are_refused():
+    with pytest.raises(ValueError, match="maps to proxy id 4"):
         run(UnseenPolicy.RESTRICT, vocab_size=5)
+
+
+def test_a_bridge_maps_base_candidates_to_their_proxy_twins():
+    # base ids 0..5; base 2 -> proxy 3, base 0 -> proxy 1, base 4 has no twin.
+    twin = torch.tensor([1, 0, 3, 2, -1, -1])
+    ids = torch.tensor([2, 4, 0])
+    lp = torch.tensor([math.log(0.5), math.log(0.3), math.log(0.1)], dtype=torch.float64)
+    out = combine(ids, lp, EXPERT, ANTI, alpha=1.0, policy=UnseenPolicy.RESTRICT, twin=twin)
+    assert out.ids.tolist() == [2, 0] and out.dropped == 1
+    # base 2 gets proxy 3's correction (-4 + 2), base 0 gets proxy 1's (-2 + 2)
+    assert out.scores.tolist() == pytest.approx([math.log(0.5) - 2.0, math.log(0.1)])
+    floor = combine(ids, lp, EXPERT, ANTI, alpha=1.0, policy=UnseenPolicy.FLOOR, twin=twin)
+    assert floor.ids.tolist() == [0, 1, 2, 3]  # the shared vocabulary, in base ids

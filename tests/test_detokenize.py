@@ -19,8 +19,12 @@ def tokenizer(hf_models):
     return hf_models["tokenizer"]
 
 
+def decoder(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def assemble(tokenizer, ids, stop=(), prompt="x = 1\n"):
-    assembler = TextAssembler(tokenizer, tokenizer(prompt).input_ids, stop)
+    assembler = TextAssembler(decoder(tokenizer), tokenizer(prompt).input_ids, stop)
     pieces = []
     for token in ids:
         pieces.append(assembler.add(token))
@@ -52,7 +56,7 @@ def test_stop_sequences_cut_the_text_and_are_never_shown(tokenizer, text, stop):
 
 
 def test_text_that_may_start_a_stop_sequence_is_held_back(tokenizer):
-    assembler = TextAssembler(tokenizer, [], ["END"])
+    assembler = TextAssembler(decoder(tokenizer), [], ["END"])
     shown = [assembler.add(t) for t in tokenizer("abc E", add_special_tokens=False).input_ids]
     assert "".join(shown) == "abc "
     assert assembler.finish() == "E"
