@@ -177,7 +177,7 @@ class HTTPTransport:
 
         ``what`` describes the request for error messages (never the key).
         """
-        url = f"{self.base_url}{path}"
+        url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         sent = f"{method} {url}" + (f" ({what})" if what else "")
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),

@@ -13,7 +13,7 @@ from typing import Any
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
-from proxyclient.errors import ResponseFormatError
+from proxyclient.errors import ProxyClientError, ResponseFormatError
 
 COMPLETIONS_PATH = "/completions"
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
@@ -84,3 +84,14 @@ class VLLMCompletions(DialectAdapter):
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
         return parse_response(body, k=k)
+
+    async def tokenize(self, text: str) -> list[int] | None:
+        """The server's own token ids for ``text`` (vLLM's /tokenize), or None if unavailable."""
+        url = self.transport.base_url.removesuffix("/v1") + "/tokenize"
+        try:
+            body = await self.transport.request_json(
+                "POST", url, {"model": self.name, "prompt": text}, what="tokenize the prompt"
+            )
+            return list(body["tokens"])
+        except (ProxyClientError, KeyError, TypeError):
+            return None
