@@ -14,8 +14,9 @@ class Usage:
 
     ``prompt_tokens`` counts every token id sent to the base, summed over requests: each step
     resends the whole prefix, which is what a hosted API bills.
-    ``dropped_candidates`` counts base candidates that had no twin in the proxies' vocabulary,
-    or whose token id the server's answer did not reveal.
+    ``candidates`` counts the entries the base returned; ``dropped_candidates`` those without a
+    twin in the proxies' vocabulary, or whose token id the server's answer did not reveal:
+    1 - dropped / candidates is the share the combination covered.
     ``retokenized_steps`` counts steps at which a text-only server (TGI, chat) split the text
     differently from the ids we track, so the base saw the canonical split of the same text.
     """
@@ -23,6 +24,7 @@ class Usage:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    candidates: int = 0  # entries the base returned, summed over steps
     dropped_candidates: int = 0
     retokenized_steps: int = 0
 

@@ -384,6 +384,7 @@ class ProxyTuner:
             twin=self.bridge.twin,
         )
         if count:
+            run.usage.candidates += len(top) + top.unresolved
             run.usage.dropped_candidates += candidates.dropped + top.unresolved
             run.usage.retokenized_steps += top.retokenized
         if candidates.ids.numel() == 0:

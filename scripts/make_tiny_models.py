@@ -28,9 +28,17 @@ from transformers.utils import logging as hf_logging
 logger = logging.getLogger(__name__)
 
 # Bump whenever anything below changes the files produced.
-BUILD_VERSION = "tiny-models-v1"
+BUILD_VERSION = "tiny-models-v2"
 
-MODEL_KEYS = ("base", "expert", "anti_expert", "expert_padded", "anti_expert_padded")
+MODEL_KEYS = (
+    "base",
+    "expert",
+    "anti_expert",
+    "expert_padded",
+    "anti_expert_padded",
+    "expert_sp",
+    "anti_expert_sp",
+)
 
 VOCAB_SIZE = 1024
 NUM_TRAINING_FILES = 200
@@ -89,8 +97,47 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _check_round_trip(tokenizer: PreTrainedTokenizerFast) -> None:
-    for text in ROUND_TRIP_SAMPLES:
+def build_metaspace_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer: BPE over Metaspace words, <0xNN> byte fallback, <unk>/<s>/</s>.
+
+    As in Llama-2, the 256 byte pieces are ordinary vocabulary entries right after the specials.
+    """
+    specials = ["<unk>", "<s>", "</s>"]
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False
+    )
+    draft.train_from_iterator(_training_texts(), trainer=trainer)
+    trained = json.loads(draft.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab |= {f"<0x{b:02X}>": len(specials) + b for b in range(256)}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    # Like Llama-2's, this tokenizer does not give back leading spaces of a text: no such sample.
+    _check_round_trip(tokenizer, tuple(s for s in ROUND_TRIP_SAMPLES if not s.startswith(" ")))
+    return tokenizer
+
+
+def _check_round_trip(
+    tokenizer: PreTrainedTokenizerFast, samples: tuple[str, ...] = ROUND_TRIP_SAMPLES
+) -> None:
+    for text in samples:
         ids = tokenizer.encode(text)
         if ids[0] != tokenizer.bos_token_id or ids.count(tokenizer.bos_token_id) != 1:
             raise RuntimeError(f"expected exactly one leading {BOS} in {ids} for {text!r}")
@@ -198,8 +245,9 @@ def _is_current(out_dir: Path) -> bool:
 def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) the tiny models under `out_dir`; returns {key: model dir}.
 
-    Keys: base (3 layers), anti_expert (2 layers), expert (anti_expert perturbed), and
-    expert_padded / anti_expert_padded (vocab padded by 8 rows, tokenizer unchanged).
+    Keys: base (3 layers), anti_expert (2 layers), expert (anti_expert perturbed),
+    expert_padded / anti_expert_padded (vocab padded by 8 rows, tokenizer unchanged), and
+    expert_sp / anti_expert_sp (2 layers on a different, Metaspace + byte-fallback tokenizer).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +265,9 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
         base = _random_model(tokenizer, num_layers=3, seed=0)
         anti_expert = _random_model(tokenizer, num_layers=2, seed=1)
         expert = _perturbed(anti_expert, seed=2)
+        metaspace = build_metaspace_tokenizer()
+        anti_sp = _random_model(metaspace, num_layers=2, seed=5)
+        sp_models = {"anti_expert_sp": anti_sp, "expert_sp": _perturbed(anti_sp, seed=6)}
         models_by_key = {
             "base": base,
             "expert": expert,
@@ -227,6 +278,8 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
         with _quiet_progress_bars():
             for key, model in models_by_key.items():
                 _save(model, tokenizer, paths[key])
+            for key, model in sp_models.items():
+                _save(model, metaspace, paths[key])
         (out_dir / "BUILD_VERSION").write_text(BUILD_VERSION + "\n")
         logger.info("built tiny models in %s", out_dir)
     return paths
