@@ -12,7 +12,7 @@ The base answers over HTTP with its top-k next-token logprobs; expert and anti-e
 """
 
 from proxyclient.adapters import connect
-from proxyclient.config import GenerationConfig, UnseenPolicy
+from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
 from proxyclient.errors import (
     APIConnectionError,
     APIStatusError,
@@ -43,6 +43,7 @@ __all__ = [
     "Timings",
     "TopKTooLargeError",
     "UnseenPolicy",
+    "UntwinnedRule",
     "Usage",
     "connect",
 ]

@@ -2,7 +2,10 @@
 
 The shared vocabulary is the set of byte strings that are single tokens on both sides (special
 tokens pair up by role: EOS with EOS). ``VocabBridge.twin[base_id]`` is the proxy id of the same
-bytes, or -1. It is built once per tokenizer pair (and cached on disk by ``bridge_cache``).
+bytes, or -1. For a base token without a twin, ``prefix[base_id]`` is the longest proxy token its
+bytes begin with: the first step of spelling it on the proxy side, whose expert/anti-expert
+difference stands in for the whole token's under the ``prefix`` rule. Both are built once per
+tokenizer pair (and cached on disk by ``bridge_cache``).
 
 ``Realigner`` keeps the two token sequences spelling the same bytes: each chosen base token is
 turned into the proxy tokens that continue the proxy sequence with exactly its bytes.
@@ -22,6 +25,7 @@ from proxyclient.vocab import ByteVocab
 @dataclass(frozen=True)
 class VocabBridge:
     twin: torch.Tensor  # [V_base] int64: proxy id with the same bytes, -1 where there is none
+    prefix: torch.Tensor  # [V_base] int64: twin, else the longest proxy token the bytes start with
     base_size: int
     proxy_size: int
 
@@ -33,7 +37,7 @@ class VocabBridge:
     @classmethod
     def identity(cls, size: int) -> VocabBridge:
         """Base and proxies share a tokenizer: every id is its own twin."""
-        return cls(torch.arange(size), size, size)
+        return cls(torch.arange(size), torch.arange(size), size, size)
 
     @classmethod
     def build(
@@ -44,14 +48,22 @@ class VocabBridge:
     ) -> VocabBridge:
         """Twins by exact bytes; ``special_pairs`` maps base special ids to proxy ones (EOS...)."""
         twin = [-1] * len(base)
+        prefix = [-1] * len(base)
+        longest = max((len(b) for b in proxy.token_bytes if b), default=0)
         for base_id, data in enumerate(base.token_bytes):
-            if data is not None:
-                proxy_id = proxy.id_of(data)
+            if data is None:
+                continue
+            for length in range(min(len(data), longest), 0, -1):
+                proxy_id = proxy.id_of(data[:length])
                 if proxy_id is not None:
-                    twin[base_id] = proxy_id
+                    prefix[base_id] = proxy_id
+                    if length == len(data):
+                        twin[base_id] = proxy_id
+                    break
         for base_id, proxy_id in (special_pairs or {}).items():
-            twin[base_id] = proxy_id
-        return cls(torch.tensor(twin, dtype=torch.int64), len(base), len(proxy))
+            twin[base_id] = prefix[base_id] = proxy_id
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64)  # noqa: E731
+        return cls(as_tensor(twin), as_tensor(prefix), len(base), len(proxy))
 
 
 def pair_fingerprint(base: ByteVocab, proxy: ByteVocab) -> str:

@@ -20,6 +20,8 @@ from proxyclient.vocab import ByteVocab
 
 logger = logging.getLogger(__name__)
 
+FORMAT = 2  # of the cached file; a new format never reads an old file
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PROXYCLIENT_CACHE_DIR", Path.home() / ".cache" / "proxyclient"))
@@ -30,19 +32,21 @@ def cached_bridge(
 ) -> VocabBridge:
     """The bridge from ``base`` ids to proxy ids below ``proxy_size`` (what the proxies score)."""
     started = time.perf_counter()
-    path = cache_dir() / "bridges" / f"{pair_fingerprint(base.vocab, proxy)}.pt"
-    if path.exists():
-        twin = torch.load(path, weights_only=True)
-        source = "loaded"
-    else:
+    path = cache_dir() / "bridges" / f"{pair_fingerprint(base.vocab, proxy)}-v{FORMAT}.pt"
+    maps = _load(path)
+    source = "loaded"
+    if maps is None:
         specials = {}
         if base.eos_token_id is not None and proxy_eos:
             specials[base.eos_token_id] = min(proxy_eos)
-        twin = VocabBridge.build(base.vocab, proxy, specials).twin
-        _save(twin, path)
+        built = VocabBridge.build(base.vocab, proxy, specials)
+        maps = {"twin": built.twin, "prefix": built.prefix}
+        _save(maps, path)
         source = "built"
-    twin = torch.where(twin < proxy_size, twin, torch.tensor(-1))
-    bridge = VocabBridge(twin, len(base.vocab), proxy_size)
+    unscored = torch.tensor(-1)  # proxy ids past what the proxies score
+    twin = torch.where(maps["twin"] < proxy_size, maps["twin"], unscored)
+    prefix = torch.where(maps["prefix"] < proxy_size, maps["prefix"], unscored)
+    bridge = VocabBridge(twin, prefix, len(base.vocab), proxy_size)
     logger.info(
         "vocabulary bridge %s in %.3f s: %d of %d base tokens have a proxy twin (%s)",
         source, time.perf_counter() - started, bridge.shared, bridge.base_size, path,
@@ -50,12 +54,20 @@ def cached_bridge(
     return bridge
 
 
-def _save(twin: torch.Tensor, path: Path) -> None:
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        maps = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+    return maps if isinstance(maps, dict) and {"twin", "prefix"} <= maps.keys() else None
+
+
+def _save(maps: dict[str, torch.Tensor], path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a concurrent reader never sees half a file.
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            torch.save(twin, f)
+            torch.save(maps, f)
         os.replace(f.name, path)
     except OSError as exc:  # a read-only home is no reason to fail: the bridge is rebuilt next time
         logger.warning("could not cache the vocabulary bridge at %s: %s", path, exc)

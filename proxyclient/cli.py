@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from proxyclient.config import GenerationConfig, UnseenPolicy
+from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
 from proxyclient.errors import ProxyClientError
 
 if TYPE_CHECKING:
@@ -80,6 +80,12 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser) -> None:
         choices=[p.value for p in UnseenPolicy],
         default=UnseenPolicy.RESTRICT.value,
         help="tokens outside the base's top-k (default: restrict)",
+    )
+    decoding.add_argument(
+        "--untwinned",
+        choices=[r.value for r in UntwinnedRule],
+        default=UntwinnedRule.PREFIX.value,
+        help="with --base-tokenizer: base tokens that are no single proxy token (default: prefix)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
@@ -171,10 +177,15 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
     if not args.verbose:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    base = _connect(args, args.anti_expert)
+    base_tokenizer = args.base_tokenizer
+    if base_tokenizer is None and getattr(getattr(base, "tokenizer", None), "is_tiktoken", False):
+        base_tokenizer = base.tokenizer  # an OpenAI model's own encoding, derived from its name
     return ProxyTuner(
-        _connect(args, args.anti_expert),
+        base,
         expert=args.expert,
         anti_expert=args.anti_expert,
+        base_tokenizer=base_tokenizer,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
@@ -196,6 +207,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
         unseen=args.unseen,
+        untwinned=args.untwinned,
         expert_chat_template=args.expert_chat_template,
     )
     prompt = _prompt(args)
@@ -224,6 +236,7 @@ def _choose(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             top_logprobs=args.top_logprobs,
             unseen=args.unseen,
+            untwinned=args.untwinned,
             expert_chat_template=args.expert_chat_template,
         )
     print(json.dumps(choice.to_dict(), ensure_ascii=False))

@@ -25,6 +25,19 @@ class UnseenPolicy(StrEnum):
     RESIDUAL = "residual"
 
 
+class UntwinnedRule(StrEnum):
+    """What happens to a base candidate whose bytes are no single proxy token (other tokenizers).
+
+    - ``prefix``: it keeps its base score, corrected by the proxies' difference on the longest
+      proxy token its bytes begin with (the first step of spelling it on the proxy side);
+    - ``drop``: it is not a candidate.
+    Either way such candidates are counted in ``Usage.untwinned_candidates``.
+    """
+
+    PREFIX = "prefix"
+    DROP = "drop"
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding options of one generation. Validated on construction.
@@ -45,6 +58,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     unseen: UnseenPolicy = UnseenPolicy.RESTRICT
+    untwinned: UntwinnedRule = UntwinnedRule.PREFIX
     expert_chat_template: bool = False
 
     def __post_init__(self) -> None:
@@ -57,6 +71,13 @@ class GenerationConfig:
         except ValueError:
             choices = ", ".join(p.value for p in UnseenPolicy)
             raise ConfigError(f"unseen must be one of {choices}, got {self.unseen!r}") from None
+        try:
+            object.__setattr__(self, "untwinned", UntwinnedRule(self.untwinned))
+        except ValueError:
+            choices = ", ".join(r.value for r in UntwinnedRule)
+            raise ConfigError(
+                f"untwinned must be one of {choices}, got {self.untwinned!r}"
+            ) from None
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise ConfigError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"

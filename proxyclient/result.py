@@ -26,6 +26,7 @@ class Usage:
     completion_tokens: int = 0
     candidates: int = 0  # entries the base returned, summed over steps
     dropped_candidates: int = 0
+    untwinned_candidates: int = 0  # returned entries whose bytes are no single proxy token
     retokenized_steps: int = 0
 
 

@@ -66,7 +66,10 @@ class BaseTokenizer:
     @property
     def eos_token_id(self) -> int | None:
         if self.is_tiktoken:
-            return getattr(self.inner, "eot_token", None)
+            try:  # OpenAI's encodings end documents with <|endoftext|>
+                return self.inner.encode_single_token("<|endoftext|>")
+            except KeyError:
+                return None
         return self.inner.eos_token_id
 
 

@@ -24,7 +24,7 @@ from proxyclient.adapters.base import BaseModel, Prompt, TopLogprobs
 from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
 from proxyclient.combine import Candidates, combine
-from proxyclient.config import GenerationConfig
+from proxyclient.config import GenerationConfig, UntwinnedRule
 from proxyclient.detokenize import TextAssembler
 from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError, ResponseFormatError
 from proxyclient.local import KVState, LocalModel, check_model_source
@@ -381,9 +381,13 @@ class ProxyTuner:
             anti_lp,
             alpha=run.config.alpha if alpha is None else alpha,
             policy=run.config.unseen,
-            twin=self.bridge.twin,
+            twin=self.bridge.prefix
+            if run.config.untwinned is UntwinnedRule.PREFIX
+            else self.bridge.twin,
         )
         if count:
+            returned = base_ids[base_ids < self.bridge.base_size]
+            run.usage.untwinned_candidates += int((self.bridge.twin[returned] < 0).sum())
             run.usage.candidates += len(top) + top.unresolved
             run.usage.dropped_candidates += candidates.dropped + top.unresolved
             run.usage.retokenized_steps += top.retokenized
