@@ -135,3 +135,50 @@ class LocalModel:
         state.length += len(token_ids)
         logits = out.logits[0, -1].float()  # [output_size]
         return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def load_local(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:
+    if isinstance(model, LocalModel):
+        return model
+    return LocalModel.load(model, role=role, device=device, dtype=dtype)
+
+
+def load_tokenizer(model: str | Path | LocalModel) -> Any:
+    from transformers import AutoTokenizer
+
+    if isinstance(model, LocalModel):
+        raise ConfigError("pass tokenizer=... when expert/anti-expert are LocalModel objects")
+    source = check_model_source(model, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {exc}") from None
+
+
+def check_same_vocabulary(expert_tokenizer: Any, anti_tokenizer: Any) -> None:
+    expert_vocab, anti_vocab = expert_tokenizer.get_vocab(), anti_tokenizer.get_vocab()
+    if expert_vocab == anti_vocab:
+        return
+    differing = sorted(
+        (t for t in expert_vocab.keys() ^ anti_vocab.keys()), key=lambda t: (len(t), t)
+    )[:5]
+    if not differing:
+        differing = [t for t in expert_vocab if expert_vocab[t] != anti_vocab[t]][:5]
+    raise ModelLoadError(
+        f"expert and anti-expert have different vocabularies ({len(expert_vocab)} vs "
+        f"{len(anti_vocab)} tokens; e.g. {differing!r} differ). Proxy-tuning needs the tuned and "
+        f"untuned versions of one small model, sharing one tokenizer."
+    )
+
+
+def eos_ids_of(tokenizer: Any, *models: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for model in models:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    return frozenset(ids)

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +26,18 @@ from proxyclient.bridge_cache import cached_bridge
 from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig, UntwinnedRule
 from proxyclient.detokenize import TextAssembler
-from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError, ResponseFormatError
-from proxyclient.local import KVState, LocalModel, check_model_source
+from proxyclient.errors import ConfigError, ProxyClientError, ResponseFormatError
+from proxyclient.local import (
+    KVState,
+    LocalModel,
+    check_same_vocabulary,
+    eos_ids_of,
+    load_local,
+    load_tokenizer,
+)
 from proxyclient.result import Choice, FinishReason, Generation, Timings, Usage
 from proxyclient.sampling import choose
+from proxyclient.stream import AsyncGenerationStream, GenerationStream
 from proxyclient.tokenizer import load_base_tokenizer
 from proxyclient.vocab import ByteVocab, from_hf
 
@@ -91,18 +99,18 @@ class ProxyTuner:
             torch.set_num_threads(threads)
         self.base = base
         self.overlap = overlap
-        self.expert = _load(expert, "expert", device, dtype)
-        self.anti_expert = _load(anti_expert, "anti-expert", device, dtype)
-        self.tokenizer = tokenizer if tokenizer is not None else _tokenizer_for(anti_expert)
+        self.expert = load_local(expert, "expert", device, dtype)
+        self.anti_expert = load_local(anti_expert, "anti-expert", device, dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(anti_expert)
         self.expert_tokenizer = (
-            _tokenizer_for(expert) if isinstance(expert, str | Path) else self.tokenizer
+            load_tokenizer(expert) if isinstance(expert, str | Path) else self.tokenizer
         )
-        _check_same_vocabulary(self.expert_tokenizer, self.tokenizer)
+        check_same_vocabulary(self.expert_tokenizer, self.tokenizer)
         # Ids both proxies score and the tokenizer knows; padded logits beyond it are ignored.
         self.vocab_size = min(
             len(self.tokenizer), self.expert.output_size, self.anti_expert.output_size
         )
-        proxy_eos = _eos_ids(self.tokenizer, self.expert.model, self.anti_expert.model)
+        proxy_eos = eos_ids_of(self.tokenizer, self.expert.model, self.anti_expert.model)
         self.base_tokenizer = (
             load_base_tokenizer(base_tokenizer) if base_tokenizer is not None else None
         )
@@ -156,7 +164,7 @@ class ProxyTuner:
         expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
         run = _Run(config, TextAssembler(self._decode, base_ids, config.stop))
         return AsyncGenerationStream(
-            self._pieces(run, prompt, base_ids, prompt_ids, expert_ids), run
+            self._pieces(run, prompt, base_ids, prompt_ids, expert_ids), run.result
         )
 
     def choose(
@@ -490,52 +498,6 @@ class ProxyTuner:
         return self._loop
 
 
-class AsyncGenerationStream:
-    """Async iterator of text pieces; ``generation`` is the result once it is exhausted."""
-
-    def __init__(self, pieces: AsyncIterator[str], run: _Run) -> None:
-        self._pieces = pieces
-        self._run = run
-
-    def __aiter__(self) -> AsyncGenerationStream:
-        return self
-
-    async def __anext__(self) -> str:
-        return await self._pieces.__anext__()
-
-    async def aclose(self) -> None:
-        await self._pieces.aclose()  # type: ignore[attr-defined]
-
-    @property
-    def generation(self) -> Generation:
-        """The result so far (final once iteration ended)."""
-        return self._run.result()
-
-
-class GenerationStream:
-    """Iterator of text pieces; ``generation`` is the result once it is exhausted."""
-
-    def __init__(self, inner: AsyncGenerationStream, loop: asyncio.AbstractEventLoop) -> None:
-        self._inner = inner
-        self._loop = loop
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return self._loop.run_until_complete(self._inner.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._inner.aclose())
-
-    @property
-    def generation(self) -> Generation:
-        return self._inner.generation
-
-
 def _with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
     config = config or GenerationConfig()
     if not options:
@@ -544,53 +506,6 @@ def _with_options(config: GenerationConfig | None, options: dict[str, Any]) -> G
     if unknown:
         raise ConfigError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
     return dataclasses.replace(config, **options)
-
-
-def _load(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:
-    if isinstance(model, LocalModel):
-        return model
-    return LocalModel.load(model, role=role, device=device, dtype=dtype)
-
-
-def _tokenizer_for(model: str | Path | LocalModel) -> Any:
-    from transformers import AutoTokenizer
-
-    if isinstance(model, LocalModel):
-        raise ConfigError("pass tokenizer=... when expert/anti-expert are LocalModel objects")
-    source = check_model_source(model, "tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {exc}") from None
-
-
-def _check_same_vocabulary(expert_tokenizer: Any, anti_tokenizer: Any) -> None:
-    expert_vocab, anti_vocab = expert_tokenizer.get_vocab(), anti_tokenizer.get_vocab()
-    if expert_vocab == anti_vocab:
-        return
-    differing = sorted(
-        (t for t in expert_vocab.keys() ^ anti_vocab.keys()), key=lambda t: (len(t), t)
-    )[:5]
-    if not differing:
-        differing = [t for t in expert_vocab if expert_vocab[t] != anti_vocab[t]][:5]
-    raise ModelLoadError(
-        f"expert and anti-expert have different vocabularies ({len(expert_vocab)} vs "
-        f"{len(anti_vocab)} tokens; e.g. {differing!r} differ). Proxy-tuning needs the tuned and "
-        f"untuned versions of one small model, sharing one tokenizer."
-    )
-
-
-def _eos_ids(tokenizer: Any, *models: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for model in models:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(int(e) for e in eos)
-    return frozenset(ids)
 
 
 def _option_probabilities(
