@@ -223,3 +223,21 @@ def test_openai_recovers_ids_with_a_tiktoken_encoding(dialect_servers, tiny_mode
         ids = tuner.tokenizer(PROMPTS[1]).input_ids
     assert got.usage.dropped_candidates == 0
     assert_same_tokens(got.token_ids, reference(hf_models, ids, 5), frozenset({1}))
+
+
+def test_cli_choose_with_a_one_step_chat_api(dialect_servers, tiny_models):
+    run = subprocess.run(
+        [sys.executable, "-m", "proxyclient.cli", "choose", "--api", "openai-chat",
+         "--base-url", dialect_servers["openai-chat"].base_url, "--base-model", "tiny-base",
+         "--expert", str(tiny_models["expert"]), "--anti-expert", str(tiny_models["anti_expert"]),
+         "--prompt", PROMPTS[0], "--options", "(,:,def, return", "--threads", "1",
+         "--unseen", "floor"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    choice = json.loads(run.stdout)
+    assert set(choice["probabilities"]) == {"(", ":", "def", " return"}
+    # Under `floor` every option is a candidate; those outside the top-k are still reported.
+    assert sum(choice["probabilities"].values()) == pytest.approx(1.0)
+    assert choice["option"] == max(choice["probabilities"], key=choice["probabilities"].get)
+    assert choice["unseen_policy"] == "floor" and isinstance(choice["missing"], list)
