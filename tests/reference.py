@@ -74,10 +74,13 @@ def proxy_tuned_greedy(
 
 
 def assert_same_tokens(
-    got: list[int], reference: list[ReferenceStep], eos_ids: frozenset[int]
+    got: list[int],
+    reference: list[ReferenceStep],
+    eos_ids: frozenset[int],
+    tolerance: float = TIE_TOLERANCE,
 ) -> None:
     """Token for token equal (the loop leaves EOS out of its ids); a divergence is accepted only
-    at a tie within TIE_TOLERANCE, after which the sequences legitimately differ."""
+    at a tie within ``tolerance``, after which the sequences legitimately differ."""
     expected = [s.token for s in reference]
     for i, step in enumerate(reference):
         if step.token in eos_ids:
@@ -86,7 +89,7 @@ def assert_same_tokens(
         assert i < len(got), f"output ends after {len(got)} tokens; reference {expected}"
         if got[i] != step.token:
             gap = float(step.scores[step.token] - step.scores[got[i]])
-            assert gap <= TIE_TOLERANCE, (
+            assert gap <= tolerance, (
                 f"diverged at step {i}: got {got[i]}, reference {step.token} "
                 f"(score gap {gap:.3g}); got {got}, expected {expected}"
             )

@@ -14,7 +14,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import BASE_NAME
+from conftest import BASE_NAME, server_greedy
 from dialect_servers import DialectServer
 from other_tokenizers import tiktoken_twin
 
@@ -37,21 +37,11 @@ def bridged(servers, tiny_models):
         yield tuner
 
 
-def server_greedy(server, prompt_ids, n=N):
-    answer = httpx.post(
-        f"{server.base_url}/completions",
-        json={"model": BASE_NAME, "prompt": prompt_ids, "max_tokens": n, "temperature": 0,
-              "return_token_ids": True},
-        timeout=60,
-    ).json()  # fmt: skip
-    return answer["choices"][0]["token_ids"]
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_reproduces_the_bases_greedy_text(servers, bridged, prompt):
     got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, top_logprobs=20)
     base_ids = bridged.base_tokenizer.encode(prompt)
-    assert got.token_ids == server_greedy(servers["full"], base_ids)
+    assert got.token_ids == server_greedy(servers["full"], base_ids, N)
     assert got.text == bridged.base_tokenizer.decode(got.token_ids)
 
 
@@ -63,9 +53,8 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
     ) as same:  # fmt: skip
         for prompt in PROMPTS:
             got = same.generate(prompt, max_new_tokens=N, alpha=2.0, top_logprobs=20)
-            assert got.token_ids == server_greedy(
-                servers["full"], same.base_tokenizer.encode(prompt)
-            )
+            expected = server_greedy(servers["full"], same.base_tokenizer.encode(prompt), N)
+            assert got.token_ids == expected
 
 
 def test_a_steering_expert_moves_the_output_and_text_stays_valid(bridged):
