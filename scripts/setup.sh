@@ -23,3 +23,9 @@ if [ "${PROXYCLIENT_SKIP_VLLM:-0}" != 1 ] && { [ ! -x .venv-vllm/bin/python ] ||
   # PyPI's torchvision/torchaudio are CUDA builds that break transformers' import next to a CPU torch.
   .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
+
+# llama.cpp's own server (llama-server) for the llamacpp adapter's tests: built from source, a few
+# minutes on 2 cores the first time (scripts/setup_llamacpp.sh says why and how).
+if [ "${PROXYCLIENT_SKIP_LLAMACPP:-0}" != 1 ]; then
+  bash scripts/setup_llamacpp.sh
+fi
