@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from managed_server import ManagedServer, raise_keyboard_interrupt, start_many
+from managed_server import ManagedServer, serve_in_foreground, start_many
 
 __all__ = ["LlamaCppServer", "default_binary", "start_many"]
 
@@ -145,24 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         binary=args.binary,
         log_path=args.log,
     )
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    try:
-        print(f"starting llama-server (log: {server.log_path}) ...", file=sys.stderr)
-        server.start()
-        print(f"serving {args.name!r} at {server.base_url}", file=sys.stderr)
-        print(server.base_url, flush=True)
-        while server.running:
-            time.sleep(0.5)
-        print(f"llama-server exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    except (RuntimeError, FileNotFoundError) as err:
-        print(err, file=sys.stderr)
-        return 1
-    finally:
-        server.stop()
-    return 0
+    return serve_in_foreground(server)
 
 
 if __name__ == "__main__":

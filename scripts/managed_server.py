@@ -291,3 +291,25 @@ def _stop_all() -> None:
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:
     """A SIGTERM handler that unwinds like Ctrl-C, so `finally: server.stop()` runs."""
     raise KeyboardInterrupt
+
+
+def serve_in_foreground(server: ManagedServer) -> int:
+    """Start ``server``, print its base URL, and keep it until Ctrl-C or SIGTERM (CLI use)."""
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        print(f"starting {server.label} (log: {server.log_path}) ...", file=sys.stderr)
+        server.start()
+        print(f"serving {server.served_name!r} at {server.base_url}", file=sys.stderr)
+        print(server.base_url, flush=True)
+        while server.running:
+            time.sleep(0.5)
+        print(f"{server.label} exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, FileNotFoundError) as err:
+        print(err, file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+    return 0

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from managed_server import (
     STOP_TIMEOUT_S,
     ManagedServer,
     free_port,
-    raise_keyboard_interrupt,
+    serve_in_foreground,
     start_many,
 )
 
@@ -170,24 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         python=args.python,
         log_path=args.log,
     )
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    try:
-        print(f"starting vLLM (log: {server.log_path}) ...", file=sys.stderr)
-        server.start()
-        print(f"serving {args.name!r} at {server.base_url}", file=sys.stderr)
-        print(server.base_url, flush=True)
-        while server.running:
-            time.sleep(0.5)
-        print(f"vLLM exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    except (RuntimeError, FileNotFoundError) as err:
-        print(err, file=sys.stderr)
-        return 1
-    finally:
-        server.stop()
-    return 0
+    return serve_in_foreground(server)
 
 
 if __name__ == "__main__":
