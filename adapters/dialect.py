@@ -72,6 +72,10 @@ class DialectAdapter:
 
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
         path, payload = self.build_request(prompt, k)
+        return await self.send(path, payload, prompt, k)
+
+    async def send(self, path: str, payload: dict[str, Any], prompt: Prompt, k: int) -> TopLogprobs:
+        """POST one request and parse it, with errors explained."""
         what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}"
         try:
             body = await self.transport.request_json("POST", path, payload, what=what)

@@ -3,6 +3,9 @@
 Its OpenAI-style endpoints are the weaker surface (no token-id prompts, wrong echo logprobs, null
 chat bytes; shared/notes/real-servers.md). ``post_sampling_probs: false`` (the default) makes the
 returned logprobs the model's own distribution rather than what the sampler chain left.
+
+llama-server leaves the probabilities out when the one token it sampled is an incomplete UTF-8
+character (it holds such text back), so an answer without them is asked again with another seed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
+
+RESAMPLE_ATTEMPTS = 8
+
+
+class _HeldBack(Exception):
+    """The server sampled an incomplete UTF-8 character and sent no probabilities."""
 
 
 class LlamaCppCompletion(DialectAdapter):
@@ -38,7 +47,22 @@ class LlamaCppCompletion(DialectAdapter):
             "cache_prompt": True,
         }
 
+    async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
+        path, payload = self.build_request(prompt, k)
+        for seed in range(RESAMPLE_ATTEMPTS):
+            try:
+                return await self.send(path, payload | {"seed": seed}, prompt, k)
+            except _HeldBack:
+                continue
+        raise ResponseFormatError(
+            f"llama-server sent no probabilities {RESAMPLE_ATTEMPTS} times: each time the token "
+            f"it sampled was an incomplete UTF-8 character"
+        )
+
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        held_back = isinstance(body, dict) and not body.get("completion_probabilities")
+        if held_back and "\ufffd" in str(body.get("content", "")):
+            raise _HeldBack
         try:
             top = body["completion_probabilities"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError):

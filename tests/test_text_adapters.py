@@ -148,3 +148,26 @@ def test_llamacpp_payload_and_parse():
 def test_text_dialects_need_a_tokenizer():
     with pytest.raises(ConfigError, match="needs the base's tokenizer: pass --base-tokenizer"):
         connect("tgi", "http://server", "m")
+
+
+def test_llamacpp_asks_again_when_the_sampled_token_was_held_back():
+    import json
+
+    import httpx
+
+    seeds = []
+    good = {"content": "x", "completion_probabilities": [{"id": 5, "logprob": -0.3,
+            "top_logprobs": [{"id": 5, "logprob": -0.3}, {"id": 8, "logprob": -1.3}]}]}  # fmt: skip
+
+    def handler(request):
+        seeds.append(json.loads(request.content)["seed"])
+        # llama-server sends no probabilities when it sampled an incomplete UTF-8 character
+        held_back = {"content": "\ufffd", "completion_probabilities": []}
+        return httpx.Response(200, json=held_back if len(seeds) < 3 else good)
+
+    import asyncio
+
+    llama = connect("llamacpp", "http://server", "m", transport=httpx.MockTransport(handler))
+    top = asyncio.run(llama.top_logprobs(Prompt((1, 2), 2), 2))
+    assert top.token_ids == (5, 8)
+    assert seeds == [0, 1, 2]
