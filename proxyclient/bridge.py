@@ -75,6 +75,7 @@ def pair_fingerprint(base: ByteVocab, proxy: ByteVocab) -> str:
                 b"\x00" if data is None else b"\x01" + len(data).to_bytes(2, "big") + data
             )
         digest.update(b"\xff" + ",".join(map(str, sorted(vocab.special_ids))).encode())
+        digest.update(b"\xfe" + ",".join(map(str, sorted(vocab.fallback_ids))).encode())
     return digest.hexdigest()[:32]
 
 

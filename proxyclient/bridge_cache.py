@@ -20,7 +20,7 @@ from proxyclient.vocab import ByteVocab
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # of the cached file; a new format never reads an old file
+FORMAT = 3  # of the cached file; a new format never reads an old file
 
 
 def cache_dir() -> Path:

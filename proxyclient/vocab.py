@@ -44,12 +44,20 @@ class ByteVocab:
 
     token_bytes: tuple[bytes | None, ...]  # [V] None for special tokens and unused ids
     special_ids: frozenset[int] = frozenset()
+    # SentencePiece "<0xNN>" tokens: the tokenizer emits them only for bytes no piece covers
+    fallback_ids: frozenset[int] = frozenset()
     _index: dict[bytes, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Several ids may spell the same bytes (Llama-2 has both "a" and "<0x61>"): the one the
+        # tokenizer itself produces wins, i.e. a piece over a byte-fallback token, then the lowest.
         for token_id, data in enumerate(self.token_bytes):
+            if data is not None and token_id not in self.fallback_ids:
+                self._index.setdefault(data, token_id)
+        for token_id in sorted(self.fallback_ids):
+            data = self.token_bytes[token_id]
             if data is not None:
-                self._index.setdefault(data, token_id)  # duplicates: the lowest id wins
+                self._index.setdefault(data, token_id)
 
     def __len__(self) -> int:
         return len(self.token_bytes)
@@ -86,7 +94,10 @@ def from_hf(tokenizer: Any) -> ByteVocab:
             table[token_id] = _piece_bytes(piece, style)
     for content, token_id in added.items():
         table[token_id] = content.encode()
-    return ByteVocab(tuple(table), frozenset(special))
+    fallback = set()
+    if style != "byte-level":
+        fallback = {i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece)}
+    return ByteVocab(tuple(table), frozenset(special), frozenset(fallback - special))
 
 
 def from_tiktoken(encoding: Any) -> ByteVocab:

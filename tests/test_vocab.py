@@ -55,7 +55,21 @@ def test_byte_fallback_pieces_are_single_bytes():
     vocab = from_hf(metaspace_tokenizer())
     newline = metaspace_tokenizer().convert_tokens_to_ids("<0x0A>")
     assert vocab.token_bytes[newline] == b"\n"
-    assert vocab.id_of(b"\n") == newline
+    assert newline in vocab.fallback_ids
+
+
+def test_a_piece_wins_over_the_byte_fallback_token_with_the_same_bytes():
+    """Llama-2 has both "a" and "<0x61>"; its tokenizer only emits "<0x61>" for bytes no piece
+    covers, so the piece is the twin proxies were trained on."""
+    tokenizer = metaspace_tokenizer()
+    vocab = from_hf(tokenizer)
+    both = [b for b in range(128) if tokenizer.convert_tokens_to_ids(chr(b)) not in (None, 0)]
+    assert len(both) > 20  # ASCII letters and punctuation are pieces too
+    for b in both:
+        piece = tokenizer.convert_tokens_to_ids(chr(b))
+        assert vocab.id_of(bytes([b])) == piece, chr(b)
+    only_fallback = bytes([0xE6])
+    assert vocab.id_of(only_fallback) == tokenizer.convert_tokens_to_ids("<0xE6>")
 
 
 def test_id_of_finds_every_token(byte_level):
