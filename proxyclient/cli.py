@@ -14,7 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
+from proxyclient.config import (
+    GenerationConfig,
+    UnseenPolicy,
+    UntwinnedRule,
+    default_top_logprobs,
+)
 from proxyclient.errors import ProxyClientError
 
 if TYPE_CHECKING:
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
 
 API_KEY_ENV = "PROXYCLIENT_API_KEY"
 EXIT_USAGE = 2
+DEFAULT_UNSEEN = GenerationConfig().unseen.value
 
 
 def _base_options(parser: argparse.ArgumentParser) -> None:
@@ -73,13 +79,16 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
     decoding.add_argument("--alpha", type=float, default=1.0)
     decoding.add_argument(
-        "--top-logprobs", type=int, default=20, help="k asked of the base; -1 = whole vocabulary"
+        "--top-logprobs",
+        type=int,
+        default=None,
+        help="k asked of the base; -1 = whole vocabulary (default: 20, or the server's cap)",
     )
     decoding.add_argument(
         "--unseen",
         choices=[p.value for p in UnseenPolicy],
-        default=UnseenPolicy.RESTRICT.value,
-        help="tokens outside the base's top-k (default: restrict)",
+        default=DEFAULT_UNSEEN,
+        help=f"tokens outside the base's top-k (default: {DEFAULT_UNSEEN})",
     )
     decoding.add_argument(
         "--untwinned",
@@ -261,7 +270,12 @@ def _inspect(args: argparse.Namespace) -> int:
             await base.aclose()
 
     capabilities = asyncio.run(run())
-    print(json.dumps({"api": args.api, "model": args.base_model, **capabilities}))
+    default_k = default_top_logprobs(capabilities["max_k"])
+    print(
+        json.dumps(
+            {"api": args.api, "model": args.base_model, **capabilities, "default_k": default_k}
+        )
+    )
     return 0
 
 

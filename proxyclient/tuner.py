@@ -24,7 +24,7 @@ from proxyclient.adapters.base import BaseModel, Prompt, TopLogprobs
 from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
 from proxyclient.combine import Candidates, combine
-from proxyclient.config import GenerationConfig, UntwinnedRule
+from proxyclient.config import GenerationConfig, UntwinnedRule, default_top_logprobs
 from proxyclient.detokenize import TextAssembler
 from proxyclient.errors import ConfigError, ProxyClientError, ResponseFormatError
 from proxyclient.local import (
@@ -310,6 +310,9 @@ class ProxyTuner:
         use_proxies: bool,
     ) -> tuple[TopLogprobs, torch.Tensor | None, torch.Tensor | None]:
         k = run.config.top_logprobs
+        if k is None:
+            capabilities = getattr(self.base, "capabilities", None)
+            k = default_top_logprobs(capabilities.max_k if capabilities is not None else None)
         run.usage.requests += 1
         run.usage.prompt_tokens += len(prompt.ids)
         run.timings.steps += 1

@@ -1,21 +1,28 @@
-"""The main job on an embedded default: the base's own output next to the proxy-tuned output.
+"""The main job on an embedded default: a base that knows facts, steered into a tuned format.
 
-Builds the tiny offline models (scripts/make_tiny_models.py), starts a local vLLM server for the
-base (scripts/vllm_server.py), and generates greedily from the same prompt with alpha = 0 (the base
-alone; equal to the server's own greedy output) and with the chosen alpha (proxy-tuned).
+Uses the miniature world of scripts/miniature.py (committed models under scripts/miniature_models):
+base-large read an encyclopedia of invented people; expert-small is a much smaller model tuned
+to answer `Q: ... A:` with the bare value, on questions about OTHER people. For questions about
+held-out people, this prints side by side:
 
-    bash scripts/demo.sh                       # set up, then this script with its defaults
-    .venv/bin/python scripts/demo.py --prompt "class Foo:" --alpha 2
+- base-large alone, through a local vLLM server (alpha = 0): it knows the fact but answers like
+  its encyclopedia (a sentence, then more quiz text);
+- expert-small alone (local): the format, but it is too small to know the fact;
+- proxy-tuned base-large (base + alpha * (expert - anti-expert), through the same API): the
+  format from the expert, the fact from the base.
 
-The tiny models have random weights: the text is code-flavoured noise, and the point is the
-difference the expert makes. Pass --base-url to use a server you already run.
+    bash scripts/demo.sh                                  # set up, then this script
+    .venv/bin/python scripts/demo.py --questions 5 --alpha 1
+    .venv/bin/python scripts/demo.py --prompt $'Q: Where was Brai Tousk born?\\nA:'
+
+Pass --base-url to use a vLLM server already serving scripts/miniature_models/base-large.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,87 +30,71 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_tiny_models import build_tiny_models
+from miniature import BASE_NAME, DEFAULT_DIR, greedy_answers, load_model
 from vllm_server import VLLMServer
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
-
-REPO = Path(__file__).resolve().parent.parent
-BASE_NAME = "tiny-base"
+from proxyclient.config import DEFAULT_TOP_LOGPROBS
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt", default="def main():\n    ")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: eval")
+    parser.add_argument("--questions", type=int, default=4, help="held-out questions to ask")
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--top-logprobs", type=int, default=20)
-    parser.add_argument("--models", type=Path, default=REPO / ".cache" / "tiny-models")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--models", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--base-url", help="use this running server instead of starting one")
     args = parser.parse_args(argv)
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     # The client shares this machine's cores with the server: one torch thread (real-servers.md).
     torch.set_num_threads(1)
-    models = build_tiny_models(args.models)
+    if args.prompt:
+        questions = [{"prompt": p, "answer": None} for p in args.prompt]
+    else:
+        lines = (args.models / "eval.jsonl").read_text().splitlines()
+        questions = [json.loads(line) for line in lines[: args.questions]]
+    prompts = [q["prompt"] for q in questions]
+    expert, tokenizer = load_model(args.models / "expert-small")
+    expert_alone = greedy_answers(expert, tokenizer, prompts, args.max_new_tokens)
+
     server = None
     base_url = args.base_url
     if base_url is None:
-        print("starting a vLLM server for the base model ...", file=sys.stderr)
-        server = VLLMServer(models["base"], BASE_NAME, max_logprobs=50).start()
+        print("starting a vLLM server for base-large ...", file=sys.stderr)
+        server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
         base_url = server.base_url
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=("\n",))
+    started = time.perf_counter()
     try:
         base = connect("vllm", base_url, BASE_NAME)
-        with ProxyTuner(base, models["expert"], models["anti_expert"], threads=1) as tuner:
-            config = GenerationConfig(
-                max_new_tokens=args.max_new_tokens, top_logprobs=args.top_logprobs
-            )
-            started = time.perf_counter()
-            plain = tuner.generate(args.prompt, config, alpha=0.0)
-            tuned = tuner.generate(args.prompt, config, alpha=args.alpha)
-            seconds = time.perf_counter() - started
+        with ProxyTuner(
+            base, args.models / "expert-small", args.models / "base-small", threads=1
+        ) as tuner:
+            results = [
+                (tuner.generate(p, config, alpha=0.0), tuner.generate(p, config, alpha=args.alpha))
+                for p in prompts
+            ]
     finally:
         if server is not None:
             server.stop()
+    seconds = time.perf_counter() - started
 
-    print(f"prompt: {args.prompt!r}   base: vLLM at {base_url}   k={args.top_logprobs}\n")
-    _side_by_side(
-        "base alone (alpha=0)", plain.text, f"proxy-tuned (alpha={args.alpha})", tuned.text
-    )
-    same = sum(a == b for a, b in zip(plain.token_ids, tuned.token_ids, strict=False))
     print(
-        f"\n{len(tuned.token_ids)} tokens each; the first {_common_prefix(plain, tuned)} agree, "
-        f"{same} positions agree overall. {plain.usage.requests + tuned.usage.requests} base "
-        f"requests in {seconds:.2f} s."
+        f"base: vLLM at {base_url}; k={DEFAULT_TOP_LOGPROBS}, unseen={config.unseen} "
+        "(proxyclient's defaults); greedy, to the first newline\n"
     )
+    for question, expert_text, (plain, tuned) in zip(questions, expert_alone, results, strict=True):
+        print(question["prompt"].replace("\n", " "))
+        if question["answer"] is not None:
+            print(f"  {'(right answer)':<28} {question['answer']}")
+        print(f"  {'base-large alone':<28} {plain.text.strip()}")
+        print(f"  {'expert-small alone':<28} {expert_text}")
+        print(f"  {f'proxy-tuned (alpha={args.alpha:g})':<28} {tuned.text.strip()}")
+        print()
+    steps = sum(p.usage.requests + t.usage.requests for p, t in results)
+    print(f"{steps} base requests in {seconds:.1f} s (CPU vLLM beside the client on this machine).")
     return 0
-
-
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a.token_ids, b.token_ids, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 44):
-    def lines(text: str) -> list[str]:
-        out: list[str] = []
-        for line in text.replace("\t", "    ").split("\n"):
-            out.extend(textwrap.wrap(line, width, replace_whitespace=False) or [""])
-        return out
-
-    left_lines, right_lines = lines(repr(left)[1:-1]), lines(repr(right)[1:-1])
-    print(f"{left_title:<{width}} | {right_title}")
-    print(f"{'-' * width}-+-{'-' * width}")
-    for i in range(max(len(left_lines), len(right_lines))):
-        a = left_lines[i] if i < len(left_lines) else ""
-        b = right_lines[i] if i < len(right_lines) else ""
-        print(f"{a:<{width}} | {b}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -67,18 +67,21 @@ def _training_texts() -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Train the shared byte-level BPE tokenizer on a fixed slice of the stdlib's sources."""
+def build_tokenizer(
+    texts: Sequence[str] | None = None, vocab_size: int = VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with <s>, </s>, <pad>, trained on ``texts`` (default: a fixed
+    slice of the stdlib's sources: the shared tokenizer of the tiny models)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[BOS, EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_texts(), trainer=trainer)
+    tok.train_from_iterator(_training_texts() if texts is None else texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
@@ -93,22 +96,36 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=2048,
     )
     fast.chat_template = CHAT_TEMPLATE
-    _check_round_trip(fast)
+    _check_round_trip(fast, ROUND_TRIP_SAMPLES + tuple(texts or ())[:50])
     return fast
 
 
-def build_metaspace_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
+def build_metaspace_tokenizer(
+    vocab_size: int = 800, texts: Iterable[str] | None = None, split_punctuation: bool = False
+) -> PreTrainedTokenizerFast:
     """A Llama-2-style tokenizer: BPE over Metaspace words, <0xNN> byte fallback, <unk>/<s>/</s>.
 
     As in Llama-2, the 256 byte pieces are ordinary vocabulary entries right after the specials.
+    It learns its merges from ``texts`` (default: the same stdlib slice as the byte-level one).
+    ``split_punctuation`` keeps newlines and punctuation out of word pieces, as SentencePiece's
+    split by Unicode script does (without it, pieces like "?\nA:" span lines).
     """
     specials = ["<unk>", "<s>", "</s>"]
     draft = Tokenizer(models.BPE(unk_token="<unk>"))
-    draft.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    if split_punctuation:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split("\n", behavior="isolated"),
+                pre_tokenizers.Punctuation(behavior="isolated"),
+                pre_tokenizer,
+            ]
+        )
+    draft.pre_tokenizer = pre_tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False
     )
-    draft.train_from_iterator(_training_texts(), trainer=trainer)
+    draft.train_from_iterator(_training_texts() if texts is None else texts, trainer=trainer)
     trained = json.loads(draft.to_str())["model"]
     vocab = {t: i for i, t in enumerate(specials)}
     vocab |= {f"<0x{b:02X}>": len(specials) + b for b in range(256)}
@@ -116,7 +133,7 @@ def build_metaspace_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
          decoders.Strip(" ", 1, 0)]

@@ -1,6 +1,7 @@
 import pytest
 
 from proxyclient import ConfigError, GenerationConfig, UnseenPolicy
+from proxyclient.config import default_top_logprobs
 
 
 @pytest.mark.parametrize(
@@ -28,6 +29,14 @@ def test_defaults_and_normalisation():
     config = GenerationConfig(stop="\n\n", unseen="floor")
     assert config.stop == ("\n\n",)
     assert config.unseen is UnseenPolicy.FLOOR
-    assert GenerationConfig().unseen is UnseenPolicy.RESTRICT
+    assert GenerationConfig().unseen is UnseenPolicy.RESIDUAL  # README, "Does it work?"
     assert GenerationConfig().alpha == 1.0
     assert GenerationConfig(top_logprobs=-1).top_logprobs == -1
+    assert GenerationConfig().top_logprobs is None  # the adapter's default
+
+
+@pytest.mark.parametrize(
+    ("server_max", "expected"), [(None, 20), (-1, 20), (5, 5), (20, 20), (50, 20), (1, 1)]
+)
+def test_the_default_k_is_20_or_the_servers_cap_where_lower(server_max, expected):
+    assert default_top_logprobs(server_max) == expected

@@ -55,7 +55,7 @@ def test_openai_adapter_equals_the_formula_on_the_top_k(
     servers, tiny_models, hf_models, base_tokenizer, prompt
 ):
     with tuner_for(servers, tiny_models, base_tokenizer, "openai", max_k=K) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, top_logprobs=K)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
         expected = proxy_tuned_greedy(
             hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
             tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=N_TOKENS,
@@ -81,7 +81,7 @@ def test_chat_adapter_continuing_on_vllm_equals_the_formula(
     with tuner_for(
         servers, tiny_models, base_tokenizer, "openai-chat", continue_final_message=True
     ) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, top_logprobs=K)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
         expected = proxy_tuned_greedy(
             hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
             tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=N_TOKENS,

@@ -39,7 +39,7 @@ def bridged(servers, tiny_models):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_reproduces_the_bases_greedy_text(servers, bridged, prompt):
-    got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, top_logprobs=20)
+    got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=20)
     base_ids = bridged.base_tokenizer.encode(prompt)
     assert got.token_ids == server_greedy(servers["full"], base_ids, N)
     assert got.text == bridged.base_tokenizer.decode(got.token_ids)
@@ -52,7 +52,9 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
         base_tokenizer=tiny_models["base"], device="cpu",
     ) as same:  # fmt: skip
         for prompt in PROMPTS:
-            got = same.generate(prompt, max_new_tokens=N, alpha=2.0, top_logprobs=20)
+            got = same.generate(
+                prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=20
+            )
             expected = server_greedy(servers["full"], same.base_tokenizer.encode(prompt), N)
             assert got.token_ids == expected
 
@@ -60,8 +62,12 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
 def test_a_steering_expert_moves_the_output_and_text_stays_valid(bridged):
     moved = 0
     for prompt in PROMPTS:
-        plain = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, top_logprobs=20)
-        steered = bridged.generate(prompt, max_new_tokens=N, alpha=2.0, top_logprobs=20)
+        plain = bridged.generate(
+            prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=20
+        )
+        steered = bridged.generate(
+            prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=20
+        )
         moved += sum(a != b for a, b in zip(plain.token_ids, steered.token_ids, strict=False))
         # Whatever the token boundaries, the text is the base bytes, decoded: valid UTF-8.
         assert steered.text.encode("utf-8").decode("utf-8") == steered.text
@@ -96,7 +102,9 @@ def test_cli_with_a_base_tokenizer(servers, tiny_models, bridged):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    expected = bridged.generate(PROMPTS[0], max_new_tokens=N, alpha=1.0, top_logprobs=20)
+    expected = bridged.generate(
+        PROMPTS[0], max_new_tokens=N, alpha=1.0, unseen="restrict", top_logprobs=20
+    )
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
 
@@ -109,8 +117,12 @@ def test_a_tiktoken_base_through_the_openai_dialect(tiny_models, hf_models):
             base, tiny_models["expert_sp"], tiny_models["anti_expert_sp"],
             base_tokenizer=encoding, device="cpu",
         ) as tuner:  # fmt: skip
-            got = tuner.generate(PROMPTS[0], max_new_tokens=N, alpha=0.0, top_logprobs=5)
-            steered = tuner.generate(PROMPTS[0], max_new_tokens=N, alpha=2.0, top_logprobs=5)
+            got = tuner.generate(
+                PROMPTS[0], max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=5
+            )
+            steered = tuner.generate(
+                PROMPTS[0], max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=5
+            )
         greedy = httpx.post(
             f"{server.base_url}/completions",
             json={"model": "tiny-base", "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0},

@@ -56,7 +56,9 @@ def test_whole_vocabulary_through_the_api_equals_the_formula(tuner, hf_models, p
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_top_20_restrict_equals_the_formula_restricted(tuner, hf_models, prompt):
-    got = tuner.generate(prompt, max_new_tokens=N_TOKENS, alpha=1.0, top_logprobs=20)
+    got = tuner.generate(
+        prompt, max_new_tokens=N_TOKENS, alpha=1.0, unseen="restrict", top_logprobs=20
+    )
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, prompt, alpha=1.0, k=20), tuner.eos_ids
     )
@@ -64,7 +66,9 @@ def test_top_20_restrict_equals_the_formula_restricted(tuner, hf_models, prompt)
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_is_the_bases_own_greedy_output(servers, tuner, prompt):
-    got = tuner.generate(prompt, max_new_tokens=N_TOKENS, alpha=0.0, top_logprobs=20)
+    got = tuner.generate(
+        prompt, max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict", top_logprobs=20
+    )
     assert got.token_ids == server_greedy(
         servers["full"], tuner.tokenizer(prompt).input_ids, N_TOKENS
     )
@@ -74,7 +78,9 @@ def test_expert_equal_to_anti_expert_is_the_bases_own_greedy_output(servers, tin
     base = connect("vllm", servers["full"].base_url, BASE_NAME)
     with ProxyTuner(base, tiny_models["anti_expert"], tiny_models["anti_expert"]) as same:
         for prompt in PROMPTS:
-            got = same.generate(prompt, max_new_tokens=N_TOKENS, alpha=2.0, top_logprobs=20)
+            got = same.generate(
+                prompt, max_new_tokens=N_TOKENS, alpha=2.0, unseen="restrict", top_logprobs=20
+            )
             expected = server_greedy(servers["full"], same.tokenizer(prompt).input_ids, N_TOKENS)
             assert got.token_ids == expected
 

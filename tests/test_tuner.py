@@ -50,7 +50,9 @@ def test_whole_vocabulary_equals_the_formula(tuner, hf_models, prompt, alpha):
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_restrict_equals_the_formula_on_the_base_top_k(tuner, hf_models, k):
-    got = tuner.generate(PROMPTS[1], max_new_tokens=12, alpha=1.5, top_logprobs=k)
+    got = tuner.generate(
+        PROMPTS[1], max_new_tokens=12, alpha=1.5, unseen="restrict", top_logprobs=k
+    )
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, PROMPTS[1], alpha=1.5, n=12, k=k), tuner.eos_ids
     )
@@ -109,7 +111,7 @@ def test_stream_sync_and_async_agree(tuner):
 
 def test_length_and_usage(tuner):
     prompt_len = len(tuner.tokenizer(PROMPTS[0]).input_ids)
-    got = tuner.generate(PROMPTS[0], max_new_tokens=6, top_logprobs=20)
+    got = tuner.generate(PROMPTS[0], max_new_tokens=6, unseen="restrict", top_logprobs=20)
     assert got.finish_reason == "length"
     assert len(got.token_ids) == got.usage.completion_tokens == 6
     assert got.usage.requests == 6
@@ -118,10 +120,12 @@ def test_length_and_usage(tuner):
 
 
 def test_stop_sequence_cuts_the_text(tuner):
-    free = tuner.generate(PROMPTS[1], max_new_tokens=20, top_logprobs=20).text
+    free = tuner.generate(PROMPTS[1], max_new_tokens=20, unseen="restrict", top_logprobs=20).text
     stop = free[len(free) // 2 : len(free) // 2 + 2]
     assert stop.strip(), f"pick a visible stop string from {free!r}"
-    got = tuner.generate(PROMPTS[1], max_new_tokens=20, top_logprobs=20, stop=[stop])
+    got = tuner.generate(
+        PROMPTS[1], max_new_tokens=20, unseen="restrict", top_logprobs=20, stop=[stop]
+    )
     assert got.finish_reason == "stop"
     assert got.text == free[: free.index(stop)]
     streamed = "".join(tuner.stream(PROMPTS[1], max_new_tokens=20, top_logprobs=20, stop=[stop]))
@@ -144,9 +148,9 @@ def test_a_server_fault_keeps_what_was_generated(tiny_models, hf_models, tuner):
         device="cpu",
     )
     with pytest.raises(ServerError, match="injected fault") as info:
-        failing.generate(PROMPTS[0], max_new_tokens=10, top_logprobs=20)
+        failing.generate(PROMPTS[0], max_new_tokens=10, unseen="restrict", top_logprobs=20)
     partial = info.value.partial
-    expected = tuner.generate(PROMPTS[0], max_new_tokens=4, top_logprobs=20)
+    expected = tuner.generate(PROMPTS[0], max_new_tokens=4, unseen="restrict", top_logprobs=20)
     assert partial.finish_reason == "error"
     assert partial.token_ids == expected.token_ids
     assert partial.text == expected.text
@@ -235,7 +239,7 @@ def test_choose_gives_the_formulas_probabilities_over_the_options(tuner, hf_mode
 
 def test_choose_reports_options_outside_the_base_top_k(tuner):
     options = ["(", ":", " return", "def", "x", "y"]
-    got = tuner.choose(PROMPTS[0], options, top_logprobs=2)
+    got = tuner.choose(PROMPTS[0], options, top_logprobs=2, unseen="restrict")
     assert len(got.missing) >= len(options) - 2
     assert all(got.probabilities[o] is None for o in got.missing)
     present = [p for p in got.probabilities.values() if p is not None]
