@@ -147,6 +147,20 @@ def test_retries_honour_429s_with_and_without_retry_after(
         assert len(got.token_ids) == 3
 
 
+def test_without_k_a_generation_asks_for_the_servers_cap_where_it_is_below_20(
+    dialect_servers, tiny_models, base_tokenizer
+):
+    for api, options, field in (("openai", {"api_key": KEY}, "logprobs"), ("tgi", {}, None)):
+        server = dialect_servers[api]
+        server.requests.clear()
+        with tuner_for(server, tiny_models, base_tokenizer, api, **options) as tuner:
+            got = tuner.generate(PROMPTS[0], max_new_tokens=2)
+        assert len(got.token_ids) == 2 and got.unseen_policy == "residual"
+        bodies = [body for _, _, body in server.requests]
+        asked = [b[field] if field else b["parameters"]["top_n_tokens"] for b in bodies]
+        assert asked == [5, 5], asked
+
+
 def test_a_model_that_refuses_logprobs_says_so(dialect_servers, tiny_models, base_tokenizer):
     refusing = dialect_servers["refusing"]
     with (
@@ -191,6 +205,7 @@ def test_cli_inspect_prints_the_capabilities(dialect_servers, tiny_models):
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["max_k"] == 5 and report["logprobs"] == "processed"
+    assert report["default_k"] == 5  # what a generation asks for when not told
     assert report["token_id_prompts"] is False and report["ids_in_response"] is True
 
 
