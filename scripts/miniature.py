@@ -292,10 +292,14 @@ class Divergence:
 
 
 def analyze(
-    models: Path, k: int = 20, policy: str = "restrict", alpha: float = 1.0, limit: int = 0
+    models: Path,
+    k: int = DEFAULT_CONFIG[0],
+    policy: str = DEFAULT_CONFIG[1],
+    alpha: float = DEFAULT_CONFIG[2],
+    limit: int = 0,
 ) -> dict[str, object]:
-    """Greedy proxy-tuning simulated locally (base-large loaded here: the vLLM server returns
-    the same logprobs to ~1e-6), compared token by token with tuned-large's greedy answer."""
+    """Greedy proxy-tuning simulated locally (base-large loaded here in place of the server, so
+    every rank is visible), compared token by token with tuned-large's greedy answer."""
     torch.set_num_threads(2)
     rows = load_eval(models, quick=False)
     if limit:
@@ -314,14 +318,8 @@ def analyze(
     for row in rows:
         prompt_ids = tokenizer(row["prompt"]).input_ids
         answer_ids = tokenizer(f" {row['answer']}", add_special_tokens=False).input_ids
-        gold_rank_first.append(
-            int(
-                (
-                    _next_logprobs(base, prompt_ids)
-                    > _next_logprobs(base, prompt_ids)[answer_ids[0]]
-                ).sum()
-            )
-        )
+        first = _next_logprobs(base, prompt_ids)
+        gold_rank_first.append(int((first > first[answer_ids[0]]).sum()))
         proxy_ids: list[int] = []
         tuned_ids: list[int] = []
         divergence: Divergence | None = None
@@ -440,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_analyze = sub.add_parser("analyze", help="where proxy-tuned and tuned-large diverge")
     p_analyze.add_argument("--models", type=Path, default=DEFAULT_DIR)
-    p_analyze.add_argument("--top-logprobs", type=int, default=20)
-    p_analyze.add_argument("--unseen", default="restrict", choices=POLICIES)
+    p_analyze.add_argument("--top-logprobs", type=int, default=DEFAULT_CONFIG[0])
+    p_analyze.add_argument("--unseen", default=DEFAULT_CONFIG[1], choices=POLICIES)
     p_analyze.add_argument("--alpha", type=float, default=1.0)
     p_analyze.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
     args = parser.parse_args(argv)
