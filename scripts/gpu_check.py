@@ -134,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.delay_ms:g} ms, 64 tokens, median of 3 (ms per step):")  # fmt: skip
         for overlap in (True, False):
             tuner = ProxyTuner(DelayedBase(delay), expert, anti, device=device, overlap=overlap)
-            tuner.generate("def main():", max_new_tokens=8)  # warm-up
+            tuner.generate(
+                "def main():", max_new_tokens=8, top_logprobs=20, unseen="restrict"
+            )  # warm-up
             walls, locals_ = [], []
             for _ in range(3):
-                t = tuner.generate("def main():", max_new_tokens=64).timings
+                t = tuner.generate(
+                    "def main():", max_new_tokens=64, top_logprobs=20, unseen="restrict"
+                ).timings
                 walls.append(t.wall_s / t.steps * 1e3)
                 locals_.append(t.local_s / t.steps * 1e3)
             print(f"   overlap {'on ' if overlap else 'off'}: wall {statistics.median(walls):.2f}"
