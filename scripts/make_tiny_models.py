@@ -163,18 +163,24 @@ def _check_round_trip(
             raise RuntimeError(f"tokenizer round trip failed: {text!r} -> {ids} -> {back!r}")
 
 
-def _config(
-    tokenizer: PreTrainedTokenizerFast, num_layers: int, vocab_size: int, hidden: int = 128
+def llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    num_layers: int,
+    vocab_size: int,
+    hidden: int = 128,
+    intermediate: int | None = None,
+    max_positions: int = 2048,
 ) -> LlamaConfig:
+    """A small Llama: heads of 64, untied embeddings, the tokenizer's special ids."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=2 * hidden if intermediate is None else intermediate,
         num_hidden_layers=num_layers,
         num_attention_heads=hidden // 64,
         num_key_value_heads=hidden // 64,
         head_dim=64,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -186,7 +192,7 @@ def _random_model(
     tokenizer: PreTrainedTokenizerFast, num_layers: int, seed: int, hidden: int = 128
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = _config(tokenizer, num_layers, len(tokenizer), hidden)
+    config = llama_config(tokenizer, num_layers, len(tokenizer), hidden)
     model = LlamaForCausalLM(config).to(torch.float32)
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)

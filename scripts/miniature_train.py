@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from make_tiny_models import build_metaspace_tokenizer, build_tokenizer
+from make_tiny_models import build_metaspace_tokenizer, build_tokenizer, llama_config
 from miniature_world import (
     ATTRIBUTES,
     PROSE_PROBES,
@@ -31,7 +31,7 @@ from miniature_world import (
     quiz,
 )
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger("miniature")
@@ -53,20 +53,8 @@ def new_model(
     tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, seed: int
 ) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=64 * math.ceil(8 * hidden / 3 / 64),  # Llama's ratio, in 64s
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    intermediate = 64 * math.ceil(8 * hidden / 3 / 64)  # Llama's ratio, in 64s
+    config = llama_config(tokenizer, layers, len(tokenizer), hidden, intermediate, 256)
     return LlamaForCausalLM(config).to(torch.float32)
 
 
