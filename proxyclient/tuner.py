@@ -158,7 +158,7 @@ class ProxyTuner:
     def astream(
         self, prompt: str, config: GenerationConfig | None = None, **options: Any
     ) -> AsyncGenerationStream:
-        config = _with_options(config, options)
+        config = self._run_config(config, options)
         prompt_ids = self._encode(prompt)
         base_ids = self._encode_base(prompt, prompt_ids)
         expert_ids = self._encode_for_expert(prompt) if config.expert_chat_template else prompt_ids
@@ -166,6 +166,16 @@ class ProxyTuner:
         return AsyncGenerationStream(
             self._pieces(run, prompt, base_ids, prompt_ids, expert_ids), run.result
         )
+
+    def _run_config(
+        self, config: GenerationConfig | None, options: dict[str, Any]
+    ) -> GenerationConfig:
+        """``config`` with ``options`` applied and k resolved against this base's cap."""
+        config = _with_options(config, options)
+        if config.top_logprobs is None:
+            k = default_top_logprobs(self.base.capabilities.max_k)
+            config = dataclasses.replace(config, top_logprobs=k)
+        return config
 
     def choose(
         self,
@@ -186,7 +196,7 @@ class ProxyTuner:
         config: GenerationConfig | None = None,
         **settings: Any,
     ) -> Choice:
-        config = _with_options(config, {"max_new_tokens": 1, **settings})
+        config = self._run_config(config, {"max_new_tokens": 1, **settings})
         option_ids = {option: self._single_token(option) for option in options}
         if not option_ids:
             raise ConfigError("choose() needs at least one option")
@@ -254,7 +264,7 @@ class ProxyTuner:
         new_for_proxies = (expert_ids, prompt_ids)
         realigner = self._realigner()
         started = time.perf_counter()
-        multi_step = getattr(self.base.capabilities, "multi_step", True)
+        multi_step = self.base.capabilities.multi_step
         try:
             await self._check_base_tokenizer(prompt, base_prompt_ids)
             for step in range(config.max_new_tokens):
@@ -310,9 +320,6 @@ class ProxyTuner:
         use_proxies: bool,
     ) -> tuple[TopLogprobs, torch.Tensor | None, torch.Tensor | None]:
         k = run.config.top_logprobs
-        if k is None:
-            capabilities = getattr(self.base, "capabilities", None)
-            k = default_top_logprobs(capabilities.max_k if capabilities is not None else None)
         run.usage.requests += 1
         run.usage.prompt_tokens += len(prompt.ids)
         run.timings.steps += 1

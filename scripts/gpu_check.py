@@ -32,7 +32,7 @@ from make_tiny_models import build_proxy_pair, build_tiny_models  # noqa: E402
 from reference import assert_same_tokens, proxy_tuned_greedy  # noqa: E402
 
 from proxyclient import ProxyTuner  # noqa: E402
-from proxyclient.adapters.base import TopLogprobs  # noqa: E402
+from proxyclient.adapters.base import Capabilities, TopLogprobs  # noqa: E402
 from proxyclient.local import KVState, LocalModel, resolve_device, resolve_dtype  # noqa: E402
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    ", "for i in range(10):"]
@@ -42,7 +42,9 @@ class DelayedBase:
     """Answers a fixed top-20 after ``delay`` seconds of (CPU-free) waiting: a remote server."""
 
     name = "delayed"
-    capabilities = None
+    capabilities = Capabilities(
+        max_k=20, token_id_prompts=True, ids_in_response=True, prompt_scoring=False, logprobs="raw"
+    )
 
     def __init__(self, delay: float) -> None:
         self.delay = delay

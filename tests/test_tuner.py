@@ -9,7 +9,7 @@ from local_base import LocalBase
 from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ModelLoadError, ProxyTuner
-from proxyclient.adapters.base import TopLogprobs
+from proxyclient.adapters.base import Capabilities, TopLogprobs
 from proxyclient.errors import ServerError
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
@@ -161,7 +161,9 @@ class ScriptedBase:
     """Answers each request with the next scripted top-k list."""
 
     name = "scripted"
-    capabilities = None
+    capabilities = Capabilities(
+        max_k=-1, token_id_prompts=True, ids_in_response=True, prompt_scoring=False, logprobs="raw"
+    )
 
     def __init__(self, answers):
         self.answers = list(answers)
