@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -318,40 +318,40 @@ def analyze(
     for row in rows:
         prompt_ids = tokenizer(row["prompt"]).input_ids
         answer_ids = tokenizer(f" {row['answer']}", add_special_tokens=False).input_ids
-        first = _next_logprobs(base, prompt_ids)
-        gold_rank_first.append(int((first > first[answer_ids[0]]).sum()))
+        tuned_seq = _greedy_ids(tuned, prompt_ids, stops)  # with the stop that ended it
+        tuned_text = tokenizer.decode([t for t in tuned_seq if t not in stops])
+        tuned_text = tuned_text.split("\n", 1)[0].strip()
         proxy_ids: list[int] = []
-        tuned_ids: list[int] = []
         divergence: Divergence | None = None
         for position in range(MAX_NEW_TOKENS):
             prefix = prompt_ids + proxy_ids
             base_lp = _next_logprobs(base, prefix)
+            if position == 0:
+                gold_rank_first.append(int((base_lp > base_lp[answer_ids[0]]).sum()))
             expert_lp = _next_logprobs(expert, prefix)
             anti_lp = _next_logprobs(anti, prefix)
             chosen = _proxy_step(base_lp, expert_lp, anti_lp, k, policy, alpha)
-            if divergence is None and len(tuned_ids) == len(proxy_ids):
-                wanted = int(torch.argmax(_next_logprobs(tuned, prefix)))
-                if wanted not in stops or chosen not in stops:
-                    tuned_ids.append(wanted)
-                if wanted != chosen:
-                    top = base_lp.numel() if k == -1 else k
-                    rank = int((base_lp > base_lp[wanted]).sum())
-                    delta = alpha * (expert_lp - anti_lp)
-                    divergence = Divergence(
-                        position,
-                        tokenizer.decode([wanted]),
-                        tokenizer.decode([chosen]),
-                        rank < top,
-                        rank,
-                        float(base_lp[chosen] - base_lp[wanted]),
-                        float(delta[wanted] - delta[chosen]),
-                    )
-                    divergences.append(divergence)
+            # While the answers agree the prefixes are the same, so tuned's greedy token is its
+            # next token after this prefix.
+            if divergence is None and position < len(tuned_seq) and tuned_seq[position] != chosen:
+                wanted = tuned_seq[position]
+                top = base_lp.numel() if k == -1 else k
+                rank = int((base_lp > base_lp[wanted]).sum())
+                delta = alpha * (expert_lp - anti_lp)
+                divergence = Divergence(
+                    position,
+                    tokenizer.decode([wanted]),
+                    tokenizer.decode([chosen]),
+                    rank < top,
+                    rank,
+                    float(base_lp[chosen] - base_lp[wanted]),
+                    float(delta[wanted] - delta[chosen]),
+                )
+                divergences.append(divergence)
             if chosen in stops:
                 break
             proxy_ids.append(chosen)
         proxy_text = tokenizer.decode(proxy_ids).split("\n", 1)[0].strip()
-        tuned_text = _greedy_text(tuned, tokenizer, prompt_ids, stops)
         proxy_ok, tuned_ok = proxy_text == row["answer"], tuned_text == row["answer"]
         correct["proxy"] += proxy_ok
         correct["tuned"] += tuned_ok
@@ -401,21 +401,15 @@ def analyze(
 
 
 @torch.no_grad()
-def _greedy_text(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    prompt_ids: Sequence[int],
-    stops: set[int],
-) -> str:
+def _greedy_ids(model: LlamaForCausalLM, prompt_ids: Sequence[int], stops: set[int]) -> list[int]:
+    """Greedy continuation, up to and including the first stop token (if within the limit)."""
     ids = list(prompt_ids)
-    out: list[int] = []
     for _ in range(MAX_NEW_TOKENS):
         token = int(torch.argmax(_next_logprobs(model, ids)))
+        ids.append(token)
         if token in stops:
             break
-        out.append(token)
-        ids.append(token)
-    return tokenizer.decode(out).split("\n", 1)[0].strip()
+    return ids[len(prompt_ids) :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "--world",
         choices=WORLDS,
         default=Spec.world,
-        help="who gets quiz pages in pretraining: everyone (default), the tuning half, nobody",
+        help="quiz pages: everyone's (default), on one line, the tuning half's, none",
     )
     p_eval = sub.add_parser("evaluate", help="the table: local models and proxy-tuning via vLLM")
     p_eval.add_argument("--models", type=Path, default=DEFAULT_DIR)

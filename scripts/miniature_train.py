@@ -97,9 +97,10 @@ def _prose_examples(
     quizzed: Sequence[Person],
     tokenizer: PreTrainedTokenizerFast,
     rng: random.Random,
+    inline: bool,
 ) -> list[Example]:
     """One epoch of pretraining text: a fresh biography of everyone, a quiz page of `quizzed`."""
-    texts = [biography(p, rng) for p in people] + [quiz(p, rng) for p in quizzed]
+    texts = [biography(p, rng) for p in people] + [quiz(p, rng, inline) for p in quizzed]
     rows = tokenizer(texts).input_ids
     return [Example([*ids, tokenizer.eos_token_id], [True] * (len(ids) + 1)) for ids in rows]
 
@@ -206,7 +207,7 @@ def pretrain(
     def epochs() -> Iterator[list[Example]]:
         for epoch in range(spec.pretrain_epochs):
             rng = random.Random(spec.seed * 1000 + epoch)
-            yield _prose_examples(people, quizzed, tokenizer, rng)
+            yield _prose_examples(people, quizzed, tokenizer, rng, spec.world == "quiz-inline")
 
     return train(
         model,
@@ -357,10 +358,12 @@ def build(out: Path, spec: Spec | None = None, threads: int = 2) -> dict[str, ob
     (out / "BUILD_VERSION").unlink(missing_ok=True)
     tuning, held_out = make_world(spec)
     people = tuning + held_out
-    quizzed = {"quiz-all": people, "quiz-tuning": tuning, "prose": []}[spec.world]
+    quizzed = {"quiz-all": people, "quiz-inline": people, "quiz-tuning": tuning, "prose": []}[
+        spec.world
+    ]
     rng = random.Random(spec.seed + 3)
     corpus = [biography(p, rng) for p in people for _ in range(3)]
-    corpus += [quiz(p, rng) for p in quizzed]
+    corpus += [quiz(p, rng, spec.world == "quiz-inline") for p in quizzed]
     corpus += ["{} {}\n".format(*question(p, a)) for p in people for a in ATTRIBUTES]
     tokenizer = build_tokenizer(corpus, spec.vocab_size)
     other_tokenizer = build_metaspace_tokenizer(spec.vocab_size, corpus, split_punctuation=True)

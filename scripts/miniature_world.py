@@ -82,8 +82,9 @@ QUIZ_SHORT = {"city": "In {v}.", "job": "A {v}.", "music": "The {v}."}
 # Prose prefixes whose greedy continuation shows whether a model knows a fact in prose form.
 PROSE_PROBES = {"city": "{n} was born in", "job": "{n} works as a", "music": "{n} plays the"}
 ATTRIBUTES = tuple(QUESTIONS)
-# Who gets quiz pages in pretraining (see the module docstring and notes.md for what each shows).
-WORLDS = ("quiz-all", "quiz-tuning", "prose")
+# Who gets quiz pages in pretraining, and their layout: "quiz-inline" puts each page on one line
+# (README, "What it cannot do"); "quiz-tuning" and "prose" quiz the tuning half or nobody.
+WORLDS = ("quiz-all", "quiz-inline", "quiz-tuning", "prose")
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,10 @@ def biography(person: Person, rng: random.Random) -> str:
     return " ".join(sentences) + "\n"
 
 
-def quiz(person: Person, rng: random.Random) -> str:
+def quiz(person: Person, rng: random.Random, inline: bool = False) -> str:
     """A quiz page: the person's three facts asked ('Q: ...?' line, 'A: ...' line) in other words
     than the task's, answered in one of three prose styles ('Drolu.', 'In Drolu.', a biography
-    sentence): never the task's bare value."""
+    sentence): never the task's bare value. ``inline``: the whole page on one line."""
     attributes = list(ATTRIBUTES)
     rng.shuffle(attributes)
     parts = []
@@ -182,8 +183,8 @@ def quiz(person: Person, rng: random.Random) -> str:
         else:
             answer = rng.choice(PROSE_TEMPLATES[attribute]).format(n=person.name, v=value)
         asked = rng.choice(QUIZ_QUESTIONS[attribute]).format(n=person.name)
-        parts.append(f"Q: {asked}\nA: {answer}\n")
-    return "".join(parts)
+        parts.append(f"Q: {asked} A: {answer}" if inline else f"Q: {asked}\nA: {answer}\n")
+    return " ".join(parts) + "\n" if inline else "".join(parts)
 
 
 def question(person: Person, attribute: str) -> tuple[str, str]:
