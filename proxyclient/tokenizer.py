@@ -61,7 +61,14 @@ class BaseTokenizer:
         if self.is_tiktoken:
             data = self.vocab.bytes_of(list(ids))
             return data.decode("utf-8", errors="replace")
-        return self.inner.decode(list(ids), skip_special_tokens=True)
+        hidden = self._hidden_ids
+        return self.inner.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+
+    @cached_property
+    def _hidden_ids(self) -> frozenset[int]:
+        """Special ids that are no text. Not ``skip_special_tokens``: a tokenizer trained with its
+        ``<0xNN>`` byte-fallback tokens as special tokens would lose every byte it spells."""
+        return self.vocab.special_ids
 
     @property
     def eos_token_id(self) -> int | None:
@@ -115,3 +122,10 @@ def tiktoken_for_model(model: str) -> str | None:
         return tiktoken.encoding_name_for_model(model)
     except KeyError:
         return None
+
+
+def tiktoken_spec_for_model(model: str) -> str | None:
+    """``tiktoken:ENCODING`` for one of OpenAI's model names (as ``load_base_tokenizer`` takes it),
+    or None."""
+    encoding = tiktoken_for_model(model)
+    return f"{TIKTOKEN_PREFIX}{encoding}" if encoding is not None else None

@@ -84,20 +84,32 @@ def from_hf(tokenizer: Any) -> ByteVocab:
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     if isinstance(model.get("vocab"), list):  # Unigram: [[piece, score], ...]
         vocab = {piece: i for i, (piece, _score) in enumerate(model["vocab"])}
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    added = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if not t.get("special")}
-    size = max([*vocab.values(), *added.values(), *special, -1]) + 1
+    added_tokens = spec.get("added_tokens", [])
+    special = {t["id"] for t in added_tokens if t.get("special")}
+    added = {t["content"]: t["id"] for t in added_tokens if not t.get("special")}
     style = _style(spec)
+    fallback: dict[int, bytes] = {}  # "<0xNN>" byte-fallback id -> its byte
+    if style != "byte-level":
+        pieces = list(vocab.items())
+        if model.get("byte_fallback"):
+            # The model emits "<0xNN>" for bytes no piece covers whatever the token's added-token
+            # flags (the BPE trainer marks them special when given as its special tokens): bytes.
+            pieces += [(t["content"], t["id"]) for t in added_tokens]
+        fallback = {i: _piece_bytes(p, style) for p, i in pieces if _BYTE_FALLBACK.match(p)}
+        if model.get("byte_fallback"):
+            special -= fallback.keys()
+        else:
+            fallback = {i: data for i, data in fallback.items() if i not in special}
+    size = max([*vocab.values(), *added.values(), *special, *fallback, -1]) + 1
     table: list[bytes | None] = [None] * size
     for piece, token_id in vocab.items():
         if token_id not in special:
             table[token_id] = _piece_bytes(piece, style)
     for content, token_id in added.items():
         table[token_id] = content.encode()
-    fallback = set()
-    if style != "byte-level":
-        fallback = {i for piece, i in vocab.items() if _BYTE_FALLBACK.match(piece)}
-    return ByteVocab(tuple(table), frozenset(special), frozenset(fallback - special))
+    for token_id, data in fallback.items():
+        table[token_id] = data
+    return ByteVocab(tuple(table), frozenset(special), frozenset(fallback))
 
 
 def from_tiktoken(encoding: Any) -> ByteVocab:

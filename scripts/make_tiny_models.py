@@ -151,6 +151,44 @@ def build_metaspace_tokenizer(
     return tokenizer
 
 
+def build_metaspace_tokenizer_special_bytes(
+    vocab_size: int = 800, texts: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer whose 256 <0xNN> byte-fallback tokens are *special* added
+    tokens: the BPE trainer registers them so when they are passed as its ``special_tokens``. The
+    BPE model still has ``byte_fallback`` and emits them for bytes no piece covers.
+
+    Not used by the committed tiny models (tests only). Decoding with ``skip_special_tokens=True``
+    drops those byte tokens, so the round trip is checked on text that needs none of them.
+    """
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    tok.train_from_iterator(_training_texts() if texts is None else texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    spec = json.loads(tok.to_str())
+    added = {t["content"]: t for t in spec["added_tokens"]}
+    if not spec["model"].get("byte_fallback") or not all(
+        added.get(f"<0x{b:02X}>", {}).get("special") for b in range(256)
+    ):
+        raise RuntimeError("expected 256 special <0xNN> added tokens and byte_fallback")
+    _check_round_trip(tokenizer, ("def main():\n    return 0\n",))
+    return tokenizer
+
+
 def _check_round_trip(
     tokenizer: PreTrainedTokenizerFast, samples: tuple[str, ...] = ROUND_TRIP_SAMPLES
 ) -> None:

@@ -14,6 +14,15 @@ def metaspace_tokenizer():
     return build_metaspace_tokenizer()
 
 
+@cache
+def metaspace_tokenizer_special_bytes():
+    """The same family, but its <0xNN> byte-fallback tokens are *special* added tokens (as the
+    ``tokenizers`` BPE trainer makes them when given as its special tokens); byte fallback is on."""
+    from make_tiny_models import build_metaspace_tokenizer_special_bytes
+
+    return build_metaspace_tokenizer_special_bytes()
+
+
 def tiktoken_encoding():
     """A small tiktoken Encoding: all 256 bytes plus a few merges, and one special token."""
     import tiktoken

@@ -4,7 +4,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from other_tokenizers import metaspace_tokenizer, tiktoken_encoding
+from other_tokenizers import (
+    metaspace_tokenizer,
+    metaspace_tokenizer_special_bytes,
+    tiktoken_encoding,
+)
 
 from proxyclient.bridge import Realigner, VocabBridge, pair_fingerprint
 from proxyclient.tokenizer import BaseTokenizer
@@ -19,10 +23,19 @@ SETTINGS = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def pairs(hf_models):
+# SentencePiece-style tokenizers: <0xNN> byte-fallback tokens as ordinary vocabulary entries
+# (Llama-2), or as *special* added tokens (what the ``tokenizers`` BPE trainer makes of them).
+METASPACE = {
+    "plain <0xNN>": metaspace_tokenizer,
+    "special <0xNN>": metaspace_tokenizer_special_bytes,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(METASPACE))
+def pairs(request, hf_models):
+    """Every pair of tokenizer families, with one shape of SentencePiece-style tokenizer."""
     byte_level = BaseTokenizer(hf_models["tokenizer"])
-    metaspace = BaseTokenizer(metaspace_tokenizer())
+    metaspace = BaseTokenizer(METASPACE[request.param]())
     tiktoken = BaseTokenizer(tiktoken_encoding())
     return {
         "byte-level -> metaspace": (byte_level, metaspace),
@@ -42,6 +55,33 @@ def test_twins_spell_the_same_bytes(pairs):
         for base_id, proxy_id in enumerate(bridge.twin.tolist()):
             if proxy_id >= 0:
                 assert base.vocab.token_bytes[base_id] == proxy.vocab.token_bytes[proxy_id]
+
+
+def test_single_byte_base_tokens_have_twins(pairs):
+    """Every proxy family here can spell any byte alone, so a base token that is one byte (a lone
+    byte of a multi-byte character, say) has a twin: proxies follow it without waiting."""
+    for base, proxy in pairs.values():
+        bridge = VocabBridge.build(base.vocab, proxy.vocab)
+        lone = [i for i, b in enumerate(base.vocab.token_bytes) if b is not None and len(b) == 1]
+        assert lone
+        for base_id in lone:
+            assert bridge.twin[base_id] >= 0, base.vocab.token_bytes[base_id]
+
+
+def test_lone_bytes_of_a_character_are_spelled_exactly(pairs):
+    """The base splits "é" and "日" into lone bytes; the proxies follow byte by byte."""
+    for base, proxy in pairs.values():
+        tokens = [base.vocab.id_of(bytes([b])) for b in "é日".encode()]
+        assert None not in tokens  # every base here has the 256 single bytes
+        tokens[2:2] = base.encode(" return", add_special_tokens=False)
+        align = realigner(base, proxy)
+        proxy_ids: list[int] = []
+        for token in tokens:
+            fed = align.feed(token)
+            assert fed, "a lone byte moves the proxies"
+            proxy_ids += fed
+            assert align.aligned
+        assert proxy.vocab.bytes_of(proxy_ids) == base.vocab.bytes_of(tokens)
 
 
 def test_special_tokens_pair_by_role(hf_models):
