@@ -1,7 +1,10 @@
 """Remote base models. Each dialect is one adapter; ``connect`` builds one by name.
 
+A dialect is an adapter class (a ``DialectAdapter``: its requests, its parsing, and the facts about
+its dialect as class attributes) and an entry in ``BUILTIN``; nothing else names dialects.
 Third parties add dialects through the entry-point group ``proxyclient.adapters``: a name mapped to
-a factory ``(transport, model, *, tokenizer, **options) -> BaseModel``.
+a ``DialectAdapter`` subclass, or to any factory ``(transport, model, *, tokenizer, **options) ->
+BaseModel`` (given ``tokenizer`` only when there is one).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from proxyclient.adapters.base import BaseModel, Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
 from proxyclient.adapters.llamacpp import LlamaCppCompletion
 from proxyclient.adapters.openai import OpenAICompletions
@@ -18,28 +22,26 @@ from proxyclient.adapters.openai_chat import OpenAIChat
 from proxyclient.adapters.tgi import TGIGenerate
 from proxyclient.adapters.vllm import VLLMCompletions
 from proxyclient.errors import ConfigError
-from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer, tiktoken_for_model
+from proxyclient.tokenizer import load_base_tokenizer
 
 __all__ = [
     "BaseModel",
     "Capabilities",
+    "DialectAdapter",
     "HTTPTransport",
     "Prompt",
     "TopLogprobs",
     "available",
     "connect",
+    "tokenizer_needed",
 ]
 
 AdapterFactory = Callable[..., BaseModel]
 
-BUILTIN: dict[str, type] = {
-    "vllm": VLLMCompletions,
-    "openai": OpenAICompletions,
-    "openai-chat": OpenAIChat,
-    "tgi": TGIGenerate,
-    "llamacpp": LlamaCppCompletion,
+BUILTIN: dict[str, type[DialectAdapter]] = {
+    adapter.dialect: adapter
+    for adapter in (VLLMCompletions, OpenAICompletions, OpenAIChat, TGIGenerate, LlamaCppCompletion)
 }
-NEEDS_TOKENIZER = frozenset({"openai", "openai-chat", "tgi"})
 
 
 def available() -> dict[str, AdapterFactory]:
@@ -48,6 +50,13 @@ def available() -> dict[str, AdapterFactory]:
     for entry in entry_points(group="proxyclient.adapters"):
         found.setdefault(entry.name, entry.load())
     return found
+
+
+def tokenizer_needed(api: str, model: str) -> bool:
+    """Whether ``connect(api, ..., model)`` must be given the base's tokenizer: the dialect names
+    tokens by text and ``model``'s name implies no tokenizer."""
+    factory = _adapter(api, available())
+    return _names_tokens_by_text(factory) and _default_tokenizer(factory, model) is None
 
 
 def connect(
@@ -66,36 +75,52 @@ def connect(
 
     ``base_url`` is what the dialect's paths hang off: ``http://host:8000/v1`` for vllm, openai
     and openai-chat, ``http://host:8080`` for tgi and llamacpp. ``tokenizer`` is the base's
-    tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``); dialects that
-    name tokens by text need it, and OpenAI model names imply their tiktoken encoding.
-    ``options`` go to the adapter (e.g. ``max_k``, ``continue_final_message``).
+    tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``); without one,
+    the adapter's ``default_tokenizer(model)`` (OpenAI model names imply their tiktoken encoding),
+    and dialects that name tokens by text must have one. The adapter keeps it as ``.tokenizer``
+    (None when there is none). ``options`` go to the adapter (e.g. ``max_k``,
+    ``continue_final_message``).
     """
-    adapters = available()
-    if api not in adapters:
-        raise ConfigError(f"unknown api {api!r}; available: {', '.join(sorted(adapters))}")
+    factory = _adapter(api, available())
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"base_url must start with http:// or https://, got {base_url!r} "
             f"(e.g. http://127.0.0.1:8000/v1)"
         )
-    http = HTTPTransport(
-        base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, transport=transport
-    )
-    if api in NEEDS_TOKENIZER:
-        options["tokenizer"] = _base_tokenizer(api, model, tokenizer)
-    elif api not in BUILTIN and tokenizer is not None:
-        options["tokenizer"] = load_base_tokenizer(tokenizer)
-    return adapters[api](http, model, **options)
-
-
-def _base_tokenizer(api: str, model: str, tokenizer: Any) -> BaseTokenizer:
-    if tokenizer is None and api.startswith("openai"):
-        encoding = tiktoken_for_model(model)
-        if encoding is not None:
-            tokenizer = f"tiktoken:{encoding}"
     if tokenizer is None:
+        tokenizer = _default_tokenizer(factory, model)
+    if tokenizer is None and _names_tokens_by_text(factory):
         raise ConfigError(
             f"the {api} dialect names tokens by text, so it needs the base's tokenizer: pass "
             f"--base-tokenizer DIR (a local Hugging Face tokenizer) or tiktoken:ENCODING"
         )
-    return load_base_tokenizer(tokenizer)
+    base_tokenizer = load_base_tokenizer(tokenizer) if tokenizer is not None else None
+    # A factory that is no DialectAdapter may predate the tokenizer keyword: pass only a real one.
+    if base_tokenizer is not None or _is_dialect_adapter(factory):
+        options["tokenizer"] = base_tokenizer
+    http = HTTPTransport(
+        base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, transport=transport
+    )
+    base = factory(http, model, **options)
+    if not hasattr(base, "tokenizer"):
+        base.tokenizer = base_tokenizer  # every adapter has one, for the engine to adopt
+    return base
+
+
+def _adapter(api: str, adapters: dict[str, AdapterFactory]) -> AdapterFactory:
+    if api not in adapters:
+        raise ConfigError(f"unknown api {api!r}; available: {', '.join(sorted(adapters))}")
+    return adapters[api]
+
+
+def _is_dialect_adapter(factory: AdapterFactory) -> bool:
+    return isinstance(factory, type) and issubclass(factory, DialectAdapter)
+
+
+def _default_tokenizer(factory: AdapterFactory, model: str) -> str | None:
+    default = getattr(factory, "default_tokenizer", None)
+    return default(model) if callable(default) else None
+
+
+def _names_tokens_by_text(factory: AdapterFactory) -> bool:
+    return bool(getattr(factory, "needs_tokenizer", False))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from proxyclient.tokenizer import BaseTokenizer
 
 LogprobSemantics = Literal["raw", "processed"]
 
@@ -103,6 +106,7 @@ class BaseModel(Protocol):
 
     name: str
     capabilities: Capabilities
+    tokenizer: BaseTokenizer | None  # the base's tokenizer where it is known (connect sets it)
 
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
         """Top-k logprobs of the token after ``prompt``; k = -1 asks for all of them."""

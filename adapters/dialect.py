@@ -1,7 +1,8 @@
 """What every HTTP adapter shares: one request per step, and errors explained once.
 
 An adapter subclass is a payload builder and a response parser (both pure, tested with literal
-JSON); the flow around them — send, map errors to what the user should do — lives here.
+JSON) plus what is true of its dialect, as class attributes that ``connect``, discovery and the CLI
+read; the flow around them — send, map errors to what the user should do — lives here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from typing import Any, ClassVar
 
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
-from proxyclient.adapters.discovery import dialect_hint
+from proxyclient.adapters.discovery import HUGE_K, dialect_hint
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
     APIStatusError,
@@ -21,6 +22,7 @@ from proxyclient.errors import (
     ResponseFormatError,
     TopKTooLargeError,
 )
+from proxyclient.tokenizer import BaseTokenizer
 
 # How servers word "k is over my cap", each with the cap as group 1.
 _K_CAP = (
@@ -49,17 +51,58 @@ def k_cap_in(message: str) -> int | None:
     return None
 
 
+def completion_top_logprobs(body: Any) -> dict[str, Any]:
+    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        raise ResponseFormatError(
+            f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
+        ) from None
+    top = (logprobs or {}).get("top_logprobs") or []
+    if not top or not top[0]:
+        raise ResponseFormatError(
+            "the server returned no top logprobs; does it support the `logprobs` parameter "
+            "of /v1/completions? (vLLM does; for other servers pick their --api)"
+        )
+    return top[0]
+
+
 class DialectAdapter:
-    """Base of the HTTP adapters. Subclasses set ``dialect`` and ``capabilities`` and implement
-    ``build_request`` and ``parse_response``."""
+    """Base of the HTTP adapters. Subclasses set ``dialect`` and ``capabilities``, implement
+    ``build_request`` and ``parse_response``, and override the dialect facts below where the
+    defaults do not hold."""
 
-    dialect: ClassVar[str] = ""
+    dialect: ClassVar[str] = ""  # its name in the registry and in --api
     k_option: ClassVar[str] = "--top-logprobs"  # what the user changes to lower k
+    # The server names tokens by text, so the adapter needs the base's tokenizer to map them to ids.
+    needs_tokenizer: ClassVar[bool] = False
+    # The ks ``discovery.probe`` asks for after k = 1, in order; the first one answered sets max_k.
+    probe_ks: ClassVar[tuple[int, ...]] = (HUGE_K,)
+    # How the server's operator raises its cap on k, ending a k-too-large error ("" = no advice).
+    raise_k_cap: ClassVar[str] = ""
+    # Other servers (named as ``sniff_dialect`` names them) that also answer this dialect.
+    also_served_by: ClassVar[frozenset[str]] = frozenset()
     capabilities: Capabilities
+    tokenizer: BaseTokenizer | None  # the base's; None when none was given and none is needed
 
-    def __init__(self, transport: HTTPTransport, model: str) -> None:
+    def __init__(
+        self, transport: HTTPTransport, model: str, *, tokenizer: BaseTokenizer | None = None
+    ) -> None:
         self.transport = transport
         self.name = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def default_tokenizer(cls, model: str) -> str | None:
+        """The tokenizer (as ``load_base_tokenizer`` takes it) that the model's name implies, or
+        None when the name says nothing."""
+        return None
+
+    @classmethod
+    def served_by(cls, server: str) -> bool:
+        """Whether a server that ``sniff_dialect`` calls ``server`` answers this dialect."""
+        return server == cls.dialect or server in cls.also_served_by
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.name!r}, transport={self.transport!r})"
@@ -83,7 +126,7 @@ class DialectAdapter:
         except APIStatusError as exc:
             raise await self.explain(exc, prompt, k) from None
         except ResponseFormatError as exc:
-            hint = await dialect_hint(self.transport, self.dialect)
+            hint = await dialect_hint(self.transport, type(self))
             if not hint:
                 raise
             raise ResponseFormatError(f"{exc}{hint}") from None
@@ -98,12 +141,7 @@ class DialectAdapter:
                 return TopKTooLargeError(
                     f"{text}\nThe server allows at most {server_max} top logprobs and {k} were "
                     f"asked for: {fix or 'ask for fewer'}"
-                    + (
-                        ", or restart vLLM with a larger --max-logprobs (-1 allows the whole "
-                        "vocabulary)."
-                        if self.dialect == "vllm"
-                        else "."
-                    ),
+                    + (f", or {self.raise_k_cap}." if self.raise_k_cap else "."),
                     status_code=exc.status_code,
                     body=exc.body,
                     server_max=server_max,
@@ -125,7 +163,7 @@ class DialectAdapter:
             )
         hint = ""
         if exc.status_code in (404, 405):
-            hint = await dialect_hint(self.transport, self.dialect)
+            hint = await dialect_hint(self.transport, type(self))
         if isinstance(exc, NotFoundError):
             return NotFoundError(
                 f"{text} — {hint.strip() or await self._served_models_hint()}",

@@ -1,19 +1,22 @@
 """What a server can do, found out with one or two tiny requests; which dialect it speaks.
 
-``probe`` asks once with k = 1 (does the endpoint answer with logprobs?) and once with an absurd k
-(the refusal names the server's cap; vLLM also gets k = -1 to see whether it allows the whole
-vocabulary). ``sniff_dialect`` looks at a few read-only endpoints that each stack answers in its own
-way, for error messages that say which --api to use.
+``probe`` asks once with k = 1 (does the endpoint answer with logprobs?), then with the adapter's
+``probe_ks``: by default an absurd k, whose refusal names the server's cap; adapters whose servers
+may allow the whole vocabulary try k = -1 first. ``sniff_dialect`` looks at a few read-only
+endpoints that each stack answers in its own way, for error messages that say which --api to use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxyclient.adapters.base import Capabilities, Prompt
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import BaseModelError, TopKTooLargeError
+
+if TYPE_CHECKING:
+    from proxyclient.adapters.dialect import DialectAdapter
 
 HUGE_K = 100_000
 
@@ -22,8 +25,7 @@ async def probe(adapter: Any, prompt: Prompt) -> Capabilities:
     """The adapter's capabilities with ``max_k`` measured on the live server."""
     await adapter.top_logprobs(prompt, 1)  # raises with a clear message if it cannot work at all
     max_k = adapter.capabilities.max_k
-    tries = [-1, HUGE_K] if adapter.dialect == "vllm" else [HUGE_K]
-    for k in tries:
+    for k in getattr(adapter, "probe_ks", (HUGE_K,)):  # default for a BaseModel of its own
         try:
             answer = await adapter.top_logprobs(prompt, k)
         except TopKTooLargeError as exc:
@@ -52,13 +54,12 @@ async def sniff_dialect(transport: HTTPTransport) -> str | None:
     return None
 
 
-async def dialect_hint(transport: HTTPTransport, expected: str) -> str:
-    """A sentence for error messages when a server does not answer like ``expected``."""
+async def dialect_hint(transport: HTTPTransport, adapter: type[DialectAdapter]) -> str:
+    """A sentence for error messages when a server does not answer like ``adapter`` expects."""
     found = await sniff_dialect(transport)
-    compatible = found == expected or (found == "vllm" and expected.startswith("openai"))
-    if found is None or compatible:
+    if found is None or adapter.served_by(found):
         return ""
     return (
-        f" The server at {transport.base_url} seems to speak {found}, not {expected}: "
+        f" The server at {transport.base_url} seems to speak {found}, not {adapter.dialect}: "
         f"try --api {found}."
     )

@@ -1,8 +1,9 @@
 """llama.cpp server's native ``/completion``: token-array prompts, ``n_probs``, ids in answers.
 
-Its OpenAI-style endpoints are the weaker surface (no token-id prompts, wrong echo logprobs, null
-chat bytes; shared/notes/real-servers.md). ``post_sampling_probs: false`` (the default) makes the
-returned logprobs the model's own distribution rather than what the sampler chain left.
+Its OpenAI-style endpoints are the weaker surface (seen on llama-cpp-python's server 0.3.36):
+``/v1/completions`` refuses token-id prompts (HTTP 500), echo puts prompt logprobs on the wrong
+positions, and chat top_logprobs carry null ``bytes``. ``post_sampling_probs: false`` (the default)
+makes the returned logprobs the model's own distribution rather than what the sampler chain left.
 
 llama-server leaves the probabilities out when the one token it sampled is an incomplete UTF-8
 character (it holds such text back), so an answer without them is asked again with another seed.
@@ -16,6 +17,7 @@ from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
+from proxyclient.tokenizer import BaseTokenizer
 
 RESAMPLE_ATTEMPTS = 8
 
@@ -25,10 +27,19 @@ class _HeldBack(Exception):
 
 
 class LlamaCppCompletion(DialectAdapter):
+    """A base model served by llama-server. ``tokenizer`` is optional: answers name tokens by id."""
+
     dialect = "llamacpp"
 
-    def __init__(self, transport: HTTPTransport, model: str, *, max_k: int | None = None) -> None:
-        super().__init__(transport, model)
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer | None = None,
+        max_k: int | None = None,
+    ) -> None:
+        super().__init__(transport, model, tokenizer=tokenizer)
         self.capabilities = Capabilities(
             max_k=max_k,
             token_id_prompts=True,

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs
 from proxyclient.adapters.http import HTTPTransport
-from proxyclient.adapters.vllm import completion_top_logprobs
-from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 from proxyclient.vocab import bytes_of_token_string
 
 OPENAI_MAX_LOGPROBS = 5
@@ -23,6 +22,9 @@ OPENAI_MAX_LOGPROBS = 5
 
 class OpenAICompletions(DialectAdapter):
     dialect = "openai"
+    needs_tokenizer = True
+    also_served_by = frozenset({"vllm"})
+    tokenizer: BaseTokenizer
 
     def __init__(
         self,
@@ -33,8 +35,7 @@ class OpenAICompletions(DialectAdapter):
         max_k: int | None = OPENAI_MAX_LOGPROBS,
         token_id_prompts: bool = True,
     ) -> None:
-        super().__init__(transport, model)
-        self.tokenizer = tokenizer
+        super().__init__(transport, model, tokenizer=tokenizer)
         self.capabilities = Capabilities(
             max_k=max_k,
             token_id_prompts=token_id_prompts,
@@ -42,6 +43,11 @@ class OpenAICompletions(DialectAdapter):
             prompt_scoring=False,  # echo + logprobs is refused by OpenAI's current models
             logprobs="raw",
         )
+
+    @classmethod
+    def default_tokenizer(cls, model: str) -> str | None:
+        """OpenAI's model names imply their tiktoken encoding."""
+        return tiktoken_spec_for_model(model)
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         sent: list[int] | str = (

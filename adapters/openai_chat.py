@@ -16,7 +16,7 @@ from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 from proxyclient.vocab import bytes_of_token_string
 
 OPENAI_MAX_TOP_LOGPROBS = 20
@@ -25,6 +25,10 @@ REPLACEMENT = "\ufffd".encode()
 
 class OpenAIChat(DialectAdapter):
     dialect = "openai-chat"
+    needs_tokenizer = True
+    # vLLM serves chat; so does any OpenAI-style host, which sniff_dialect calls "openai".
+    also_served_by = frozenset({"vllm", "openai"})
+    tokenizer: BaseTokenizer
 
     def __init__(
         self,
@@ -35,8 +39,7 @@ class OpenAIChat(DialectAdapter):
         max_k: int | None = OPENAI_MAX_TOP_LOGPROBS,
         continue_final_message: bool = False,
     ) -> None:
-        super().__init__(transport, model)
-        self.tokenizer = tokenizer
+        super().__init__(transport, model, tokenizer=tokenizer)
         self.continue_final_message = continue_final_message
         self.capabilities = Capabilities(
             max_k=max_k,
@@ -46,6 +49,11 @@ class OpenAIChat(DialectAdapter):
             logprobs="raw",
             multi_step=continue_final_message,
         )
+
+    @classmethod
+    def default_tokenizer(cls, model: str) -> str | None:
+        """OpenAI's model names imply their tiktoken encoding."""
+        return tiktoken_spec_for_model(model)
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         decode = self.tokenizer.decode

@@ -22,6 +22,9 @@ TGI_DEFAULT_MAX_TOP_N = 5
 
 class TGIGenerate(DialectAdapter):
     dialect = "tgi"
+    needs_tokenizer = True
+    raise_k_cap = "restart TGI with a larger --max-top-n-tokens"
+    tokenizer: BaseTokenizer
 
     def __init__(
         self,
@@ -31,8 +34,7 @@ class TGIGenerate(DialectAdapter):
         tokenizer: BaseTokenizer,
         max_k: int | None = TGI_DEFAULT_MAX_TOP_N,
     ) -> None:
-        super().__init__(transport, model)
-        self.tokenizer = tokenizer
+        super().__init__(transport, model, tokenizer=tokenizer)
         self.capabilities = Capabilities(
             max_k=max_k,
             token_id_prompts=False,

@@ -11,9 +11,11 @@ import re
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs
+from proxyclient.adapters.discovery import HUGE_K
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ProxyClientError, ResponseFormatError
+from proxyclient.tokenizer import BaseTokenizer
 
 COMPLETIONS_PATH = "/completions"
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
@@ -29,23 +31,6 @@ def build_request(model: str, prompt_ids: list[int], k: int) -> tuple[str, dict[
         "logprobs": k,
         "return_tokens_as_token_ids": True,
     }
-
-
-def completion_top_logprobs(body: Any) -> dict[str, Any]:
-    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
-    try:
-        logprobs = body["choices"][0]["logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise ResponseFormatError(
-            f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
-        ) from None
-    top = (logprobs or {}).get("top_logprobs") or []
-    if not top or not top[0]:
-        raise ResponseFormatError(
-            "the server returned no top logprobs; does it support the `logprobs` parameter "
-            "of /v1/completions? (vLLM does; for other servers pick their --api)"
-        )
-    return top[0]
 
 
 def parse_response(body: Any, *, k: int) -> TopLogprobs:
@@ -65,12 +50,21 @@ def parse_response(body: Any, *, k: int) -> TopLogprobs:
 
 
 class VLLMCompletions(DialectAdapter):
-    """A base model served by vLLM."""
+    """A base model served by vLLM. ``tokenizer`` is optional: answers name tokens by id."""
 
     dialect = "vllm"
+    probe_ks = (-1, HUGE_K)  # --max-logprobs -1 allows the whole vocabulary
+    raise_k_cap = "restart vLLM with a larger --max-logprobs (-1 allows the whole vocabulary)"
 
-    def __init__(self, transport: HTTPTransport, model: str, *, max_k: int | None = None) -> None:
-        super().__init__(transport, model)
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer | None = None,
+        max_k: int | None = None,
+    ) -> None:
+        super().__init__(transport, model, tokenizer=tokenizer)
         self.capabilities = Capabilities(
             max_k=max_k,
             token_id_prompts=True,

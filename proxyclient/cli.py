@@ -32,9 +32,14 @@ DEFAULT_UNSEEN = GenerationConfig().unseen.value
 
 
 def _base_options(parser: argparse.ArgumentParser) -> None:
+    from proxyclient.adapters import available
+
     base = parser.add_argument_group("base model (remote)")
     base.add_argument(
-        "--api", default="vllm", help="server dialect: vllm, openai, openai-chat, tgi, llamacpp"
+        "--api",
+        default="vllm",
+        choices=list(available()),
+        help="server dialect: %(choices)s (default: %(default)s)",
     )
     base.add_argument(
         "--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1 (tgi, llamacpp: no /v1)"
@@ -155,14 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseModel:
-    from proxyclient.adapters import NEEDS_TOKENIZER, connect
-    from proxyclient.tokenizer import tiktoken_for_model
+    from proxyclient.adapters import connect, tokenizer_needed
 
     tokenizer = args.base_tokenizer
-    # Base and proxies share a tokenizer unless told otherwise, except that OpenAI's own model
-    # names imply their tiktoken encoding (connect() picks it).
-    openai_model = args.api.startswith("openai") and tiktoken_for_model(args.base_model)
-    if tokenizer is None and args.api in NEEDS_TOKENIZER and not openai_model:
+    # Base and proxies share a tokenizer unless told otherwise, or unless the base's model name
+    # implies its own (OpenAI's names their tiktoken encoding: connect() picks it).
+    if tokenizer is None and tokenizer_needed(args.api, args.base_model):
         tokenizer = default_tokenizer
     options = {"continue_final_message": True} if args.chat_continue else {}
     return connect(
@@ -186,15 +189,12 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
     if not args.verbose:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    base = _connect(args, args.anti_expert)
-    base_tokenizer = args.base_tokenizer
-    if base_tokenizer is None and getattr(getattr(base, "tokenizer", None), "is_tiktoken", False):
-        base_tokenizer = base.tokenizer  # an OpenAI model's own encoding, derived from its name
+    # The adapter carries the base's tokenizer (given, or implied by the model name); the tuner
+    # adopts it from there.
     return ProxyTuner(
-        base,
+        _connect(args, args.anti_expert),
         expert=args.expert,
         anti_expert=args.anti_expert,
-        base_tokenizer=base_tokenizer,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

@@ -8,7 +8,9 @@
     .venv/bin/python scripts/bench_step.py                   # tiny proxies (hidden 128, 2 layers)
     .venv/bin/python scripts/bench_step.py --proxy-hidden 512 --proxy-layers 8
 
-torch uses 1 thread: client and server share this machine's cores (shared/notes/real-servers.md).
+torch uses 1 thread: client and server share this machine's 2 cores, and with 2 torch threads the
+OpenMP spin-waits of both processes fight over them (a tiny local forward took ~250 ms instead of
+~2 ms next to a vLLM CPU server).
 """
 
 from __future__ import annotations

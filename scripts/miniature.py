@@ -183,7 +183,8 @@ def _proxy_rows(
 def evaluate(models: Path, quick: bool) -> list[Row]:
     """The table's rows: local models with transformers, proxy-tuning through a vLLM server."""
 
-    # The client shares this machine's cores with the server: one torch thread (real-servers.md).
+    # One torch thread: client and server share the cores, and two processes' OpenMP spin-waits
+    # fighting over them made a tiny forward take ~250 ms instead of ~2 ms.
     torch.set_num_threads(1)
     rows = load_eval(models, quick)
     table = [

