@@ -112,6 +112,11 @@ class Realigner:
         self.proxy_bytes += self.proxy.bytes_of(ids)
         return ids
 
+    def rewind(self, base_len: int, proxy_len: int) -> None:
+        """Back to when ``base_len`` / ``proxy_len`` bytes had been generated on each side."""
+        del self.base_bytes[base_len:]
+        del self.proxy_bytes[proxy_len:]
+
     @property
     def aligned(self) -> bool:
         return self.base_bytes == self.proxy_bytes

@@ -120,21 +120,43 @@ class LocalModel:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     @torch.inference_mode()
-    def feed(self, state: KVState, token_ids: Sequence[int]) -> torch.Tensor:
-        """Append ``token_ids`` to the sequence; log-probs of the token after it, [output_size]
-        float32 on the CPU. Only the new tokens go through the model: cost does not grow with
-        the prefix beyond attention over the cache."""
+    def feed(self, state: KVState, token_ids: Sequence[int], positions: int = 1) -> torch.Tensor:
+        """Append ``token_ids`` to the sequence; log-probs of the token after each of the last
+        ``positions`` of them, [positions, output_size] float32 on the CPU. Only the new tokens go
+        through the model: cost does not grow with the prefix beyond attention over the cache."""
         if not token_ids:
             raise ValueError("feed needs at least one token")
+        if not 1 <= positions <= len(token_ids):
+            raise ValueError(f"positions must be in [1, {len(token_ids)}], got {positions}")
         input_ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {self._cache_arg: state.cache, "use_cache": True}
         if self._accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = positions
         out = self.model(input_ids=input_ids, **kwargs)
         state.cache = out[self._cache_arg]
         state.length += len(token_ids)
-        logits = out.logits[0, -1].float()  # [output_size]
+        logits = out.logits[0, -positions:].float()  # [positions, output_size]
         return torch.log_softmax(logits, dim=-1).cpu()
+
+    def crop(self, state: KVState, length: int) -> None:
+        """Forget everything after the first ``length`` tokens of ``state`` (speculation's
+        rollback): the next feed continues from there."""
+        if not 0 <= length <= state.length:
+            raise ValueError(f"cannot crop a {state.length}-token cache to {length} tokens")
+        if length == state.length:
+            return
+        if length == 0:
+            state.cache, state.length = None, 0
+            return
+        cache = state.cache
+        if not getattr(cache, "is_croppable", True) or not hasattr(cache, "crop"):
+            raise ConfigError(
+                f"the {self.name} model's KV cache ({type(cache).__name__}) cannot be rolled "
+                f"back; speculative decoding needs a model with a croppable cache"
+            )
+        # A negative argument removes that many tokens, in transformers 4.x and 5.x alike.
+        cache.crop(length - state.length)
+        state.length = length
 
 
 def load_local(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from proxyclient.result import Generation
+
+if TYPE_CHECKING:
+    from proxyclient.loop_thread import LoopThread
 
 
 class AsyncGenerationStream:
@@ -31,23 +34,25 @@ class AsyncGenerationStream:
 
 
 class GenerationStream:
-    """Iterator of text pieces; ``generation`` is the result once it is exhausted."""
+    """Iterator of text pieces; ``generation`` is the result once it is exhausted.
 
-    def __init__(self, inner: AsyncGenerationStream, loop: asyncio.AbstractEventLoop) -> None:
+    Each piece is computed on the tuner's private loop (a
+    :class:`~proxyclient.loop_thread.LoopThread`), so this works whether or not the calling thread
+    runs an event loop. ``close()`` stops the generation early (closing the async stream there).
+    """
+
+    def __init__(self, inner: AsyncGenerationStream, runner: LoopThread) -> None:
         self._inner = inner
-        self._loop = loop
+        self._pieces = runner.iterate(inner)
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        try:
-            return self._loop.run_until_complete(self._inner.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
+        return next(self._pieces)
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._inner.aclose())
+        self._pieces.close()
 
     @property
     def generation(self) -> Generation:

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 LocalBase(ref["base"]), tiny["expert"], tiny["anti_expert"],
                 device=device, dtype=dtype,
             )  # fmt: skip
-            assert next(tuner.expert.model.parameters()).dtype == resolve_dtype(dtype, device)
+            weights = next(tuner.proxies.expert.model.parameters())
+            assert weights.dtype == resolve_dtype(dtype, device)
             agree, total = 0, 0
             for prompt in PROMPTS:
                 for alpha in (0.5, 1.0, 2.0):
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             model = LocalModel.load(tiny["expert"], device=device, dtype=dtype)
             ids = [0, 321, 530, 264, 827, 40, 41, 42]
             state = KVState()
-            steps = [model.feed(state, ids[:3])] + [model.feed(state, [t]) for t in ids[3:]]
+            steps = [model.feed(state, ids[:3])[0]] + [model.feed(state, [t])[0] for t in ids[3:]]
             worst = max(
                 float((lp - full_forward(model, ids[:n])).abs().max())
                 for n, lp in zip(range(3, len(ids) + 1), steps, strict=True)

@@ -40,9 +40,9 @@ def bridged(servers, tiny_models):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_reproduces_the_bases_greedy_text(servers, bridged, prompt):
     got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=20)
-    base_ids = bridged.base_tokenizer.encode(prompt)
+    base_ids = bridged.tokens.base_tokenizer.encode(prompt)
     assert got.token_ids == server_greedy(servers["full"], base_ids, N)
-    assert got.text == bridged.base_tokenizer.decode(got.token_ids)
+    assert got.text == bridged.tokens.base_tokenizer.decode(got.token_ids)
 
 
 def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
@@ -55,7 +55,7 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
             got = same.generate(
                 prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=20
             )
-            expected = server_greedy(servers["full"], same.base_tokenizer.encode(prompt), N)
+            expected = server_greedy(servers["full"], same.tokens.base_tokenizer.encode(prompt), N)
             assert got.token_ids == expected
 
 
@@ -71,7 +71,7 @@ def test_a_steering_expert_moves_the_output_and_text_stays_valid(bridged):
         moved += sum(a != b for a, b in zip(plain.token_ids, steered.token_ids, strict=False))
         # Whatever the token boundaries, the text is the base bytes, decoded: valid UTF-8.
         assert steered.text.encode("utf-8").decode("utf-8") == steered.text
-        assert steered.text == bridged.base_tokenizer.decode(steered.token_ids)
+        assert steered.text == bridged.tokens.base_tokenizer.decode(steered.token_ids)
         usage = steered.usage
         # Candidates with no single-token twin are counted and, under `prefix`, kept.
         assert 0 < usage.untwinned_candidates < usage.candidates

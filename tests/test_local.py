@@ -10,7 +10,7 @@ def test_kv_cached_feeds_match_full_forwards(tiny_models, hf_models):
     model = LocalModel.load(tiny_models["expert"], device="cpu")
     ids = hf_models["tokenizer"]("def main():\n    return").input_ids
     state = KVState()
-    got = [model.feed(state, ids[:3])] + [model.feed(state, [t]) for t in ids[3:]]
+    got = [model.feed(state, ids[:3])[0]] + [model.feed(state, [t])[0] for t in ids[3:]]
     for n, logprobs in enumerate(got, start=3):
         expected = next_logprobs(hf_models["expert"], ids[:n]).float()
         torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)

@@ -191,7 +191,7 @@ def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
     chat = tuner.expert_tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
     )
-    expert_ids = tuner._encode_for_expert(PROMPTS[0])
+    expert_ids = tuner.tokens.encode_prompt(PROMPTS[0], expert_chat_template=True).expert
     assert tuner.expert_tokenizer.decode(expert_ids, skip_special_tokens=True) == chat
     expected = proxy_tuned_greedy(
         hf_models["base"],

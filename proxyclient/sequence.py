@@ -1,0 +1,181 @@
+"""Sequence: everything about one generation, in one object.
+
+The ids on both sides (the base's, and the proxies' that spell the same bytes), the proxies' KV
+caches, the realigner between the two tokenizations, the sampling RNG, the text assembler, usage,
+timings and the finish reason. Steps read and grow it; it is what a failure hands back as the
+partial result.
+
+Two layers: ``append`` puts tokens on both sides (what the models condition on next), ``emit``
+makes an appended token output (text, usage, stop/EOS/length). Appended tokens that were never
+emitted — a speculative draft — can be taken back with ``checkpoint`` / ``rollback``, on both
+sides at once: the base ids, the proxy ids, the realigner's bytes and the KV caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Ids
+from dataclasses import dataclass, field
+
+import torch
+
+from proxyclient.adapters.base import Prompt
+from proxyclient.bridge import Realigner
+from proxyclient.config import GenerationConfig
+from proxyclient.detokenize import TextAssembler
+from proxyclient.proxies import PairState, ProxyLogprobs, ProxyPair
+from proxyclient.result import FinishReason, Generation, Timings, Usage
+from proxyclient.tokens import PromptIds, TokenSpace
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """Where the proxy side stood before one base token was appended."""
+
+    proxy_len: int
+    realigned: tuple[int, int]  # the realigner's byte counts (base side, proxy side)
+
+
+@dataclass
+class Sequence:
+    """One generation. Build it with :meth:`start`."""
+
+    config: GenerationConfig
+    prompt: str
+    prompt_ids: PromptIds
+    eos_ids: frozenset[int]
+    assembler: TextAssembler
+    realigner: Realigner | None
+    generator: torch.Generator | None
+    base_ids: list[int] = field(default_factory=list)  # prompt + appended, the base's ids
+    proxy_generated: list[int] = field(default_factory=list)  # appended, the proxies' ids
+    proxies: PairState = field(default_factory=PairState)
+    token_ids: list[int] = field(default_factory=list)  # emitted output, base ids
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    _marks: list[_Mark] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, prompt: str, config: GenerationConfig, tokens: TokenSpace) -> Sequence:
+        ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
+        seed = config.seed
+        return cls(
+            config=config,
+            prompt=prompt,
+            prompt_ids=ids,
+            eos_ids=tokens.eos_ids,
+            assembler=TextAssembler(tokens.decode, ids.base, config.stop),
+            realigner=tokens.realigner(),
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            base_ids=list(ids.base),
+        )
+
+    # -- what the models see ------------------------------------------------------------------
+
+    @property
+    def base_prompt(self) -> Prompt:
+        """What the base continues now."""
+        return Prompt(tuple(self.base_ids), len(self.prompt_ids.base))
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return self.prompt_ids.expert + self.proxy_generated
+
+    @property
+    def anti_ids(self) -> list[int]:
+        return self.prompt_ids.proxy + self.proxy_generated
+
+    @property
+    def appended(self) -> int:
+        """Base tokens appended after the prompt (emitted ones and drafts)."""
+        return len(self._marks)
+
+    def append(self, tokens: Ids[int]) -> None:
+        """Put base tokens on both sides: the base's ids, and the proxy ids that spell them."""
+        for token in tokens:
+            realigned = (
+                (len(self.realigner.base_bytes), len(self.realigner.proxy_bytes))
+                if self.realigner is not None
+                else (0, 0)
+            )
+            self._marks.append(_Mark(len(self.proxy_generated), realigned))
+            self.base_ids.append(token)
+            self.proxy_generated += self.realigner.feed(token) if self.realigner else [token]
+
+    async def proxy_logprobs(self, pair: ProxyPair, positions: int = 1) -> ProxyLogprobs:
+        """The proxies' log-probs at the last ``positions`` positions; time counted."""
+        out = await pair.logprobs(self.proxies, self.expert_ids, self.anti_ids, positions)
+        self.timings.local_s += out.seconds
+        return out
+
+    # -- speculation's undo -------------------------------------------------------------------
+
+    def checkpoint(self) -> int:
+        """A point to roll back to: the number of tokens appended so far."""
+        return self.appended
+
+    def rollback(self, checkpoint: int, pair: ProxyPair | None = None) -> None:
+        """Take back every token appended after ``checkpoint`` on both sides (``pair`` crops its
+        KV caches to match). Emitted tokens cannot be taken back."""
+        if not len(self.token_ids) <= checkpoint <= self.appended:
+            raise ValueError(
+                f"cannot roll back to {checkpoint}: {self.appended} tokens appended, "
+                f"{len(self.token_ids)} of them emitted"
+            )
+        if checkpoint == self.appended:
+            return
+        mark = self._marks[checkpoint]
+        del self._marks[checkpoint:]
+        del self.base_ids[len(self.prompt_ids.base) + checkpoint :]
+        del self.proxy_generated[mark.proxy_len :]
+        if self.realigner is not None:
+            self.realigner.rewind(*mark.realigned)
+        if pair is not None:
+            pair.rewind(self.proxies, len(self.expert_ids), len(self.anti_ids))
+
+    # -- output -------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int) -> str:
+        """The chosen ``token`` becomes output (appended first); the text that became safe to
+        show. EOS ends the generation and is neither appended nor output."""
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+            return ""
+        self.append([token])
+        return self.emit()
+
+    def emit(self) -> str:
+        """The next appended-but-not-emitted token becomes output."""
+        if len(self.token_ids) >= self.appended:
+            raise ValueError("emit() needs an appended token that is not output yet")
+        token = self.base_ids[len(self.prompt_ids.base) + len(self.token_ids)]
+        self.token_ids.append(token)
+        self.usage.completion_tokens += 1
+        piece = self.assembler.add(token)
+        if self.assembler.stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.config.max_new_tokens:
+            self.finish_reason = "length"
+        return piece
+
+    def fail(self, message: str) -> Generation:
+        self.error = message
+        return self.result()
+
+    def result(self) -> Generation:
+        """The generation so far (final once ``finished``); copies, safe to keep."""
+        return Generation(
+            text=self.assembler.text,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason or "error",
+            usage=dataclasses.replace(self.usage),
+            unseen_policy=self.config.unseen.value,
+            timings=dataclasses.replace(self.timings),
+            error=self.error,
+        )
