@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -90,6 +90,9 @@ class Capabilities:
     logprobs: "raw" = the model's own distribution; "processed" = after the server's warpers.
     multi_step: False where only the first token after the prompt can be scored (plain chat APIs
     cannot continue a partial assistant message).
+    drafts: ``generate`` returns several tokens from one request with the top-k at each, so the
+    base can draft (speculation); prompt_scoring: ``score`` returns the top-k at every position of
+    a given continuation, so the expert can draft and the base verify.
     """
 
     max_k: int | None
@@ -98,6 +101,35 @@ class Capabilities:
     prompt_scoring: bool
     logprobs: LogprobSemantics
     multi_step: bool = True
+    drafts: bool = False  # generates several tokens per request with top-k at each (``generate``)
+
+
+@dataclass(frozen=True)
+class ServerUsage:
+    """What the server says one request cost (None where it does not say)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_prompt_tokens: int | None = None  # prompt tokens served from the server's cache
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Several positions from one request: the base's top-k before each token, and the token.
+
+    From ``generate``: the tokens the base chose (greedy, or sampled at temperature 1), possibly
+    fewer than asked (EOS, the context's end). From ``score``: the continuation that was sent,
+    then the one token the server generated after it, so ``tops`` has one entry more than the
+    continuation. A token the answer did not identify is None; its position's top-k still holds.
+    """
+
+    tokens: tuple[int | None, ...]  # [n] base ids
+    tops: tuple[TopLogprobs, ...]  # [n] top-k before each token
+    token_logprobs: tuple[float | None, ...]  # [n] each token's own logprob (the raw model's)
+    usage: ServerUsage = ServerUsage()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 @runtime_checkable
@@ -115,3 +147,18 @@ class BaseModel(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+class DraftingBaseModel(BaseModel, Protocol):
+    """A base that can also answer for several positions per request (speculation).
+
+    ``generate``: up to ``n`` tokens after ``prompt``, greedy or sampled at temperature 1 (with
+    ``seed``), with the top-k before each. ``score``: the top-k before each token of
+    ``continuation`` and before the token after it (needs ``capabilities.prompt_scoring``).
+    """
+
+    async def generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> Continuation: ...
+
+    async def score(self, prompt: Prompt, continuation: Sequence[int], k: int) -> Continuation: ...

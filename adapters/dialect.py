@@ -8,9 +8,10 @@ read; the flow around them — send, map errors to what the user should do — l
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.discovery import HUGE_K, dialect_hint
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
@@ -49,6 +50,20 @@ def k_cap_in(message: str) -> int | None:
         if match := pattern.search(message):
             return int(match.group(1))
     return None
+
+
+def server_usage(body: Any) -> ServerUsage:
+    """The ``usage`` of an OpenAI-style answer, cached prompt tokens included where reported
+    (OpenAI and vLLM: ``prompt_tokens_details.cached_tokens``; DeepSeek:
+    ``prompt_cache_hit_tokens``)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return ServerUsage()
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = usage.get("prompt_cache_hit_tokens")
+    return ServerUsage(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
 
 
 def completion_top_logprobs(body: Any) -> dict[str, Any]:
@@ -113,16 +128,65 @@ class DialectAdapter:
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
         raise NotImplementedError
 
+    # Speculation (see Capabilities.drafts / prompt_scoring): dialects that can, override these.
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError(f"the {self.dialect} adapter cannot draft")
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        raise NotImplementedError(f"the {self.dialect} adapter cannot draft")
+
+    def build_score(
+        self, prompt: Prompt, continuation: Sequence[int], k: int
+    ) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError(f"the {self.dialect} adapter cannot score a continuation")
+
+    def parse_score(
+        self, body: Any, prompt: Prompt, continuation: Sequence[int], k: int
+    ) -> Continuation:
+        raise NotImplementedError(f"the {self.dialect} adapter cannot score a continuation")
+
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
         path, payload = self.build_request(prompt, k)
         return await self.send(path, payload, prompt, k)
 
-    async def send(self, path: str, payload: dict[str, Any], prompt: Prompt, k: int) -> TopLogprobs:
-        """POST one request and parse it, with errors explained."""
+    async def generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> Continuation:
+        """Up to ``n`` tokens after ``prompt`` (greedy, or sampled at temperature 1 with
+        ``seed``) and the top-k before each, from one request."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        return await self.send(
+            path, payload, prompt, k, parse=lambda body: self.parse_generate(body, prompt, k)
+        )
+
+    async def score(self, prompt: Prompt, continuation: Sequence[int], k: int) -> Continuation:
+        """The top-k before each token of ``continuation`` and before the one after it."""
+        path, payload = self.build_score(prompt, continuation, k)
+        scored = Prompt((*prompt.ids, *continuation), prompt.prompt_len)
+        return await self.send(
+            path,
+            payload,
+            scored,
+            k,
+            parse=lambda body: self.parse_score(body, prompt, continuation, k),
+        )
+
+    async def send(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        prompt: Prompt,
+        k: int,
+        parse: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """POST one request and parse it (``parse_response`` unless ``parse`` is given), with
+        errors explained."""
         what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}"
         try:
             body = await self.transport.request_json("POST", path, payload, what=what)
-            return self.parse_response(body, prompt, k)
+            return parse(body) if parse is not None else self.parse_response(body, prompt, k)
         except APIStatusError as exc:
             raise await self.explain(exc, prompt, k) from None
         except ResponseFormatError as exc:

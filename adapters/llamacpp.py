@@ -7,13 +7,16 @@ makes the returned logprobs the model's own distribution rather than what the sa
 
 llama-server leaves the probabilities out when the one token it sampled is an incomplete UTF-8
 character (it holds such text back), so an answer without them is asked again with another seed.
+In a multi-token answer (``generate``) it drops such a token's entry from
+``completion_probabilities`` and folds its bytes into the next entry, so the entries are aligned
+with the generated ids (``return_tokens``) and kept up to the first one missing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
@@ -24,6 +27,11 @@ RESAMPLE_ATTEMPTS = 8
 
 class _HeldBack(Exception):
     """The server sampled an incomplete UTF-8 character and sent no probabilities."""
+
+    def __init__(self, token: int | None = None, usage: ServerUsage | None = None) -> None:
+        super().__init__()
+        self.token = token  # the token it generated (a multi-token answer says), if known
+        self.usage = usage or ServerUsage()
 
 
 class LlamaCppCompletion(DialectAdapter):
@@ -46,6 +54,7 @@ class LlamaCppCompletion(DialectAdapter):
             ids_in_response=True,
             prompt_scoring=False,
             logprobs="raw",
+            drafts=True,
         )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -70,15 +79,88 @@ class LlamaCppCompletion(DialectAdapter):
             f"it sampled was an incomplete UTF-8 character"
         )
 
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens: greedy (temperature 0 keeps only the argmax) or sampled at
+        temperature 1 with no other sampler (``samplers`` lists the ones applied), so from the
+        raw distribution. ``return_tokens`` lists every generated id, held-back ones included."""
+        path, payload = self.build_request(prompt, k)
+        payload |= {
+            "n_predict": n,
+            "temperature": 0.0 if greedy else 1.0,
+            "samplers": ["temperature"],
+            "return_tokens": True,
+        }
+        if seed is not None and not greedy:
+            payload["seed"] = seed
+        return path, payload
+
+    async def generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> Continuation:
+        try:
+            return await super().generate(prompt, k, n, greedy=greedy, seed=seed)
+        except _HeldBack as held:
+            # The first token was held back: its top-k from a one-token request (resampled).
+            top = await self.top_logprobs(prompt, k)
+            own = dict(zip(top.token_ids, top.logprobs, strict=True)).get(held.token)
+            return Continuation((held.token,), (top,), (own,), held.usage)
+
+    @staticmethod
+    def _top(position: dict[str, Any], k: int) -> TopLogprobs:
+        entries = position["top_logprobs"]
+        return TopLogprobs.from_pairs(((e.get("id"), e.get("logprob")) for e in entries), k=k)
+
+    @staticmethod
+    def _usage(body: dict[str, Any]) -> ServerUsage:
+        timings = body.get("timings") or {}
+        return ServerUsage(
+            body.get("tokens_evaluated"), body.get("tokens_predicted"), timings.get("cache_n")
+        )
+
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
         held_back = isinstance(body, dict) and not body.get("completion_probabilities")
         if held_back and "\ufffd" in str(body.get("content", "")):
             raise _HeldBack
         try:
-            top = body["completion_probabilities"][0]["top_logprobs"]
+            return self._top(body["completion_probabilities"][0], k)
         except (KeyError, IndexError, TypeError):
             raise ResponseFormatError(
                 "the answer has no completion_probabilities[0].top_logprobs; is this llama.cpp's "
                 "own server (llama-server) with n_probs support? (--api llamacpp)"
             ) from None
-        return TopLogprobs.from_pairs(((e.get("id"), e.get("logprob")) for e in top), k=k)
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position the server gave probabilities for, up to the first it left
+        out (a held-back incomplete UTF-8 character), EOS included: the token, its logprob, the
+        top-k before it."""
+        if not isinstance(body, dict) or not {"completion_probabilities", "tokens"} & set(body):
+            raise ResponseFormatError(
+                "the answer has no completion_probabilities; is this llama.cpp's own server "
+                "(llama-server) with n_probs support? (--api llamacpp)"
+            )
+        positions = body.get("completion_probabilities") or []
+        generated = body.get("tokens") or []
+        if not generated and len(positions) == body.get("tokens_predicted"):
+            generated = [position.get("id") for position in positions]  # none left out
+        kept = 0  # positions before the first one the server left out
+        for token, position in zip(generated, positions, strict=False):
+            if position.get("id") != token:
+                break
+            kept += 1
+        if kept == 0 and (generated or body.get("tokens_predicted")):
+            raise _HeldBack(generated[0] if generated else None, self._usage(body))
+        try:
+            tops = tuple(self._top(position, k) for position in positions[:kept])
+        except (KeyError, TypeError):
+            raise ResponseFormatError(
+                "an entry of completion_probabilities has no top_logprobs; does this "
+                "llama-server support n_probs? (--api llamacpp)"
+            ) from None
+        return Continuation(
+            tuple(generated[:kept]),
+            tops,
+            tuple(position.get("logprob") for position in positions[:kept]),
+            self._usage(body),
+        )

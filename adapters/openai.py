@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
+from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs, server_usage
 from proxyclient.adapters.http import HTTPTransport
+from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 from proxyclient.vocab import bytes_of_token_string
 
@@ -42,6 +43,7 @@ class OpenAICompletions(DialectAdapter):
             ids_in_response=False,
             prompt_scoring=False,  # echo + logprobs is refused by OpenAI's current models
             logprobs="raw",
+            drafts=True,
         )
 
     @classmethod
@@ -63,11 +65,45 @@ class OpenAICompletions(DialectAdapter):
             "logprobs": k,
         }
 
-    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        token_id = self.tokenizer.token_id
-        pairs = [
-            (token_id(bytes_of_token_string(token)), logprob)
-            for token, logprob in completion_top_logprobs(body).items()
-        ]
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens, greedy (temperature 0) or sampled from the raw distribution; the
+        logprobs are the raw model's either way."""
+        path, payload = self.build_request(prompt, k)
+        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
+        if seed is not None and not greedy:
+            payload["seed"] = seed
+        return path, payload
+
+    def _token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_id(bytes_of_token_string(token))
+
+    def _top(self, entries: dict[str, Any], k: int) -> TopLogprobs:
+        """One position's ``{token text: logprob}``, as ids."""
+        pairs = [(self._token_id(token), logprob) for token, logprob in entries.items()]
         # OpenAI returns up to k + 1 entries (the sampled token is added); keep the k best.
         return TopLogprobs.from_pairs(pairs, k=k)
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        return self._top(completion_top_logprobs(body), k)
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position: the token (by its text), its logprob, the top-k before it.
+        A server that leaves a final end-of-text token out may answer a stop with no position."""
+        try:
+            logprobs = body["choices"][0]["logprobs"]
+        except (KeyError, IndexError, TypeError):
+            logprobs = None
+        if not isinstance(logprobs, dict) or logprobs.get("tokens"):
+            completion_top_logprobs(body)  # the clear error when there are no top logprobs
+        texts = logprobs.get("tokens") or []
+        tops = [self._top(entries or {}, k) for entries in logprobs.get("top_logprobs") or []]
+        if len(texts) != len(tops):
+            raise ResponseFormatError(
+                f"the answer has {len(texts)} tokens but {len(tops)} top-logprob entries"
+            )
+        own = logprobs.get("token_logprobs") or [None] * len(texts)
+        return Continuation(
+            tuple(self._token_id(t) for t in texts), tuple(tops), tuple(own), server_usage(body)
+        )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
+from proxyclient.adapters.dialect import DialectAdapter, server_usage
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
@@ -48,6 +48,7 @@ class OpenAIChat(DialectAdapter):
             prompt_scoring=False,
             logprobs="raw",
             multi_step=continue_final_message,
+            drafts=continue_final_message,  # a draft after the first step continues the answer
         )
 
     @classmethod
@@ -71,21 +72,65 @@ class OpenAIChat(DialectAdapter):
             payload |= {"continue_final_message": True, "add_generation_prompt": False}
         return "/chat/completions", payload
 
-    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens of the answer, greedy (temperature 0) or sampled from the raw
+        distribution; the logprobs are the raw model's either way."""
+        path, payload = self.build_request(prompt, k)
+        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
+        if seed is not None and not greedy:
+            payload["seed"] = seed
+        return path, payload
+
+    def _token_id(self, entry: dict[str, Any]) -> int | None:
+        """The id of a token the answer names by its ``bytes`` (else its text)."""
+        raw = entry.get("bytes")
+        data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
+        if data is not None and REPLACEMENT in data:
+            data = None  # vLLM sends U+FFFD's bytes for a partial UTF-8 token, not its own
+        return self.tokenizer.token_id(data)
+
+    def _top(self, position: dict[str, Any], k: int) -> TopLogprobs:
+        """One ``logprobs.content`` entry's top logprobs, as ids."""
+        entries = position.get("top_logprobs") or []
+        return TopLogprobs.from_pairs(((self._token_id(e), e.get("logprob")) for e in entries), k=k)
+
+    @staticmethod
+    def _content(body: Any) -> list[dict[str, Any]] | None:
+        """``choices[0].logprobs.content`` ([] for an answer without tokens), or None when the
+        answer has no logprobs."""
         try:
-            content = body["choices"][0]["logprobs"]["content"]
+            logprobs = body["choices"][0]["logprobs"]
         except (KeyError, IndexError, TypeError):
-            content = None
+            return None
+        if not isinstance(logprobs, dict):
+            return None
+        content = logprobs.get("content") or []
+        return content if isinstance(content, list) else None
+
+    @staticmethod
+    def _no_logprobs() -> ResponseFormatError:
+        return ResponseFormatError(
+            "the chat answer has no logprobs.content[0].top_logprobs; does this model allow "
+            "logprobs (OpenAI's reasoning models do not)?"
+        )
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        content = self._content(body)
         if not content or not content[0].get("top_logprobs"):
-            raise ResponseFormatError(
-                "the chat answer has no logprobs.content[0].top_logprobs; does this model allow "
-                "logprobs (OpenAI's reasoning models do not)?"
-            )
-        pairs = []
-        for entry in content[0]["top_logprobs"]:
-            raw = entry.get("bytes")
-            data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
-            if data is not None and REPLACEMENT in data:
-                data = None  # vLLM sends U+FFFD's bytes for a partial UTF-8 token, not its own
-            pairs.append((self.tokenizer.token_id(data), entry.get("logprob")))
-        return TopLogprobs.from_pairs(pairs, k=k)
+            raise self._no_logprobs()
+        return self._top(content[0], k)
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position: the token, its logprob, the top-k before it. The final stop
+        token is left out (OpenAI's shape), so a stop leaves fewer positions, maybe none."""
+        content = self._content(body)
+        if content is None or (content and not content[0].get("top_logprobs")):
+            raise self._no_logprobs()
+        return Continuation(
+            tuple(self._token_id(position) for position in content),
+            tuple(self._top(position, k) for position in content),
+            tuple(position.get("logprob") for position in content),
+            server_usage(body),
+        )

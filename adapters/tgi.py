@@ -3,7 +3,8 @@
 TGI takes text, not ids: the ids the loop tracks are decoded and TGI tokenizes them again. Where
 its split differs from ours (a chosen token that merges with its neighbours), the base is
 conditioned on the canonical split of the same text; the step is marked ``retokenized``.
-TGI computes logprobs after its warpers, so no temperature, top_p, top_k or penalty is sent.
+TGI computes logprobs after its warpers, so no temperature, top_p, top_k or penalty is sent
+(a sampled draft sends ``do_sample`` alone: temperature 1, no warper).
 Its cap on k is ``--max-top-n-tokens`` (default 5).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
@@ -41,6 +42,7 @@ class TGIGenerate(DialectAdapter):
             ids_in_response=True,
             prompt_scoring=False,  # decoder_input_details gives only the chosen tokens' logprobs
             logprobs="processed",  # after TGI's warpers; we send none, so they equal the raw ones
+            drafts=True,
         )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -54,21 +56,65 @@ class TGIGenerate(DialectAdapter):
             },
         }
 
-    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        try:
-            top = body["details"]["top_tokens"][0]
-        except (KeyError, IndexError, TypeError):
-            raise ResponseFormatError(
-                "the TGI answer has no details.top_tokens; is this a TGI server (--api tgi), and "
-                "is top_n_tokens allowed (--max-top-n-tokens)?"
-            ) from None
-        pairs = [(entry.get("id"), entry.get("logprob")) for entry in top]
-        text = self.tokenizer.decode(prompt.ids)
-        canonical = self.tokenizer.encode(text) == list(prompt.ids)
-        result = TopLogprobs.from_pairs(pairs, k=k)
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens, greedy (TGI's default: ``do_sample`` false) or sampled
+        (``do_sample`` alone: temperature 1 and no warpers, so the logprobs, which TGI computes
+        after its warpers, are the raw model's)."""
+        path, payload = self.build_request(prompt, k)
+        parameters = payload["parameters"] | {"max_new_tokens": n}
+        if not greedy:
+            parameters["do_sample"] = True
+            if seed is not None:
+                parameters["seed"] = seed
+        return path, payload | {"parameters": parameters}
+
+    def _retokenized(self, prompt: Prompt) -> bool:
+        """Whether TGI, tokenizing the prompt's text, splits it differently from our ids."""
+        return self.tokenizer.encode(self.tokenizer.decode(prompt.ids)) != list(prompt.ids)
+
+    @staticmethod
+    def _top(entries: list[dict[str, Any]], k: int, retokenized: bool) -> TopLogprobs:
+        """One position's ``top_tokens`` list."""
+        result = TopLogprobs.from_pairs(((e.get("id"), e.get("logprob")) for e in entries), k=k)
         return TopLogprobs(
             result.token_ids,
             result.logprobs,
             unresolved=result.unresolved,
-            retokenized=not canonical,
+            retokenized=retokenized,
+        )
+
+    @staticmethod
+    def _no_top_tokens() -> ResponseFormatError:
+        return ResponseFormatError(
+            "the TGI answer has no details.top_tokens; is this a TGI server (--api tgi), and "
+            "is top_n_tokens allowed (--max-top-n-tokens)?"
+        )
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        try:
+            top = body["details"]["top_tokens"][0]
+        except (KeyError, IndexError, TypeError):
+            raise self._no_top_tokens() from None
+        return self._top(top, k, self._retokenized(prompt))
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position (a final EOS included, as TGI sends it): the token, its
+        logprob and the top-k before it. Every position is conditioned on TGI's split of the
+        prompt, then on the generated ids themselves, so all share the prompt's ``retokenized``."""
+        try:
+            details = body["details"]
+            tokens = details["tokens"]
+        except (KeyError, TypeError):
+            raise self._no_top_tokens() from None
+        top_tokens = details.get("top_tokens") or []
+        if len(top_tokens) != len(tokens) or (tokens and not top_tokens[0]):
+            raise self._no_top_tokens()
+        retokenized = self._retokenized(prompt)
+        return Continuation(
+            tuple(token.get("id") for token in tokens),
+            tuple(self._top(top or [], k, retokenized) for top in top_tokens),
+            tuple(token.get("logprob") for token in tokens),
+            ServerUsage(completion_tokens=details.get("generated_tokens")),
         )

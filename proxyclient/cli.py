@@ -15,12 +15,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from proxyclient.config import (
+    DEFAULT_DRAFT_TOKENS,
     GenerationConfig,
+    Speculate,
     UnseenPolicy,
     UntwinnedRule,
     default_top_logprobs,
 )
 from proxyclient.errors import ProxyClientError
+from proxyclient.result import Generation
 
 if TYPE_CHECKING:
     from proxyclient.adapters.base import BaseModel
@@ -124,6 +127,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument(
+        "--speculate",
+        choices=[m.value for m in Speculate],
+        default=Speculate.AUTO.value,
+        help="several tokens per request: the base drafts, the expert drafts, or the best the "
+        "server supports (default: auto); the output is the same as with off",
+    )
+    gen.add_argument(
+        "--draft-tokens",
+        type=_at_least_one,
+        default=DEFAULT_DRAFT_TOKENS,
+        help=f"the longest draft (default: {DEFAULT_DRAFT_TOKENS}; it adapts below that)",
+    )
 
     choose = commands.add_parser(
         "choose",
@@ -218,6 +234,8 @@ def _generate(args: argparse.Namespace) -> int:
         unseen=args.unseen,
         untwinned=args.untwinned,
         expert_chat_template=args.expert_chat_template,
+        speculate=args.speculate,
+        draft_tokens=args.draft_tokens,
     )
     prompt = _prompt(args)
     with _tuner(args) as tuner:
@@ -231,8 +249,43 @@ def _generate(args: argparse.Namespace) -> int:
             _print_result(args, stream.generation.to_dict() | {"error": str(exc)})
             _fail(str(exc))
             return EXIT_USAGE
+        finally:
+            if args.verbose:
+                print(f"proxyclient: {cost_summary(stream.generation)}", file=sys.stderr)
         _print_result(args, stream.generation.to_dict())
     return 0
+
+
+def cost_summary(generation: Generation) -> str:
+    """One line: what the generation cost the base."""
+    usage, tokens = generation.usage, max(1, generation.usage.completion_tokens)
+    cached = (
+        f", {usage.cached_prompt_tokens} of them cached"
+        if usage.cached_prompt_tokens is not None
+        else ""
+    )
+    drafted = (
+        f"; drafts: {usage.accepted_draft_tokens} of {usage.base_completion_tokens} base "
+        f"tokens accepted"
+        if usage.accepted_draft_tokens
+        else ""
+    )
+    return (
+        f"{usage.completion_tokens} tokens in {usage.requests} requests "
+        f"({usage.requests / tokens:.2f} per token), {usage.prompt_tokens} prompt tokens sent"
+        f"{cached}, {usage.base_completion_tokens} base completion tokens{drafted}, "
+        f"{generation.timings.wall_s:.2f} s"
+    )
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _choose(args: argparse.Namespace) -> int:

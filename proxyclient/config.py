@@ -31,6 +31,26 @@ class UnseenPolicy(StrEnum):
     RESIDUAL = "residual"
 
 
+class Speculate(StrEnum):
+    """Several tokens per request to the base, with the same output as one per request.
+
+    - ``off``: one request per generated token.
+    - ``base``: the base drafts: one request generates up to ``draft_tokens`` tokens with the
+      top-k at each; the proxy-tuned choice is checked at each position and the draft accepted
+      while it agrees (any adapter whose ``capabilities.drafts`` is True).
+    - ``expert``: the expert drafts locally and one request scores the draft (the base's top-k at
+      every drafted position and after it); needs ``capabilities.prompt_scoring`` and a base that
+      shares the proxies' tokenizer.
+    - ``auto``: the best mode the base supports; the draft length adapts to what is accepted, so
+      where drafts keep failing it falls back to one token per request.
+    """
+
+    OFF = "off"
+    BASE = "base"
+    EXPERT = "expert"
+    AUTO = "auto"
+
+
 class UntwinnedRule(StrEnum):
     """What happens to a base candidate whose bytes are no single proxy token (other tokenizers).
 
@@ -48,6 +68,10 @@ class UntwinnedRule(StrEnum):
 # TGI: 5). Measured by scripts/miniature.py (README, "Does it work?"): k = 20 closes as much of the
 # gap as the whole vocabulary at about half the time per step.
 DEFAULT_TOP_LOGPROBS = 20
+
+
+# The longest draft one speculative request asks for; the length adapts below it.
+DEFAULT_DRAFT_TOKENS = 8
 
 
 def default_top_logprobs(max_k: int | None) -> int:
@@ -80,6 +104,8 @@ class GenerationConfig:
     unseen: UnseenPolicy = UnseenPolicy.RESIDUAL
     untwinned: UntwinnedRule = UntwinnedRule.PREFIX
     expert_chat_template: bool = False
+    speculate: Speculate = Speculate.AUTO
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -115,5 +141,17 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        try:
+            object.__setattr__(self, "speculate", Speculate(self.speculate))
+        except ValueError:
+            choices = ", ".join(m.value for m in Speculate)
+            raise ConfigError(
+                f"speculate must be one of {choices}, got {self.speculate!r}"
+            ) from None
+        if not isinstance(self.draft_tokens, int) or self.draft_tokens < 1:
+            raise ConfigError(
+                f"draft_tokens must be an integer >= 1 (the longest draft), got "
+                f"{self.draft_tokens!r}"
+            )
         if any(not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +29,22 @@ class PairState:
     # Log-probs after the last fed position, [V] each: reused when a step brings the proxies no
     # new token (a base token whose bytes the proxies can spell only once the next one arrives).
     last: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Set by truncate(): the caches must shrink to these lengths before the next feed.
+    crop_to: tuple[int, int] | None = None
+
+    def truncate(self, expert_len: int, anti_len: int) -> None:
+        """The sequences now hold only ``expert_len`` / ``anti_len`` ids (a rollback). Where the
+        caches hold more, both will keep one id fewer (cropped on the next feed), so that the
+        next feed has a new id to give log-probs for."""
+        expert_fed = self.crop_to[0] if self.crop_to else self.expert.length
+        anti_fed = self.crop_to[1] if self.crop_to else self.anti.length
+        if expert_fed <= expert_len and anti_fed <= anti_len:
+            return
+        self.crop_to = (
+            min(expert_fed, max(0, expert_len - 1)),
+            min(anti_fed, max(0, anti_len - 1)),
+        )
+        self.last = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,16 @@ class ProxyLogprobs:
     expert: torch.Tensor  # [positions, V_e] float32 log-softmax
     anti: torch.Tensor  # [positions, V_a]
     seconds: float  # time spent in the forwards
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Tokens the expert drafted, with both proxies' log-probs before each and after the last."""
+
+    tokens: list[int]  # [n]
+    expert: torch.Tensor  # [n + 1, V_e]
+    anti: torch.Tensor  # [n + 1, V_a]
+    seconds: float
 
 
 class ProxyPair:
@@ -75,6 +101,7 @@ class ProxyPair:
     ) -> ProxyLogprobs:
         """``logprobs`` in the calling thread."""
         started = time.perf_counter()
+        self._crop(state)
         new_expert = expert_ids[state.expert.length :]
         new_anti = anti_ids[state.anti.length :]
         if not new_expert and not new_anti and positions == 1 and state.last is not None:
@@ -90,15 +117,51 @@ class ProxyPair:
         state.last = (expert_lp[-1], anti_lp[-1])
         return ProxyLogprobs(expert_lp, anti_lp, time.perf_counter() - started)
 
-    def rewind(self, state: PairState, expert_len: int, anti_len: int) -> None:
-        """Make the caches hold at most the first ``expert_len`` / ``anti_len`` ids. Where that
-        drops anything, both keep one id fewer, so that the next call feeds the last id again
-        and has log-probs to give."""
-        if state.expert.length <= expert_len and state.anti.length <= anti_len:
+    async def draft(
+        self,
+        state: PairState,
+        expert_ids: Sequence[int],
+        anti_ids: Sequence[int],
+        n: int,
+        pick: Callable[[torch.Tensor], int],
+    ) -> Draft:
+        """The expert drafts ``n`` tokens after the sequences, one forward each, choosing with
+        ``pick`` (expert log-probs [V_e] -> token id); then the anti-expert reads them in one
+        forward. Both caches end holding the drafted tokens."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._draft_now, state, expert_ids, anti_ids, n, pick
+        )
+
+    def _draft_now(
+        self,
+        state: PairState,
+        expert_ids: Sequence[int],
+        anti_ids: Sequence[int],
+        n: int,
+        pick: Callable[[torch.Tensor], int],
+    ) -> Draft:
+        started = time.perf_counter()
+        first = self.logprobs_now(state, expert_ids, anti_ids)
+        rows, tokens = [first.expert[0]], []
+        for _ in range(n):
+            tokens.append(pick(rows[-1]))
+            rows.append(self.expert.feed(state.expert, tokens[-1:])[0])
+        anti = self.anti_expert.feed(state.anti, tokens, len(tokens))
+        state.last = (rows[-1], anti[-1])
+        return Draft(
+            tokens,
+            torch.stack(rows),
+            torch.cat([first.anti, anti]),
+            time.perf_counter() - started,
+        )
+
+    def _crop(self, state: PairState) -> None:
+        if state.crop_to is None:
             return
-        self.expert.crop(state.expert, min(state.expert.length, max(0, expert_len - 1)))
-        self.anti_expert.crop(state.anti, min(state.anti.length, max(0, anti_len - 1)))
-        state.last = None
+        self.expert.crop(state.expert, state.crop_to[0])
+        self.anti_expert.crop(state.anti, state.crop_to[1])
+        state.crop_to = None
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

@@ -19,6 +19,9 @@ class Usage:
     1 - dropped / candidates is the share the combination covered.
     ``retokenized_steps`` counts steps at which a text-only server (TGI, chat) split the text
     differently from the ids we track, so the base saw the canonical split of the same text.
+    With speculation, ``base_completion_tokens`` counts what the base generated (base drafts) or
+    was asked to score (expert drafts) beyond the prompt, what a hosted API bills as output;
+    ``accepted_draft_tokens`` the drafted tokens that became output.
     """
 
     requests: int = 0
@@ -28,6 +31,9 @@ class Usage:
     dropped_candidates: int = 0
     untwinned_candidates: int = 0  # returned entries whose bytes are no single proxy token
     retokenized_steps: int = 0
+    base_completion_tokens: int = 0  # tokens the base generated or scored as drafts (billed)
+    accepted_draft_tokens: int = 0  # drafted tokens that became output
+    cached_prompt_tokens: int | None = None  # where the server reports prompt-cache hits
 
 
 @dataclass

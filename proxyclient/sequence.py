@@ -55,6 +55,7 @@ class Sequence:
     timings: Timings = field(default_factory=Timings)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    draft_length: int = 0  # the next speculative draft's length (adapted by the step)
     _marks: list[_Mark] = field(default_factory=list)
 
     @classmethod
@@ -116,9 +117,9 @@ class Sequence:
         """A point to roll back to: the number of tokens appended so far."""
         return self.appended
 
-    def rollback(self, checkpoint: int, pair: ProxyPair | None = None) -> None:
-        """Take back every token appended after ``checkpoint`` on both sides (``pair`` crops its
-        KV caches to match). Emitted tokens cannot be taken back."""
+    def rollback(self, checkpoint: int) -> None:
+        """Take back every token appended after ``checkpoint``, on both sides (the proxies' KV
+        caches are cropped to match before their next forward). Emitted tokens stay."""
         if not len(self.token_ids) <= checkpoint <= self.appended:
             raise ValueError(
                 f"cannot roll back to {checkpoint}: {self.appended} tokens appended, "
@@ -132,8 +133,7 @@ class Sequence:
         del self.proxy_generated[mark.proxy_len :]
         if self.realigner is not None:
             self.realigner.rewind(*mark.realigned)
-        if pair is not None:
-            pair.rewind(self.proxies, len(self.expert_ids), len(self.anti_ids))
+        self.proxies.truncate(len(self.expert_ids), len(self.anti_ids))
 
     # -- output -------------------------------------------------------------------------------
 
@@ -142,12 +142,17 @@ class Sequence:
         return self.finish_reason is not None
 
     def accept(self, token: int) -> str:
-        """The chosen ``token`` becomes output (appended first); the text that became safe to
-        show. EOS ends the generation and is neither appended nor output."""
+        """The chosen ``token`` becomes output; the text that became safe to show. A draft that
+        already put it next on both sides is kept, a draft that put another token there is taken
+        back. EOS ends the generation and is neither appended nor output."""
         if token in self.eos_ids:
             self.finish_reason = "eos"
             return ""
-        self.append([token])
+        emitted = len(self.token_ids)
+        if self.appended > emitted and self.base_ids[len(self.prompt_ids.base) + emitted] != token:
+            self.rollback(emitted)
+        if self.appended == emitted:
+            self.append([token])
         return self.emit()
 
     def emit(self) -> str:

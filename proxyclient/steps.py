@@ -3,25 +3,42 @@
 A step observes (the base's top-k over HTTP and the proxies' log-probs, concurrently: the two do
 not depend on each other, so a step costs max(round trip, local forwards), not their sum),
 combines (base + alpha * (expert - anti) over the candidates, under the unseen-token policy) and
-chooses. ``OneTokenStep`` makes one request per token; speculative strategies will return several
-tokens per request behind the same ``__call__``. Every request, candidate count and second spent
-is recorded here, on the Sequence's usage and timings, and nowhere else.
+chooses. ``OneTokenStep`` makes one request per token; ``BaseDraftStep`` and ``ExpertDraftStep``
+return several tokens per request behind the same ``__call__`` (speculation: the output is the
+same as one token per request, greedy token for token, sampled in distribution). Every request,
+candidate count and second spent is recorded here, on the Sequence's usage and timings, and
+nowhere else.
+
+The draft length adapts per sequence, as transformers' assisted decoding does: +2 after a draft
+that was accepted whole, -1 after one that was not, between 1 and ``draft_tokens``. At length 1 a
+base draft is exactly a one-token request, so steering that rejects most drafts costs what
+``off`` costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from proxyclient.adapters.base import BaseModel, TopLogprobs
+from proxyclient.adapters.base import (
+    BaseModel,
+    Continuation,
+    DraftingBaseModel,
+    Prompt,
+    ServerUsage,
+    TopLogprobs,
+)
 from proxyclient.combine import Candidates, combine
 from proxyclient.config import UntwinnedRule
 from proxyclient.errors import ResponseFormatError
 from proxyclient.proxies import ProxyLogprobs, ProxyPair
-from proxyclient.sampling import choose
+from proxyclient.sampling import choose, distribution, verify
 from proxyclient.sequence import Sequence
 from proxyclient.tokens import TokenSpace
 
@@ -53,16 +70,13 @@ class OneTokenStep:
 
     async def observe(self, seq: Sequence) -> Observation:
         """Ask the base and run the proxies for the position after ``seq``'s last token."""
-        k = seq.config.top_logprobs
         prompt = seq.base_prompt
-        seq.usage.requests += 1
-        seq.usage.prompt_tokens += len(prompt.ids)
-        seq.timings.steps += 1
+        self.count_request(seq, prompt)
 
         async def ask_base() -> TopLogprobs:
             started = time.perf_counter()
             try:
-                return await self.base.top_logprobs(prompt, k)
+                return await self.base.top_logprobs(prompt, seq.config.top_logprobs)
             finally:
                 seq.timings.base_s += time.perf_counter() - started
 
@@ -72,20 +86,12 @@ class OneTokenStep:
             top = await ask_base()
             local = await seq.proxy_logprobs(self.pair)
         else:
-            # Both must finish before we go on (the proxies' KV caches are shared state), so
-            # wait for both even when one fails, then raise the first failure.
-            outcome = await asyncio.gather(
-                ask_base(), seq.proxy_logprobs(self.pair), return_exceptions=True
-            )
-            for result in outcome:
-                if isinstance(result, BaseException):
-                    raise result
-            top, local = outcome
+            top, local = await _both(ask_base(), seq.proxy_logprobs(self.pair))
+        self.count_answer(seq, ServerUsage(), 1)
         if seq.appended == 0:
             self.tokens.check_unresolved(top)
         if local is None:
             return Observation(top, None, None)
-        assert isinstance(local, ProxyLogprobs)
         return Observation(top, local.expert[-1], local.anti[-1])
 
     def candidates(
@@ -128,6 +134,20 @@ class OneTokenStep:
         return candidates
 
     @staticmethod
+    def count_request(seq: Sequence, prompt: Prompt) -> None:
+        seq.usage.requests += 1
+        seq.usage.prompt_tokens += len(prompt.ids)
+        seq.timings.steps += 1
+
+    @staticmethod
+    def count_answer(seq: Sequence, usage: ServerUsage, completion_tokens: int) -> None:
+        seq.usage.base_completion_tokens += completion_tokens
+        if usage.cached_prompt_tokens is not None:
+            seq.usage.cached_prompt_tokens = (
+                seq.usage.cached_prompt_tokens or 0
+            ) + usage.cached_prompt_tokens
+
+    @staticmethod
     def pick(seq: Sequence, candidates: Candidates) -> int:
         """Greedy or sampled, as the sequence's config says, with its RNG."""
         config = seq.config
@@ -139,3 +159,199 @@ class OneTokenStep:
             generator=seq.generator,
         )
         return int(candidates.ids[index])
+
+
+class _DraftStep(OneTokenStep):
+    """What both drafting strategies share: verifying a draft position by position."""
+
+    def verify(
+        self,
+        seq: Sequence,
+        observation: Observation,
+        drafted: int | None,
+        draft_p: Callable[[Candidates], torch.Tensor] | None,
+        drafted_logprob: float | None,
+    ) -> tuple[int, bool]:
+        """The token proxy-tuned decoding emits at this position, and whether it is the drafted
+        one. Greedy: the argmax, kept iff it is the draft's. Sampled: speculative acceptance
+        against the draft distribution ``draft_p(candidates)`` (over the candidates)."""
+        candidates = self.candidates(seq, observation)
+        if drafted is None:
+            return self.pick(seq, candidates), False
+        config = seq.config
+        if config.temperature == 0 or draft_p is None or drafted_logprob is None:
+            token = self.pick(seq, candidates)
+            return token, token == drafted
+        q = distribution(
+            candidates.scores,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+        )
+        where = torch.nonzero(candidates.ids == drafted).flatten()
+        index = int(where[0]) if where.numel() else None
+        chosen, accepted = verify(
+            q, draft_p(candidates), index, math.exp(drafted_logprob), seq.generator
+        )
+        return int(candidates.ids[chosen]), accepted
+
+    def adapt(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        seq.usage.accepted_draft_tokens += accepted
+        longest = seq.config.draft_tokens
+        if accepted >= drafted:
+            seq.draft_length = min(longest, seq.draft_length + 2)
+        else:
+            seq.draft_length = max(1, seq.draft_length - 1)
+
+    def length(self, seq: Sequence) -> int:
+        if seq.draft_length == 0:
+            seq.draft_length = seq.config.draft_tokens
+        left = seq.config.max_new_tokens - len(seq.token_ids)
+        return max(1, min(seq.draft_length, left))
+
+
+class BaseDraftStep(_DraftStep):
+    """The base drafts: one request generates up to d tokens with its top-k before each.
+
+    Position i's top-k is conditioned on the base's own tokens before it, so while the tuned
+    choice equals the base's token the draft stays valid; at the first disagreement that
+    position's top-k still gives the tuned token. Meanwhile the proxies read the current
+    position; the drafted ones follow in one batched forward.
+    """
+
+    async def __call__(self, seq: Sequence) -> list[int]:
+        config, base = seq.config, self.base
+        assert isinstance(base, DraftingBaseModel)
+        greedy = config.temperature == 0
+        n = self.length(seq)
+        prompt = seq.base_prompt
+        seed = None if greedy else _seed(seq)
+
+        async def ask_base() -> Continuation:
+            started = time.perf_counter()
+            try:
+                return await base.generate(prompt, config.top_logprobs, n, greedy=greedy, seed=seed)
+            finally:
+                seq.timings.base_s += time.perf_counter() - started
+
+        self.count_request(seq, prompt)
+        if config.alpha == 0:
+            draft, first = await ask_base(), None
+        else:
+            draft, first = await _both(ask_base(), seq.proxy_logprobs(self.pair))
+        self.count_answer(seq, draft.usage, len(draft))
+        if not draft.tops:  # it ended at once (some APIs leave EOS out): ask for one position
+            seq.draft_length = 1
+            return await super().__call__(seq)
+        if seq.appended == 0:
+            self.tokens.check_unresolved(draft.tops[0])
+        # Positions up to the first token we cannot identify can be verified: the proxies read
+        # the drafted tokens before the last verifiable position in one forward.
+        unknown = next((i for i, t in enumerate(draft.tokens) if t is None), len(draft))
+        last = min(unknown, len(draft) - 1)
+        rows = [first]
+        if last and first is not None:
+            seq.append(draft.tokens[:last])  # type: ignore[arg-type]  # no None before `last`
+            rows.append(await seq.proxy_logprobs(self.pair, positions=last))
+
+        emitted, accepted = [], 0
+        for i in range(last + 1):
+            top = draft.tops[i]
+
+            def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
+                # What the draft was sampled from: the base's raw distribution, as the
+                # unseen-token policy estimates it outside the top-k.
+                alone = self.candidates(seq, Observation(top, None, None), alpha=0.0, count=False)
+                return alone.scores.exp()
+
+            token, kept = self.verify(
+                seq, Observation(top, *_row(rows, i)), draft.tokens[i], base_p,
+                draft.token_logprobs[i],
+            )  # fmt: skip
+            emitted.append(token)
+            accepted += kept
+            if not kept:
+                break
+        self.adapt(seq, len(draft), accepted)
+        return emitted
+
+
+class ExpertDraftStep(_DraftStep):
+    """The expert drafts d tokens locally; one request scores them: the base's top-k at every
+    drafted position and after the last. Accepted: the longest prefix proxy-tuned decoding
+    would have chosen, plus its own token at the first disagreement (or after a full draft)."""
+
+    async def __call__(self, seq: Sequence) -> list[int]:
+        config, base = seq.config, self.base
+        assert isinstance(base, DraftingBaseModel)
+        n = self.length(seq)
+        vocab = self.tokens.vocab_size
+        temperature = config.temperature
+
+        def expert_probs(logprobs: torch.Tensor) -> torch.Tensor:  # [V] -> [vocab] float64
+            scores = logprobs[:vocab].to(torch.float64)
+            return distribution(scores, temperature=temperature or 1.0)
+
+        def pick(logprobs: torch.Tensor) -> int:
+            if temperature == 0:
+                return int(torch.argmax(logprobs[:vocab]))
+            return int(torch.multinomial(expert_probs(logprobs), 1, generator=seq.generator))
+
+        draft = await self.pair.draft(seq.proxies, seq.expert_ids, seq.anti_ids, n, pick)
+        seq.timings.local_s += draft.seconds
+        prompt = seq.base_prompt
+        seq.append(draft.tokens)
+        self.count_request(seq, prompt)
+        started = time.perf_counter()
+        try:
+            scored = await base.score(prompt, draft.tokens, config.top_logprobs)
+        finally:
+            seq.timings.base_s += time.perf_counter() - started
+        self.count_answer(seq, scored.usage, len(draft.tokens) + 1)
+        if seq.appended == len(draft.tokens):
+            self.tokens.check_unresolved(scored.tops[0])
+
+        emitted, accepted = [], 0
+        for i, top in enumerate(scored.tops):
+            probs = expert_probs(draft.expert[i])
+            drafted = draft.tokens[i] if i < len(draft.tokens) else None  # none after the last
+
+            def expert_p(candidates: Candidates, probs: torch.Tensor = probs) -> torch.Tensor:
+                return probs[candidates.ids]
+
+            logprob = math.log(float(probs[drafted])) if drafted is not None else None
+            observation = Observation(top, draft.expert[i], draft.anti[i])
+            token, kept = self.verify(seq, observation, drafted, expert_p, logprob)
+            emitted.append(token)
+            accepted += kept
+            if not kept:
+                break
+        self.adapt(seq, len(draft.tokens), accepted)
+        return emitted
+
+
+def _row(
+    rows: list[ProxyLogprobs | None], i: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The proxies' log-probs at draft position i: rows[0] holds position 0, rows[1] the rest."""
+    if rows[0] is None:
+        return None, None
+    block, index = (rows[0], 0) if i == 0 else (rows[1], i - 1)
+    return block.expert[index], block.anti[index]
+
+
+async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any]:
+    # Both must finish before we go on (the proxies' KV caches are shared state), so wait for
+    # both even when one fails, then raise the first failure.
+    outcome = await asyncio.gather(first, second, return_exceptions=True)
+    for result in outcome:
+        if isinstance(result, BaseException):
+            raise result
+    return outcome[0], outcome[1]
+
+
+def _seed(seq: Sequence) -> int | None:
+    """A seed for the server's sampler, from the sequence's RNG (None when unseeded)."""
+    if seq.generator is None:
+        return None
+    return int(torch.randint(0, 2**31 - 1, (), generator=seq.generator))

@@ -19,7 +19,7 @@ import torch
 
 from proxyclient.adapters.base import BaseModel
 from proxyclient.combine import Candidates
-from proxyclient.config import GenerationConfig, default_top_logprobs
+from proxyclient.config import GenerationConfig, Speculate, default_top_logprobs
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.local import (
     LocalModel,
@@ -32,7 +32,7 @@ from proxyclient.loop_thread import LoopThread
 from proxyclient.proxies import ProxyPair
 from proxyclient.result import Choice, Generation
 from proxyclient.sequence import Sequence
-from proxyclient.steps import OneTokenStep
+from proxyclient.steps import BaseDraftStep, ExpertDraftStep, OneTokenStep
 from proxyclient.stream import AsyncGenerationStream, GenerationStream
 from proxyclient.tokens import TokenSpace
 
@@ -88,6 +88,10 @@ class ProxyTuner:
         )
         self.proxies = ProxyPair(expert_model, anti_model)
         self.step = OneTokenStep(base, self.proxies, self.tokens, overlap=overlap)
+        self._drafting = {
+            Speculate.BASE: BaseDraftStep(base, self.proxies, self.tokens),
+            Speculate.EXPERT: ExpertDraftStep(base, self.proxies, self.tokens),
+        }
         # Every sync call runs on this private loop, also inside a running loop (Jupyter).
         self._runner = LoopThread()
 
@@ -137,9 +141,10 @@ class ProxyTuner:
         self, prompt: str, config: GenerationConfig | None = None, **options: Any
     ) -> AsyncGenerationStream:
         seq = self._start(prompt, config, options)
-        return AsyncGenerationStream(self._pieces(seq), seq.result)
+        step = self._step_for(seq.config.speculate)
+        return AsyncGenerationStream(self._pieces(seq, step), seq.result)
 
-    async def _pieces(self, seq: Sequence) -> AsyncIterator[str]:
+    async def _pieces(self, seq: Sequence, step: OneTokenStep) -> AsyncIterator[str]:
         started = time.perf_counter()
         try:
             await self.tokens.check_server(self.base, seq.prompt, seq.prompt_ids.base)
@@ -150,12 +155,14 @@ class ProxyTuner:
                         f"prompt (a plain chat API cannot continue a partial answer); use "
                         f"max_new_tokens=1 or ProxyTuner.choose(), or a server that can continue"
                     )
-                for token in await self.step(seq):
+                for token in await step(seq):
                     piece = seq.accept(token)
                     if piece:
                         yield piece
                     if seq.finished:
                         break
+                else:
+                    seq.rollback(len(seq.token_ids))  # drafted tokens that were not accepted
         except ProxyClientError as exc:
             exc.partial = seq.fail(str(exc))
             raise
@@ -164,6 +171,33 @@ class ProxyTuner:
         piece = seq.assembler.finish()
         if piece:
             yield piece
+
+    def speculation_modes(self) -> list[Speculate]:
+        """The drafting modes this base supports, best first (``auto`` takes the first)."""
+        capabilities = self.base.capabilities
+        modes = []
+        if capabilities.drafts and hasattr(self.base, "generate"):
+            modes.append(Speculate.BASE)
+        if capabilities.prompt_scoring and hasattr(self.base, "score") and not self.tokens.bridged:
+            modes.append(Speculate.EXPERT)
+        return modes
+
+    def _step_for(self, speculate: Speculate) -> OneTokenStep:
+        if speculate is Speculate.OFF:
+            return self.step
+        modes = self.speculation_modes()
+        if speculate is Speculate.AUTO:
+            return self._drafting[modes[0]] if modes else self.step
+        if speculate not in modes:
+            why = (
+                "the expert drafts only for a base that shares the proxies' tokenizer"
+                if speculate is Speculate.EXPERT and self.tokens.bridged
+                else f"the {self.base.name!r} base cannot "
+                + ("score a continuation" if speculate is Speculate.EXPERT else "draft")
+            )
+            supported = ", ".join(m.value for m in [Speculate.OFF, *modes, Speculate.AUTO])
+            raise ConfigError(f"speculate={speculate.value!r}: {why}; supported here: {supported}")
+        return self._drafting[speculate]
 
     # -- choose -------------------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ way the real server does, as read from its documentation and source:
   ``types/completion.py``; a recorded gpt-3.5-turbo-instruct answer for ``"bytes:\\xe6\\x97"``
   tokens and character ``text_offset``.
 * ``"openai-chat"`` — ``POST /v1/chat/completions`` (+ ``GET /v1/models``). Shapes: openai-python's
-  ``types/chat/chat_completion.py`` and ``chat_completion_token_logprob.py``.
+  ``types/chat/chat_completion.py`` and ``chat_completion_token_logprob.py``. With
+  ``continue_final_message=True`` it also takes vLLM's two chat-template extensions
+  (``add_generation_prompt``, ``continue_final_message``: vLLM's ``ChatCompletionRequest``), as a
+  vLLM server does.
 * ``"tgi"`` — ``POST /generate`` and ``GET /info`` of text-generation-inference. Shapes and wording:
   ``router/src/lib.rs`` (Info, Details, Token, ErrorResponse), ``router/src/validation.rs``,
   ``router/src/infer/mod.rs`` (InferError), ``server/.../utils/tokens.py`` (warpers, top tokens).
@@ -289,6 +292,7 @@ class _Settings:
     max_context: int
     partial_tokens: PartialTokens
     sampled_in_top: bool
+    continue_final_message: bool = False
 
 
 class _Core:
@@ -350,6 +354,8 @@ _CHAT_PARAM_NAMES = (
 )
 COMPLETIONS_PARAMS = frozenset(_COMPLETIONS_PARAM_NAMES.split())
 CHAT_PARAMS = frozenset(_CHAT_PARAM_NAMES.split())
+# vLLM's chat-template extensions (its ChatCompletionRequest); with continue_final_message=True.
+VLLM_CHAT_TEMPLATE_PARAMS = frozenset({"add_generation_prompt", "continue_final_message"})
 
 
 _JSON_KINDS = {
@@ -608,7 +614,9 @@ class _OpenAIChat(_OpenAIBase):
         super().__init__(core)
         self.routes[("POST", "/v1/chat/completions")] = self.chat
 
-    def prompt_ids(self, messages: Any) -> list[int]:
+    def prompt_ids(
+        self, messages: Any, template_options: dict[str, bool] | None = None
+    ) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise openai_error(
                 400,
@@ -620,15 +628,30 @@ class _OpenAIChat(_OpenAIBase):
             {"role": m.get("role", "user"), "content": _text_content(m.get("content"))}
             for m in messages
         ]
-        # A trailing assistant message is not continued: a new assistant turn always starts.
-        text = self.core.tokenizer.apply_chat_template(
-            plain, add_generation_prompt=True, tokenize=False
-        )
+        # OpenAI does not continue a trailing assistant message: a new assistant turn always
+        # starts. vLLM's continue_final_message renders the conversation open-ended instead.
+        options = {"add_generation_prompt": True} | (template_options or {})
+        text = self.core.tokenizer.apply_chat_template(plain, tokenize=False, **options)
         return encode_text(self.core.tokenizer, text, add_special_tokens=False)
 
+    def template_options(self, body: Json) -> dict[str, bool]:
+        """vLLM's checks and defaults for its chat-template extensions."""
+        if not self.settings.continue_final_message:
+            return {}
+        if body.get("continue_final_message") and body.get("add_generation_prompt"):
+            message = (
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
+            raise openai_error(400, message)
+        return {
+            "add_generation_prompt": bool(body.get("add_generation_prompt", True)),
+            "continue_final_message": bool(body.get("continue_final_message", False)),
+        }
+
     def chat(self, body: Json) -> Json:
-        self.check_request(body, CHAT_PARAMS)
-        ids = self.prompt_ids(body.get("messages"))
+        extensions = VLLM_CHAT_TEMPLATE_PARAMS if self.settings.continue_final_message else set()
+        self.check_request(body, CHAT_PARAMS | extensions)
+        ids = self.prompt_ids(body.get("messages"), self.template_options(body))
         want_logprobs = bool(body.get("logprobs"))
         k = body.get("top_logprobs")
         if k is not None and not want_logprobs:
@@ -971,6 +994,8 @@ class DialectServer:
     on their own are spelled ("openai": ``bytes:\\xe6`` in completions, ``\\xe6`` in chat;
     "replacement": U+FFFD; "empty": ""), and ``sampled_in_top=False`` stops completions from
     adding the sampled token to ``top_logprobs`` (a 2024 gpt-3.5-turbo-instruct answer did not).
+    ``continue_final_message=True`` (openai-chat) accepts vLLM's ``add_generation_prompt`` and
+    ``continue_final_message``, so a partial assistant answer can be continued.
     """
 
     def __init__(
@@ -986,6 +1011,7 @@ class DialectServer:
         max_context: int = 2048,
         partial_tokens: PartialTokens = "openai",
         sampled_in_top: bool = True,
+        continue_final_message: bool = False,
     ) -> None:
         if dialect not in DEFAULT_MAX_K:
             raise ValueError(f"dialect must be one of {sorted(DEFAULT_MAX_K)}, got {dialect!r}")
@@ -1006,6 +1032,7 @@ class DialectServer:
             max_context=max_context,
             partial_tokens=partial_tokens,
             sampled_in_top=sampled_in_top,
+            continue_final_message=continue_final_message,
         )
         self._tokenizer = tokenizer
         self.requests: list[tuple[str, dict[str, str], Any]] = []

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
+import torch
 from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
-from proxyclient.adapters.base import Prompt
+from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
+from proxyclient.tokenizer import BaseTokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +55,126 @@ def test_llamacpp_capabilities(llama_server):
     capabilities = asyncio.run(probe(base, Prompt((0, 321), 2)))
     assert capabilities.token_id_prompts and capabilities.ids_in_response
     assert capabilities.logprobs == "raw"
+
+
+# generate: several positions from one request (speculation).
+
+GENERATE_N = 6
+
+
+@torch.inference_mode()
+def raw_logprobs(model, ids):
+    return torch.log_softmax(model(torch.tensor([list(ids)])).logits[0, -1].double(), dim=-1)
+
+
+def assert_close_tops(got, expected, tolerance=LLAMACPP_TOLERANCE):
+    """The same k entries with logprobs within ``tolerance``; entries may trade places (or one
+    leave the top-k for another) only where their logprobs are that close."""
+    mine, theirs = (
+        dict(zip(got.token_ids, got.logprobs, strict=True)),
+        dict(zip(expected.token_ids, expected.logprobs, strict=True)),
+    )
+    assert len(mine) == len(theirs)
+    for token in mine.keys() & theirs.keys():
+        assert mine[token] == pytest.approx(theirs[token], abs=tolerance), token
+    for token in mine.keys() - theirs.keys():
+        assert mine[token] <= min(theirs.values()) + tolerance, token
+    for token in theirs.keys() - mine.keys():
+        assert theirs[token] <= min(mine.values()) + tolerance, token
+
+
+def assert_raw_top(top, model, ids, k):
+    reference = raw_logprobs(model, ids)
+    values, indices = torch.topk(reference, k)
+    assert_close_tops(top, TopLogprobs(tuple(indices.tolist()), tuple(values.tolist())))
+
+
+def server_tokens(server, payload):
+    """The ids the server generated for ``payload`` (all of them: ``return_tokens``)."""
+    body = {**payload, "return_tokens": True}
+    return httpx.post(f"{server.base_url}/completion", json=body, timeout=60).json()["tokens"]
+
+
+def incomplete_utf8(data: bytes) -> bool:
+    """llama-server's rule (validate_utf8): the text ends inside a multi-byte character."""
+    for distance, byte in enumerate(reversed(data[-4:]), start=1):
+        if 0xC0 <= byte < 0xE0:
+            length = 2
+        elif 0xE0 <= byte < 0xF0:
+            length = 3
+        elif 0xF0 <= byte < 0xF8:
+            length = 4
+        else:
+            continue
+        if distance < length:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_llamacpp_generate_greedy_is_the_servers_continuation_with_each_steps_top_k(
+    llama_server, hf_models, prompt
+):
+    base = connect("llamacpp", llama_server.base_url, "tiny-base")
+    assert base.capabilities.drafts
+    ids = tuple(hf_models["tokenizer"](prompt).input_ids)
+
+    async def run():
+        try:
+            got = await base.generate(Prompt(ids, len(ids)), K, GENERATE_N, greedy=True)
+            singles = [
+                await base.top_logprobs(Prompt(ids + got.tokens[:i], len(ids)), K)
+                for i in range(len(got))
+            ]
+            return got, singles
+        finally:
+            await base.aclose()
+
+    got, singles = asyncio.run(run())
+    # The server's own greedy decoding (its default sampler chain at temperature 0).
+    greedy = {"prompt": list(ids), "n_predict": GENERATE_N, "temperature": 0.0}
+    own = server_tokens(llama_server, greedy)
+    assert list(got.tokens) == own and len(got) == GENERATE_N
+    for i, (token, top, single) in enumerate(zip(got.tokens, got.tops, singles, strict=True)):
+        assert len(top) == K and token == top.token_ids[0]
+        assert_close_tops(top, single)
+        assert_raw_top(top, hf_models["base"], ids + got.tokens[:i], K)
+    assert got.token_logprobs == pytest.approx([top.logprobs[0] for top in got.tops], abs=1e-9)
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), GENERATE_N)
+
+
+def test_llamacpp_generate_sampled_keeps_the_positions_before_a_held_back_token(
+    llama_server, hf_models
+):
+    """Sampled at temperature 1 from the raw distribution. llama-server gives no entry for a
+    token that leaves an incomplete UTF-8 character (it folds its bytes into the next entry);
+    the positions before it are kept, and one whose first token was held back is asked again."""
+    base = connect("llamacpp", llama_server.base_url, "tiny-base")
+    ids = tuple(hf_models["tokenizer"](PROMPTS[0]).input_ids)
+    prompt, n, k = Prompt(ids, len(ids)), 8, 5
+    vocab = BaseTokenizer(hf_models["tokenizer"]).vocab
+
+    async def draws():
+        try:
+            return [await base.generate(prompt, k, n, greedy=False, seed=s) for s in range(40)]
+        finally:
+            await base.aclose()
+
+    cut_short = first_held_back = 0
+    for seed, got in enumerate(asyncio.run(draws())):
+        _, payload = base.build_generate(prompt, k, n, greedy=False, seed=seed)
+        generated = server_tokens(llama_server, payload)  # the same draw, every id
+        assert 1 <= len(got) <= len(generated) and list(got.tokens) == generated[: len(got)]
+        if incomplete_utf8(vocab.bytes_of(generated[:1])):  # no entry for the first token
+            assert len(got) == 1, (seed, generated, got.tokens)
+            first_held_back += 1
+        elif len(got) < len(generated):  # the first token without an entry was held back
+            assert incomplete_utf8(vocab.bytes_of(generated[: len(got) + 1])), (seed, generated)
+            cut_short += 1
+        for i, top in enumerate(got.tops):
+            assert_raw_top(top, hf_models["base"], ids + got.tokens[:i], k)
+            own = float(raw_logprobs(hf_models["base"], ids + got.tokens[:i])[got.tokens[i]])
+            assert got.token_logprobs[i] is None or got.token_logprobs[i] == pytest.approx(
+                own, abs=LLAMACPP_TOLERANCE
+            )
+    assert cut_short > 0, f"no draw was cut short ({first_held_back} held back the first)"

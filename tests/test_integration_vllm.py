@@ -44,11 +44,22 @@ def reference(hf_models, tuner, prompt, *, alpha, k=None, expert="expert"):
     )
 
 
+@pytest.mark.parametrize("speculate", ["off", "base", "expert"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_whole_vocabulary_through_the_api_equals_the_formula(tuner, hf_models, prompt, alpha):
-    got = tuner.generate(prompt, max_new_tokens=N_TOKENS, alpha=alpha, top_logprobs=-1)
-    assert got.usage.requests == len(got.token_ids) + (got.finish_reason == "eos")
+def test_whole_vocabulary_through_the_api_equals_the_formula(
+    tuner, hf_models, prompt, alpha, speculate
+):
+    # With drafts the base's top-k at a drafted position comes from a multi-token answer (base
+    # drafts) or from prompt_logprobs (expert drafts); on this CPU server they equal the one-token
+    # answers bit for bit, and any rounding difference could flip only a tie within 1e-5.
+    got = tuner.generate(
+        prompt, max_new_tokens=N_TOKENS, alpha=alpha, top_logprobs=-1, speculate=speculate
+    )
+    if speculate == "off":
+        assert got.usage.requests == len(got.token_ids) + (got.finish_reason == "eos")
+    else:
+        assert got.usage.requests <= len(got.token_ids) + 1
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, prompt, alpha=alpha), tuner.eos_ids
     )
@@ -107,7 +118,7 @@ def test_policies_differ_with_a_small_k(tuner):
 
 
 def test_overlap_changes_timing_not_tokens(servers, tiny_models):
-    config = GenerationConfig(max_new_tokens=8, top_logprobs=20)
+    config = GenerationConfig(max_new_tokens=8, top_logprobs=20, speculate="off")
     results = []
     for overlap in (True, False):
         base = connect("vllm", servers["full"].base_url, BASE_NAME)
@@ -162,7 +173,7 @@ def test_cli_json_matches_the_python_api(servers, tiny_models, tuner):
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
     assert result["finish_reason"] == "length"
-    assert result["usage"]["requests"] == 12
+    assert result["usage"]["requests"] == expected.usage.requests < 12  # auto: base drafts
     assert result["usage"]["completion_tokens"] == 12
     assert result["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
 

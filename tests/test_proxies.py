@@ -38,9 +38,10 @@ def test_rewind_then_feed_matches_a_fresh_sequence(pair, hf_models):
     ids = hf_models["tokenizer"]("import os\nclass Foo(object):").input_ids
     state = PairState()
     asyncio.run(pair.logprobs(state, ids, ids))
-    pair.rewind(state, 5, 5)
-    assert state.expert.length == state.anti.length == 4  # one fewer: its log-probs are needed
+    state.truncate(5, 5)
+    assert state.crop_to == (4, 4)  # one fewer: its log-probs are needed
     got = asyncio.run(pair.logprobs(state, ids[:5], ids[:5]))
+    assert state.expert.length == state.anti.length == 5
     torch.testing.assert_close(
         got.expert[0], next_logprobs(hf_models["expert"], ids[:5]).float(), atol=1e-5, rtol=1e-5
     )

@@ -93,7 +93,7 @@ def test_append_rollback_append_equals_appending_once(setup, data):
     seq.append(draft)
     if feed_draft and seq.proxy_generated:  # the proxies saw the draft: their caches hold it
         fed(seq, pair)
-    seq.rollback(checkpoint, pair)
+    seq.rollback(checkpoint)
     seq.append(final)
     got = fed(seq, pair)
 
@@ -106,14 +106,28 @@ def test_append_rollback_append_equals_appending_once(setup, data):
     torch.testing.assert_close(got.anti, expected.anti, atol=1e-5, rtol=1e-5)
 
 
-def test_emitted_tokens_cannot_be_rolled_back(setup):
+def test_accept_keeps_a_matching_draft_and_replaces_another(setup):
     space, pair, texty = setup
+    seq = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=8), space)
+    seq.append([texty[1], texty[2], texty[3]])  # a draft
+    fed(seq, pair)
+    seq.accept(texty[1])
+    assert seq.appended == 3 and seq.token_ids == [texty[1]]  # the draft stays in place
+    seq.accept(texty[4])  # the tuned choice differs from the draft's next token
+    once = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=8), space)
+    once.append([texty[1], texty[4]])
+    assert snapshot(seq) == snapshot(once) and seq.token_ids == [texty[1], texty[4]]
+    torch.testing.assert_close(fed(seq, pair).expert, fed(once, pair).expert, atol=1e-5, rtol=0)
+
+
+def test_emitted_tokens_cannot_be_rolled_back(setup):
+    space, _pair, texty = setup
     seq = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=8), space)
     seq.accept(texty[10])
     seq.append([texty[11]])
     with pytest.raises(ValueError, match="1 of them emitted"):
-        seq.rollback(0, pair)
-    seq.rollback(1, pair)
+        seq.rollback(0)
+    seq.rollback(1)
     assert seq.appended == 1 and seq.token_ids == [texty[10]]
 
 
