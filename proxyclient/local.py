@@ -138,6 +138,51 @@ class LocalModel:
         logits = out.logits[0, -positions:].float()  # [positions, output_size]
         return torch.log_softmax(logits, dim=-1).cpu()
 
+    @torch.inference_mode()
+    def feed_many(
+        self, states: Sequence[KVState], token_lists: Sequence[Sequence[int]], positions: int = 1
+    ) -> list[torch.Tensor]:
+        """``feed`` for several sequences in one batched forward: each list of new tokens is
+        appended to its own state; log-probs at the last ``positions`` of each, [positions, V].
+
+        The caches (of different lengths) are left-padded to one length and the new tokens
+        right-padded, with an attention mask over the padding and each row's own positions; the
+        padding is cut off again afterwards. Models whose cache is not a plain DynamicCache are
+        fed one sequence at a time."""
+        if len(states) == 1 or not all(_croppable_dynamic(s.cache) for s in states):
+            return [self.feed(s, t, positions) for s, t in zip(states, token_lists, strict=True)]
+        lengths = [s.length for s in states]
+        counts = [len(t) for t in token_lists]
+        if min(counts) < positions:
+            raise ValueError(f"every sequence needs at least {positions} new tokens")
+        batch, past, width = len(states), max(lengths), max(counts)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, past + width, dtype=torch.long)
+        position_ids = torch.zeros(batch, width, dtype=torch.long)
+        for row, (tokens, length, count) in enumerate(
+            zip(token_lists, lengths, counts, strict=True)
+        ):
+            input_ids[row, :count] = torch.tensor(list(tokens))
+            mask[row, past - length : past + count] = 1
+            position_ids[row] = torch.arange(length, length + width)
+        kwargs: dict[str, Any] = {
+            self._cache_arg: _stacked_cache(states, past),
+            "use_cache": True,
+            "attention_mask": mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+        }
+        out = self.model(input_ids=input_ids.to(self.device), **kwargs)
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [batch, width, V]
+        layers = _layer_kv(out[self._cache_arg])
+        results = []
+        for row, (state, length, count) in enumerate(zip(states, lengths, counts, strict=True)):
+            keep = slice(past - length, past + count)
+            state.cache = _cache_of([(k[row : row + 1, :, keep], v[row : row + 1, :, keep])
+                                     for k, v in layers])  # fmt: skip
+            state.length = length + count
+            results.append(logprobs[row, count - positions : count])
+        return results
+
     def crop(self, state: KVState, length: int) -> None:
         """Forget everything after the first ``length`` tokens of ``state`` (speculation's
         rollback): the next feed continues from there."""
@@ -157,6 +202,55 @@ class LocalModel:
         # A negative argument removes that many tokens, in transformers 4.x and 5.x alike.
         cache.crop(length - state.length)
         state.length = length
+
+
+def _croppable_dynamic(cache: Any) -> bool:
+    """A cache the batched forward can take apart: none yet, or a plain DynamicCache."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        return True
+    if type(cache) is not DynamicCache:
+        return False
+    layers = getattr(cache, "layers", None)
+    return layers is None or all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, [batch, heads, length, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers 5.x
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # 4.x
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):  # 4.x
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(layers)
+
+
+def _stacked_cache(states: Sequence[KVState], past: int) -> Any:
+    """One cache for the batch: every sequence's keys and values left-padded to ``past``."""
+    if past == 0:
+        return None
+    per_state = [_layer_kv(s.cache) if s.cache is not None else None for s in states]
+    template = next(kv for kv in per_state if kv is not None)
+    stacked = []
+    for index, (key, value) in enumerate(template):
+        keys, values = [], []
+        for kv in per_state:
+            if kv is None:
+                k = key.new_zeros(1, key.shape[1], 0, key.shape[3])
+                v = value.new_zeros(1, value.shape[1], 0, value.shape[3])
+            else:
+                k, v = kv[index]
+            pad = past - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return _cache_of(stacked)
 
 
 def load_local(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:

@@ -4,13 +4,17 @@ A generation's state in the pair is a ``PairState`` (one KV cache per model, and
 log-probs they gave). ``ProxyPair.logprobs`` feeds each model the ids it has not seen yet, in a
 worker thread so the event loop stays free for the base's HTTP request, and returns log-probs at
 the last ``positions`` positions: one for a plain step, every drafted position for speculation.
-This is the seam where concurrent sequences can later be gathered into one batched forward.
+
+Concurrent sequences share the models: calls that arrive while the worker is busy wait together
+and go through the next forward as one batch (``LocalModel.feed_many``), so N generations in
+flight cost about one forward per step, not N.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +70,17 @@ class Draft:
     seconds: float
 
 
+@dataclass
+class _Job:
+    """One sequence waiting for the proxies' log-probs."""
+
+    state: PairState
+    expert_ids: Sequence[int]
+    anti_ids: Sequence[int]
+    positions: int
+    done: asyncio.Future[ProxyLogprobs]
+
+
 class ProxyPair:
     """Expert + anti-expert, with one worker thread for their forwards."""
 
@@ -73,6 +88,10 @@ class ProxyPair:
         self.expert = expert
         self.anti_expert = anti_expert
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proxyclient-local")
+        self._waiting: list[_Job] = []
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
+        self.batch_sizes: Counter[int] = Counter()  # forwards by how many sequences they held
 
     def __repr__(self) -> str:
         return f"ProxyPair(expert={self.expert.name!r}, anti_expert={self.anti_expert.name!r})"
@@ -88,9 +107,96 @@ class ProxyPair:
         whole sequence so far, on its side); log-probs of the next token at the last
         ``positions`` positions."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self.logprobs_now, state, expert_ids, anti_ids, positions
-        )
+        job = _Job(state, expert_ids, anti_ids, positions, loop.create_future())
+        self._waiting.append(job)
+        if not self._draining:
+            self._draining = True
+            self._drainer = loop.create_task(self._drain())
+        return await job.done
+
+    async def _drain(self) -> None:
+        """Run what waits, as one batch, until nothing waits."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                jobs, self._waiting = self._waiting, []
+                outcomes = await loop.run_in_executor(self._executor, self._run, jobs)
+                for job, outcome in zip(jobs, outcomes, strict=True):
+                    if job.done.cancelled():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        job.done.set_exception(outcome)
+                    else:
+                        job.done.set_result(outcome)
+        finally:
+            self._draining = False
+
+    def _run(self, jobs: list[_Job]) -> list[ProxyLogprobs | BaseException]:
+        """The jobs' forwards, batched by how many positions they ask for (worker thread)."""
+        if len(jobs) == 1:
+            job = jobs[0]
+            try:
+                return [self.logprobs_now(job.state, job.expert_ids, job.anti_ids, job.positions)]
+            except Exception as exc:  # handed to the caller that asked
+                return [exc]
+        started = time.perf_counter()
+        outcomes: list[ProxyLogprobs | BaseException | None] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                reused = self._prepare(job.state, job.expert_ids, job.anti_ids, job.positions)
+            except Exception as exc:
+                outcomes[index] = exc
+                continue
+            if reused is not None:
+                outcomes[index] = reused
+            else:
+                groups.setdefault(job.positions, []).append(index)
+        for positions, members in groups.items():
+            group = [jobs[i] for i in members]
+            try:
+                expert = self.expert.feed_many(
+                    [j.state.expert for j in group],
+                    [j.expert_ids[j.state.expert.length :] for j in group],
+                    positions,
+                )
+                anti = self.anti_expert.feed_many(
+                    [j.state.anti for j in group],
+                    [j.anti_ids[j.state.anti.length :] for j in group],
+                    positions,
+                )
+            except Exception as exc:
+                for i in members:
+                    outcomes[i] = exc
+                continue
+            self.batch_sizes[len(group)] += 1
+            seconds = time.perf_counter() - started
+            for i, job, expert_lp, anti_lp in zip(members, group, expert, anti, strict=True):
+                job.state.last = (expert_lp[-1], anti_lp[-1])
+                outcomes[i] = ProxyLogprobs(expert_lp, anti_lp, seconds)
+        return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
+
+    def _prepare(
+        self,
+        state: PairState,
+        expert_ids: Sequence[int],
+        anti_ids: Sequence[int],
+        positions: int,
+    ) -> ProxyLogprobs | None:
+        """Crop what a rollback asked for; the cached answer when there is nothing new to feed
+        (None when a forward is needed)."""
+        self._crop(state)
+        new_expert = len(expert_ids) - state.expert.length
+        new_anti = len(anti_ids) - state.anti.length
+        if not new_expert and not new_anti and positions == 1 and state.last is not None:
+            expert_lp, anti_lp = state.last
+            return ProxyLogprobs(expert_lp[None], anti_lp[None], 0.0)
+        if new_expert < positions or new_anti < positions:
+            raise ValueError(
+                f"log-probs at {positions} positions need as many unseen ids "
+                f"(expert {new_expert}, anti-expert {new_anti})"
+            )
+        return None
 
     def logprobs_now(
         self,
@@ -101,19 +207,12 @@ class ProxyPair:
     ) -> ProxyLogprobs:
         """``logprobs`` in the calling thread."""
         started = time.perf_counter()
-        self._crop(state)
-        new_expert = expert_ids[state.expert.length :]
-        new_anti = anti_ids[state.anti.length :]
-        if not new_expert and not new_anti and positions == 1 and state.last is not None:
-            expert_lp, anti_lp = state.last
-            return ProxyLogprobs(expert_lp[None], anti_lp[None], time.perf_counter() - started)
-        if len(new_expert) < positions or len(new_anti) < positions:
-            raise ValueError(
-                f"log-probs at {positions} positions need as many unseen ids "
-                f"(expert {len(new_expert)}, anti-expert {len(new_anti)})"
-            )
-        expert_lp = self.expert.feed(state.expert, new_expert, positions)
-        anti_lp = self.anti_expert.feed(state.anti, new_anti, positions)
+        reused = self._prepare(state, expert_ids, anti_ids, positions)
+        if reused is not None:
+            return reused
+        self.batch_sizes[1] += 1
+        expert_lp = self.expert.feed(state.expert, expert_ids[state.expert.length :], positions)
+        anti_lp = self.anti_expert.feed(state.anti, anti_ids[state.anti.length :], positions)
         state.last = (expert_lp[-1], anti_lp[-1])
         return ProxyLogprobs(expert_lp, anti_lp, time.perf_counter() - started)
 

@@ -169,6 +169,10 @@ class Sequence:
             self.finish_reason = "length"
         return piece
 
+    def release(self) -> None:
+        """Free the proxies' KV caches: the generation is over (finished or failed)."""
+        self.proxies = PairState()
+
     def fail(self, message: str) -> Generation:
         self.error = message
         return self.result()

@@ -7,10 +7,11 @@ pair (``proxies.ProxyPair``), the tokenization (``tokens.TokenSpace``) and a ste
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Options
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ from proxyclient.stream import AsyncGenerationStream, GenerationStream
 from proxyclient.tokens import TokenSpace
 
 logger = logging.getLogger(__name__)
+
+# Generations in flight at once in generate_many: enough to fill a batched forward of small
+# proxies while each waits for its round trip.
+DEFAULT_CONCURRENCY = 8
 
 
 class ProxyTuner:
@@ -131,6 +136,47 @@ class ProxyTuner:
             pass
         return stream.generation
 
+    def generate_many(
+        self,
+        prompts: Iterable[str],
+        config: GenerationConfig | None = None,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **options: Any,
+    ) -> list[Generation]:
+        """``generate`` for many prompts at once; see ``agenerate_many``."""
+        return self._runner.run(
+            self.agenerate_many(prompts, config, concurrency=concurrency, **options)
+        )
+
+    async def agenerate_many(
+        self,
+        prompts: Iterable[str],
+        config: GenerationConfig | None = None,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **options: Any,
+    ) -> list[Generation]:
+        """One Generation per prompt, in input order. At most ``concurrency`` generations are in
+        flight: their base requests overlap, and their local forwards run as batches. A failed
+        generation does not stop the others: its result has ``finish_reason == "error"``, the
+        ``error`` and what was generated before it."""
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        config = _with_options(config, options)  # bad options fail once, before any request
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(prompt: str) -> Generation:
+            async with slots:
+                try:
+                    return await self.agenerate(prompt, config)
+                except ProxyClientError as exc:
+                    if exc.partial is not None:
+                        return exc.partial
+                    return Generation("", [], "error", error=str(exc))
+
+        return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+
     def stream(
         self, prompt: str, config: GenerationConfig | None = None, **options: Any
     ) -> GenerationStream:
@@ -168,6 +214,7 @@ class ProxyTuner:
             raise
         finally:
             seq.timings.wall_s = time.perf_counter() - started
+            seq.release()
         piece = seq.assembler.finish()
         if piece:
             yield piece
