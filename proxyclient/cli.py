@@ -1,4 +1,4 @@
-"""`proxyclient generate ...`: proxy-tuned text from the shell.
+"""`proxyclient generate ...`: proxy-tuned text from the shell (`batch`: a JSONL file of prompts).
 
 Text streams to stdout; diagnostics go to stderr. Any problem we can name exits with code 2 and a
 one-paragraph message, no traceback; what was generated before a failure is still printed.
@@ -12,8 +12,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxyclient.batch import DEFAULT_CONCURRENCY
 from proxyclient.config import (
     DEFAULT_DRAFT_TOKENS,
     GenerationConfig,
@@ -22,7 +24,7 @@ from proxyclient.config import (
     UntwinnedRule,
     default_top_logprobs,
 )
-from proxyclient.errors import ProxyClientError
+from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.result import Generation
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _proxy_and_decoding_options(parser: argparse.ArgumentParser) -> None:
+def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool = True) -> None:
     local = parser.add_argument_group("expert and anti-expert (local)")
     local.add_argument("--expert", required=True, help="folder of the tuned small model")
     local.add_argument("--anti-expert", required=True, help="folder of the untuned small model")
@@ -84,7 +86,8 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser) -> None:
         help="format the prompt with the expert's chat template (expert only)",
     )
     decoding = parser.add_argument_group("decoding")
-    decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
+    if prompt:
+        decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
     decoding.add_argument("--alpha", type=float, default=1.0)
     decoding.add_argument(
         "--top-logprobs",
@@ -120,25 +123,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     _base_options(gen)
     _proxy_and_decoding_options(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
+    _generation_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    gen.add_argument(
-        "--speculate",
-        choices=[m.value for m in Speculate],
-        default=Speculate.AUTO.value,
-        help="several tokens per request: the base drafts, the expert drafts, or the best the "
-        "server supports (default: auto); the output is the same as with off",
+
+    batch = commands.add_parser(
+        "batch",
+        help="generate for every prompt of a JSONL file; resumable",
+        description='Each input line is {"custom_id": ..., "prompt": ...} plus any '
+        'generation fields that override the flags (e.g. "max_new_tokens": 16). Each result '
+        "is appended to --output as one JSON line when it finishes: custom_id, text, token_ids, "
+        "finish_reason, usage, error. Rerun the same command to skip the ids done and retry the "
+        "failed ones. Exit status: 0 all done, 1 some failed or malformed lines, 2 usage error.",
     )
-    gen.add_argument(
-        "--draft-tokens",
+    _base_options(batch)
+    _proxy_and_decoding_options(batch, prompt=False)
+    _generation_options(batch)
+    jobs = batch.add_argument_group("batch")
+    jobs.add_argument("--input", required=True, help="JSONL file of prompts")
+    jobs.add_argument("--output", required=True, help="JSONL file of results (appended to)")
+    jobs.add_argument(
+        "--concurrency",
         type=_at_least_one,
-        default=DEFAULT_DRAFT_TOKENS,
-        help=f"the longest draft (default: {DEFAULT_DRAFT_TOKENS}; it adapts below that)",
+        default=DEFAULT_CONCURRENCY,
+        help=f"generations in flight at once (default: {DEFAULT_CONCURRENCY})",
     )
 
     choose = commands.add_parser(
@@ -159,13 +166,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generation_options(parser: argparse.ArgumentParser) -> None:
+    """The GenerationConfig flags of `generate` (and `batch`, where lines may override them)."""
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
+    parser.add_argument(
+        "--speculate",
+        choices=[m.value for m in Speculate],
+        default=Speculate.AUTO.value,
+        help="several tokens per request: the base drafts, the expert drafts, or the best the "
+        "server supports (default: auto); the output is the same as with off",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=_at_least_one,
+        default=DEFAULT_DRAFT_TOKENS,
+        help=f"the longest draft (default: {DEFAULT_DRAFT_TOKENS}; it adapts below that)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="proxyclient: %(levelname)s: %(message)s",
     )
-    commands = {"generate": _generate, "choose": _choose, "inspect": _inspect}
+    commands = {"generate": _generate, "choose": _choose, "inspect": _inspect, "batch": _batch}
     try:
         return commands[args.command](args)
     except ProxyClientError as exc:
@@ -221,8 +251,9 @@ def _prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def _generate(args: argparse.Namespace) -> int:
-    config = GenerationConfig(
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig that `generate`'s (and `batch`'s) flags describe."""
+    return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         alpha=args.alpha,
         top_logprobs=args.top_logprobs,
@@ -237,6 +268,10 @@ def _generate(args: argparse.Namespace) -> int:
         speculate=args.speculate,
         draft_tokens=args.draft_tokens,
     )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = _config(args)
     prompt = _prompt(args)
     with _tuner(args) as tuner:
         stream = tuner.stream(prompt, config)
@@ -286,6 +321,51 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Resume rules and output format: proxyclient/batch.py's docstring."""
+    import asyncio
+
+    from proxyclient import batch
+
+    config = _config(args)
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise ConfigError("--input and --output are the same file; write the results elsewhere")
+    items, malformed = batch.read_input(args.input, config)
+    for bad in malformed:
+        print(f"proxyclient: {args.input} {bad}; skipped", file=sys.stderr)
+    plan = batch.resume(args.output, [item.custom_id for item in items])
+    pending = [item for item in items if item.custom_id not in plan.done]
+    stats = batch.BatchStats()
+    if pending:
+        with batch.ResultWriter(args.output) as output:
+            tuner = _tuner(args)
+
+            async def run() -> batch.BatchStats:
+                progress = batch.Progress(len(pending))
+                try:
+                    return await batch.run_batch(
+                        tuner,
+                        pending,
+                        config,
+                        concurrency=args.concurrency,
+                        output=output,
+                        progress=progress,
+                    )
+                finally:
+                    progress.close()
+                    await tuner.aclose()
+
+            try:
+                stats = asyncio.run(run())
+            except KeyboardInterrupt:
+                print("batch: interrupted; rerun the same command to go on", file=sys.stderr)
+                raise
+    stats.skipped = len(items) - len(pending)
+    stats.malformed = len(malformed)
+    print(stats.summary(), file=sys.stderr)
+    return 1 if stats.failed or stats.malformed else 0
 
 
 def _choose(args: argparse.Namespace) -> int:
