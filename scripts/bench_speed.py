@@ -106,7 +106,7 @@ HEALTH_PROBES = 7
 
 # -- the latency-injecting relay ------------------------------------------------------------------
 
-RELAY_MAX_CONNECTIONS = 64
+RELAY_MAX_CONNECTIONS = 256
 RELAY_QUEUE_CHUNKS = 256  # per direction and connection: the relay's memory is bounded
 RELAY_CHUNK_BYTES = 65536
 

@@ -1,0 +1,151 @@
+"""Many prompts at once: wall time, tokens/s and local batch sizes for 1, 4, 16 and 64 prompts.
+
+The miniature's base-large on a real vLLM CPU server behind the latency relay of
+scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / base-small on this
+CPU through ``ProxyTuner.generate_many(prompts, concurrency=N)``: N prompts (held-out questions
+followed by the start of the next, as in bench_speed.py), 64 tokens each, greedy, k = 20, the
+default speculation (``auto``). Columns: wall time, ratio to one prompt's, generated tokens/s,
+requests, the local forwards by batch size (how many sequences each held), and the process's
+peak resident memory during the run.
+
+Then the local step alone: one forward of both proxies for B sequences at once (``feed_many``;
+each with a 48-token cache, one new token), median of 20, against B = 1.
+
+    .venv/bin/python scripts/bench_throughput.py                  # 1, 4, 16, 64 prompts: ~5 min
+    .venv/bin/python scripts/bench_throughput.py --counts 1 16 --rtt 50
+
+torch uses 1 thread: client and server share this machine's 2 cores (see scripts/bench_step.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_speed import LatencyRelay, candidate_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "scripts" / "miniature_models"
+
+
+class PeakMemory:
+    """The process's peak resident memory while it is entered (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        page = 4096
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as f:
+                resident = int(f.read().split()[1]) * page / 2**20
+            self.peak_mb = max(self.peak_mb, resident)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def local_step_ms(pair, batch: int, rounds: int = 20) -> float:
+    """Median ms of one forward of both proxies for ``batch`` sequences, one new token each."""
+    from proxyclient.proxies import PairState
+
+    states = [PairState() for _ in range(batch)]
+    prefixes = [[(7 * i + 3 * row) % 900 + 3 for i in range(48)] for row in range(batch)]
+    for state, ids in zip(states, prefixes, strict=True):
+        pair.logprobs_now(state, ids, ids)
+    times = []
+    for step in range(rounds):
+        tokens = [[(step * 31 + row) % 900 + 3] for row in range(batch)]
+        started = time.perf_counter()
+        pair.expert.feed_many([s.expert for s in states], tokens)
+        pair.anti_expert.feed_many([s.anti for s in states], tokens)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--rtt", type=float, default=50.0, help="added round trip, ms")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--models", type=Path, default=MODELS)
+    args = parser.parse_args(argv)
+
+    from miniature import BASE_NAME, load_eval
+    from vllm_server import VLLMServer
+
+    from proxyclient import GenerationConfig, ProxyTuner, connect
+
+    torch.set_num_threads(1)
+    prompts = candidate_prompts(load_eval(args.models, quick=False))[: max(args.counts)]
+    server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
+    rows = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
+        relay = stack.enter_context(LatencyRelay(server.port))
+        relay.set_rtt(args.rtt)
+        base = connect("vllm", f"{relay.root_url}/v1", BASE_NAME)
+        tuner = stack.enter_context(
+            ProxyTuner(base, args.models / "expert-small", args.models / "base-small", threads=1)
+        )
+        config = GenerationConfig(max_new_tokens=args.tokens, top_logprobs=20)
+        tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
+        for count in args.counts:
+            tuner.proxies.batch_sizes.clear()
+            started = time.perf_counter()
+            with PeakMemory() as memory:
+                results = tuner.generate_many(prompts[:count], config, concurrency=count)
+            wall = time.perf_counter() - started
+            errors = [r.error for r in results if r.error]
+            if errors:
+                raise SystemExit(f"{len(errors)} generations failed, e.g. {errors[0]}")
+            tokens = sum(len(r.token_ids) for r in results)
+            requests = sum(r.usage.requests for r in results)
+            sizes = dict(sorted(tuner.proxies.batch_sizes.items()))
+            rows.append((count, wall, tokens, requests, sizes, memory.peak_mb))
+            print(f"{count} prompts done in {wall:.1f} s", file=sys.stderr)
+        steps = {b: local_step_ms(tuner.proxies, b) for b in (1, 4, 16, 64)}
+
+    one = rows[0][1]
+    print(
+        f"\n{args.tokens} tokens per prompt (fewer where one ends at EOS), greedy, k = 20, "
+        f"speculate auto, {args.rtt:g} ms added round trip; base-large on vLLM (CPU), "
+        f"expert-small / base-small local (torch 1 thread)\n"
+    )
+    print(
+        "| prompts | wall s | vs 1 prompt | tokens | tokens/s | requests "
+        "| local forwards by batch size | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for count, wall, tokens, requests, sizes, peak in rows:
+        spread = ", ".join(f"{b}: {n}" for b, n in sizes.items())
+        print(
+            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {tokens} | {tokens / wall:.0f} "
+            f"| {requests} | {spread} | {peak:.0f} |"
+        )
+    print("\n| sequences in one local step | ms (both proxies) | vs 1 |")
+    print("|---|---|---|")
+    for batch, ms in steps.items():
+        print(f"| {batch} | {ms:.2f} | {ms / steps[1]:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
