@@ -98,7 +98,7 @@ def test_builtin_adapters_are_registered_under_their_dialect():
 
 def test_the_cli_offers_exactly_the_registered_dialects():
     choices = api_choices(_parser())
-    assert set(choices) == {"generate", "choose", "inspect"}
+    assert set(choices) == {"generate", "choose", "inspect", "batch"}
     assert all(c == list(available()) for c in choices.values())
 
 
