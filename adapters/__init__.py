@@ -15,7 +15,12 @@ from typing import Any
 
 from proxyclient.adapters.base import BaseModel, Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.adapters.http import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, HTTPTransport
+from proxyclient.adapters.http import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    HTTPTransport,
+    RateLimits,
+)
 from proxyclient.adapters.llamacpp import LlamaCppCompletion
 from proxyclient.adapters.openai import OpenAICompletions
 from proxyclient.adapters.openai_chat import OpenAIChat
@@ -30,6 +35,7 @@ __all__ = [
     "DialectAdapter",
     "HTTPTransport",
     "Prompt",
+    "RateLimits",
     "TopLogprobs",
     "available",
     "connect",
@@ -69,6 +75,7 @@ def connect(
     timeout: Any = DEFAULT_TIMEOUT,
     max_retries: int = DEFAULT_MAX_RETRIES,
     transport: Any = None,
+    limits: RateLimits | None = None,
     **options: Any,
 ) -> BaseModel:
     """The base model ``model`` served at ``base_url`` in the dialect ``api``.
@@ -78,7 +85,9 @@ def connect(
     tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``); without one,
     the adapter's ``default_tokenizer(model)`` (OpenAI model names imply their tiktoken encoding),
     and dialects that name tokens by text must have one. The adapter keeps it as ``.tokenizer``
-    (None when there is none). ``options`` go to the adapter (e.g. ``max_k``,
+    (None when there is none). ``limits`` (``RateLimits``: max concurrency, requests and tokens
+    per minute) hold for everything sent to this base, from every generation; a 429 with
+    Retry-After pauses them all. ``options`` go to the adapter (e.g. ``max_k``,
     ``continue_final_message``).
     """
     factory = _adapter(api, available())
@@ -99,7 +108,12 @@ def connect(
     if base_tokenizer is not None or _is_dialect_adapter(factory):
         options["tokenizer"] = base_tokenizer
     http = HTTPTransport(
-        base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, transport=transport
+        base_url,
+        api_key=api_key,
+        timeout=timeout,
+        max_retries=max_retries,
+        transport=transport,
+        limits=limits,
     )
     base = factory(http, model, **options)
     if not hasattr(base, "tokenizer"):

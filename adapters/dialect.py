@@ -158,7 +158,12 @@ class DialectAdapter:
         ``seed``) and the top-k before each, from one request."""
         path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
         return await self.send(
-            path, payload, prompt, k, parse=lambda body: self.parse_generate(body, prompt, k)
+            path,
+            payload,
+            prompt,
+            k,
+            parse=lambda body: self.parse_generate(body, prompt, k),
+            tokens=len(prompt.ids) + n,
         )
 
     async def score(self, prompt: Prompt, continuation: Sequence[int], k: int) -> Continuation:
@@ -180,12 +185,15 @@ class DialectAdapter:
         prompt: Prompt,
         k: int,
         parse: Callable[[Any], Any] | None = None,
+        tokens: int | None = None,
     ) -> Any:
         """POST one request and parse it (``parse_response`` unless ``parse`` is given), with
-        errors explained."""
+        errors explained. ``tokens``: its cost against a tokens-per-minute limit (default: the
+        prompt and one generated token)."""
         what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}"
+        cost = len(prompt.ids) + 1 if tokens is None else tokens
         try:
-            body = await self.transport.request_json("POST", path, payload, what=what)
+            body = await self.transport.request_json("POST", path, payload, what=what, tokens=cost)
             return parse(body) if parse is not None else self.parse_response(body, prompt, k)
         except APIStatusError as exc:
             raise await self.explain(exc, prompt, k) from None

@@ -1,7 +1,10 @@
-"""The one place that talks HTTP: a shared httpx.AsyncClient, the retry policy, error mapping and
-API-key redaction. Adapters build payloads and parse answers; they never retry on their own.
+"""The one place that talks HTTP: a shared httpx.AsyncClient, the retry policy, error mapping,
+API-key redaction, and the client-side limits hosted APIs ask for. Adapters build payloads and
+parse answers; they never retry or wait on their own.
 
-Our requests happen once per generated token, so timeouts are short and per request.
+Our requests happen once per generated token, so timeouts are short and per request. Every
+sequence that talks to one server shares its transport: a 429 with Retry-After pauses all of
+them, not only the one that got it, and the optional limits (``RateLimits``) count them together.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -31,6 +35,7 @@ from proxyclient.errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    ConfigError,
     NotFoundError,
     RateLimitError,
     ResponseFormatError,
@@ -128,6 +133,58 @@ def status_error(status: int, message: str, body: Any) -> APIStatusError:
     return cls(message, status_code=status, body=body)
 
 
+@dataclass(frozen=True)
+class RateLimits:
+    """Client-side limits for one server (None: no limit). Hosted APIs publish theirs per key.
+
+    ``tokens_per_minute`` counts each request's prompt tokens plus the tokens it asks for.
+    """
+
+    max_concurrency: int | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrency", "requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0 (or None for no limit), got {value!r}")
+
+
+class _Gate:
+    """The limits and the shared pause of one transport, on one event loop.
+
+    aiolimiter's leaky bucket does the per-minute counting (a well-kept implementation of exactly
+    this; asyncio has none), an asyncio.Semaphore the concurrency."""
+
+    def __init__(self, limits: RateLimits) -> None:
+        self.slots = asyncio.Semaphore(limits.max_concurrency or 1_000_000)
+        self.requests = _limiter(limits.requests_per_minute)
+        self.tokens = _limiter(limits.tokens_per_minute)
+        self.paused_until = 0.0  # loop.time(): a server said "retry after"
+
+    async def admit(self, tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+        while (wait := self.paused_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        if self.requests is not None:
+            await self.requests.acquire()
+        if self.tokens is not None:
+            await self.tokens.acquire(min(float(tokens), self.tokens.max_rate))
+
+    def pause(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.paused_until = max(self.paused_until, loop.time() + seconds)
+
+
+def _limiter(per_minute: float | None) -> Any:
+    if per_minute is None:
+        return None
+    from aiolimiter import AsyncLimiter
+
+    return AsyncLimiter(per_minute, 60)
+
+
 class HTTPTransport:
     """JSON over HTTP to one server, with retries. The API key never leaves the headers."""
 
@@ -139,14 +196,17 @@ class HTTPTransport:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self.timeout = timeout
         self.max_retries = max_retries
+        self.limits = limits or RateLimits()
         self._transport = transport  # tests inject httpx.MockTransport
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._gate: _Gate | None = None
 
     def __repr__(self) -> str:
         key = "'***'" if self._api_key else "None"
@@ -168,14 +228,21 @@ class HTTPTransport:
                 transport=self._transport,
             )
             self._client_loop = loop
+            self._gate = _Gate(self.limits)
         return self._client
 
+    def _gate_here(self) -> _Gate:
+        self._http()
+        assert self._gate is not None
+        return self._gate
+
     async def request_json(
-        self, method: str, path: str, payload: Any = None, *, what: str = ""
+        self, method: str, path: str, payload: Any = None, *, what: str = "", tokens: int = 0
     ) -> Any:
         """Send, retrying connection errors, 408/409/429 and 5xx with backoff; return parsed JSON.
 
-        ``what`` describes the request for error messages (never the key).
+        ``what`` describes the request for error messages (never the key); ``tokens`` is what it
+        costs against ``RateLimits.tokens_per_minute``.
         """
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         sent = f"{method} {url}" + (f" ({what})" if what else "")
@@ -192,11 +259,17 @@ class HTTPTransport:
             reraise=True,
         )
         attempts = self.max_retries + 1
+        gate = self._gate_here()
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._http().request(method, path, json=payload)
+                    async with gate.slots:
+                        await gate.admit(tokens)
+                        response = await self._http().request(method, path, json=payload)
                     if response.status_code in RETRY_STATUSES:
+                        delay = parse_retry_after(response.headers)
+                        if response.status_code == 429 and delay is not None:
+                            gate.pause(min(delay, MAX_RETRY_AFTER_S))
                         raise _RetryableStatus(response)
         except _RetryableStatus as exc:
             response = exc.response

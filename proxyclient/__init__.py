@@ -11,7 +11,7 @@ The base answers over HTTP with its top-k next-token logprobs; expert and anti-e
         print(tuner.generate("Hello", GenerationConfig(max_new_tokens=32)).text)
 """
 
-from proxyclient.adapters import connect
+from proxyclient.adapters import RateLimits, connect
 from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
 from proxyclient.errors import (
     APIConnectionError,
@@ -40,6 +40,7 @@ __all__ = [
     "NotFoundError",
     "ProxyClientError",
     "ProxyTuner",
+    "RateLimits",
     "Timings",
     "TopKTooLargeError",
     "UnseenPolicy",

@@ -61,6 +61,16 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
     )
     base.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     base.add_argument("--max-retries", type=int, default=3)
+    limits = parser.add_argument_group("client-side limits for the base (default: none)")
+    limits.add_argument("--max-concurrency", type=_at_least_one, default=None, metavar="N")
+    limits.add_argument("--requests-per-minute", type=float, default=None, metavar="N")
+    limits.add_argument(
+        "--tokens-per-minute",
+        type=float,
+        default=None,
+        metavar="N",
+        help="prompt tokens plus the tokens each request asks for",
+    )
     base.add_argument(
         "--chat-continue",
         action="store_true",
@@ -206,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseModel:
-    from proxyclient.adapters import connect, tokenizer_needed
+    from proxyclient.adapters import RateLimits, connect, tokenizer_needed
 
     tokenizer = args.base_tokenizer
     # Base and proxies share a tokenizer unless told otherwise, or unless the base's model name
@@ -222,6 +232,7 @@ def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseMod
         tokenizer=tokenizer,
         timeout=args.timeout,
         max_retries=args.max_retries,
+        limits=RateLimits(args.max_concurrency, args.requests_per_minute, args.tokens_per_minute),
         **options,
     )
 

@@ -146,3 +146,81 @@ def test_api_key_is_sent_but_never_shown(caplog):
     assert "Incorrect API key provided: ***" in str(info.value)
     assert SECRET not in repr(client)
     assert SECRET not in caplog.text
+
+
+# -- client-side limits and the shared pause ---------------------------------------------------
+
+
+def timed_transport(delay: float = 0.0, first_status: int | None = None, headers=None):
+    """A MockTransport that records when each request arrived and how many were in flight."""
+    log = {"sent": [], "in_flight": 0, "most": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        log["sent"].append((loop.time(), json.loads(request.content)["who"]))
+        log["in_flight"] += 1
+        log["most"] = max(log["most"], log["in_flight"])
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            log["in_flight"] -= 1
+        if first_status is not None and len(log["sent"]) == 1:
+            return httpx.Response(first_status, headers=headers or {}, json={"error": "slow"})
+        return httpx.Response(200, json={"ok": True})
+
+    return httpx.MockTransport(handler), log
+
+
+def test_a_429_with_retry_after_pauses_every_request_to_that_server():
+    mock, log = timed_transport(first_status=429, headers={"retry-after-ms": "300"})
+    transport = HTTPTransport("http://test/v1", transport=mock)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(transport.request_json("POST", "/x", {"who": "a"}))
+        await asyncio.sleep(0.05)  # another sequence asks while the first one is told to wait
+        second = asyncio.create_task(transport.request_json("POST", "/x", {"who": "b"}))
+        await asyncio.gather(first, second)
+        return loop
+
+    asyncio.run(run())
+    (t_limited, who), *later = log["sent"]
+    assert who == "a" and len(later) == 2
+    for when, _ in later:  # the retry of a and the first try of b both waited out the pause
+        assert when - t_limited >= 0.29
+
+
+def test_max_concurrency_bounds_requests_in_flight():
+    mock, log = timed_transport(delay=0.03)
+    transport = HTTPTransport(
+        "http://test/v1", transport=mock, limits=http_module.RateLimits(max_concurrency=2)
+    )
+
+    async def run():
+        await asyncio.gather(*(transport.request_json("POST", "/x", {"who": i}) for i in range(6)))
+
+    asyncio.run(run())
+    assert len(log["sent"]) == 6 and log["most"] == 2
+
+
+def test_tokens_per_minute_delays_what_exceeds_it():
+    mock, log = timed_transport()
+    transport = HTTPTransport(
+        "http://test/v1", transport=mock, limits=http_module.RateLimits(tokens_per_minute=60)
+    )
+
+    async def run():
+        await transport.request_json("POST", "/x", {"who": "big"}, tokens=60)  # the whole minute
+        await transport.request_json("POST", "/x", {"who": "small"}, tokens=2)
+
+    asyncio.run(run())
+    (t_big, _), (t_small, _) = log["sent"]
+    assert t_small - t_big >= 1.5  # 60 tokens a minute: 2 more tokens take ~2 s to free up
+
+
+@pytest.mark.parametrize("field", ["max_concurrency", "requests_per_minute", "tokens_per_minute"])
+def test_limits_must_be_positive(field):
+    from proxyclient.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{field} must be > 0"):
+        http_module.RateLimits(**{field: 0})
