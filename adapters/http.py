@@ -268,8 +268,11 @@ class HTTPTransport:
                         response = await self._http().request(method, path, json=payload)
                     if response.status_code in RETRY_STATUSES:
                         delay = parse_retry_after(response.headers)
-                        if response.status_code == 429 and delay is not None:
-                            gate.pause(min(delay, MAX_RETRY_AFTER_S))
+                        # Past the cap we retry after our own backoff (see _backoff), so we
+                        # hold the others back no longer than that either.
+                        capped = delay is not None and delay <= MAX_RETRY_AFTER_S
+                        if response.status_code == 429 and capped:
+                            gate.pause(delay)
                         raise _RetryableStatus(response)
         except _RetryableStatus as exc:
             response = exc.response

@@ -57,7 +57,7 @@ def cached_bridge(
 def _load(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         maps = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError):
+    except Exception:  # any unreadable file (missing, truncated, garbage) is a cache miss
         return None
     return maps if isinstance(maps, dict) and {"twin", "prefix"} <= maps.keys() else None
 
