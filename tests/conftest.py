@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,12 @@ API_KEY = "sk-integration-test-key"
 # spin-waits of both processes fight over them (a tiny forward took ~250 ms instead of ~2 ms).
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The on-disk vocabulary-bridge cache (proxyclient.bridge_cache): a fresh folder per test session,
+# set before any test runs, so no test loads a map written by older code (or by another checkout);
+# the CLI tests' subprocesses inherit it.
+_BRIDGE_CACHE = tempfile.mkdtemp(prefix="proxyclient-test-cache-")
+os.environ["PROXYCLIENT_CACHE_DIR"] = _BRIDGE_CACHE
+atexit.register(shutil.rmtree, _BRIDGE_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ Deliberately independent of proxyclient's loop: full forward over the whole sequ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,8 +40,14 @@ def proxy_tuned_greedy(
     expert_prompt_ids: list[int] | None = None,
     base_ids_for: Callable[[list[int]], list[int]] | None = None,
     unidentifiable: frozenset[int] = frozenset(),
+    unseen: str = "restrict",
 ) -> list[ReferenceStep]:
-    """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` only the base's top-k compete.
+    """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` the base reveals only its top-k.
+
+    ``unseen`` says what the base scores outside that top-k are: ``restrict`` (none: only the
+    top-k compete), ``floor`` (every token competes; an unseen one gets the k-th logprob) or
+    ``residual`` (every token competes; the unseen share the leftover mass 1 - sum(top-k probs)
+    evenly, each log(leftover / n_unseen)).
 
     ``base_ids_for(generated)`` gives what the base sees when a dialect sends it something other
     than our ids (a chat template, text it tokenizes again); ``unidentifiable`` are tokens a
@@ -58,10 +65,21 @@ def proxy_tuned_greedy(
         vocab = min(base_lp.numel(), expert_lp.numel(), anti_lp.numel())
         scores = base_lp[:vocab] + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
         if restrict_to_top_k is not None:
-            allowed = torch.topk(base_lp[:vocab], restrict_to_top_k).indices
-            mask = torch.full_like(scores, -torch.inf)
-            mask[allowed] = 0
-            scores = scores + mask
+            top = torch.topk(base_lp[:vocab], restrict_to_top_k)
+            if unseen == "restrict":
+                unseen_lp = -torch.inf
+            elif unseen == "floor":
+                unseen_lp = float(top.values[-1])
+            elif unseen == "residual":
+                leftover = 1.0 - float(top.values.exp().sum())
+                n_unseen = vocab - restrict_to_top_k
+                unseen_lp = math.log(leftover / n_unseen) if leftover > 0 else -torch.inf
+            else:
+                raise ValueError(f"unknown unseen policy {unseen!r}")
+            seen = base_lp[:vocab].clone()
+            base_lp = torch.full_like(seen, unseen_lp)
+            base_lp[top.indices] = seen[top.indices]
+            scores = base_lp + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
         if unidentifiable:
             scores[list(unidentifiable)] = -torch.inf
         token = int(torch.argmax(scores))

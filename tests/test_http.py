@@ -224,3 +224,178 @@ def test_limits_must_be_positive(field):
 
     with pytest.raises(ConfigError, match=f"{field} must be > 0"):
         http_module.RateLimits(**{field: 0})
+
+
+# -- the waits themselves: computed by _backoff, and slept (a virtual clock, no real waiting) ----
+
+
+class _Outcome:
+    def __init__(self, exc):
+        self._exc = exc
+
+    def exception(self):
+        return self._exc
+
+
+class _State:
+    """The parts of tenacity's RetryCallState that _backoff reads."""
+
+    def __init__(self, exc, attempt_number=1):
+        self.outcome = _Outcome(exc)
+        self.attempt_number = attempt_number
+
+
+def retryable(status=429, headers=None):
+    return http_module._RetryableStatus(httpx.Response(status, headers=headers or {}))
+
+
+NOW = 1445412480.0  # 2015-10-21 07:28:00 GMT
+
+
+@pytest.fixture
+def real_backoff(monkeypatch):
+    monkeypatch.setattr(http_module, "INITIAL_BACKOFF_S", 0.25)
+    monkeypatch.setattr(http_module, "MAX_BACKOFF_S", 4.0)
+
+
+@pytest.fixture
+def frozen_now(monkeypatch):
+    """time.time() at NOW, for the HTTP-date form (parse_retry_after's default clock)."""
+    monkeypatch.setattr(http_module.time, "time", lambda: NOW)
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 10.0),  # an HTTP date, 10 s from NOW
+        ({"retry-after": "60"}, 60.0),  # the cap itself is honoured
+    ],
+)
+def test_backoff_waits_what_the_server_says(real_backoff, frozen_now, headers, wait):
+    for status in (429, 503, 408):
+        assert http_module._backoff(_State(retryable(status, headers))) == wait
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"retry-after": "61"},
+        {"retry-after-ms": "3600000"},
+        {"retry-after": "Wed, 21 Oct 2015 08:28:00 GMT"},  # an hour from NOW
+        {"retry-after": "soon"},
+        {},
+    ],
+)
+def test_backoff_beyond_the_cap_or_unsaid_is_exponential(real_backoff, frozen_now, headers):
+    assert http_module.MAX_RETRY_AFTER_S == 60.0
+    for attempt, low in [(1, 0.25), (2, 0.5), (3, 1.0), (4, 2.0), (5, 4.0), (9, 4.0)]:
+        wait = http_module._backoff(_State(retryable(429, headers), attempt))
+        assert low <= wait <= low + 0.25, (attempt, wait)  # 0.25 * 2^(n-1), capped at 4, + jitter
+
+
+def test_backoff_after_a_connection_error_is_exponential(real_backoff):
+    wait = http_module._backoff(_State(httpx.ConnectError("refused"), 3))
+    assert 1.0 <= wait <= 1.25
+
+
+def virtual_clock(monkeypatch):
+    """Tenacity's and the shared pause's sleeps recorded, not slept: they move a virtual clock
+    that the event loop's time() follows, so the pause is over when the sleep "ends"."""
+    slept = {"retry": [], "pause": []}
+    offset = [0.0]
+
+    def sleeper(kind):
+        async def sleep(seconds, result=None):
+            slept[kind].append(seconds)
+            offset[0] += seconds
+            await _real_sleep(0)
+            return result
+
+        return sleep
+
+    class _Asyncio:  # http.py's asyncio, but for sleep
+        sleep = staticmethod(sleeper("pause"))
+
+        def __getattr__(self, name):
+            return getattr(asyncio, name)
+
+    real_retrying = http_module.AsyncRetrying
+    monkeypatch.setattr(
+        http_module,
+        "AsyncRetrying",
+        lambda **options: real_retrying(sleep=sleeper("retry"), **options),
+    )
+    monkeypatch.setattr(http_module, "asyncio", _Asyncio())
+
+    def run(coroutine):
+        async def main():
+            loop = asyncio.get_running_loop()
+            real_time = loop.time
+            loop.time = lambda: real_time() + offset[0]
+            return await coroutine
+
+        return asyncio.run(main())
+
+    return slept, run
+
+
+_real_sleep = asyncio.sleep
+
+
+def test_a_429_with_retry_after_waits_exactly_that(monkeypatch, real_backoff):
+    slept, run = virtual_clock(monkeypatch)
+    transport, seen = transport_of(
+        httpx.Response(429, headers={"retry-after": "2"}, json={"error": "slow down"}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    client = HTTPTransport("http://server/v1", transport=transport)
+    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert len(seen) == 2
+    assert slept["retry"] == [2.0]
+    assert sum(slept["pause"]) < 0.01  # the shared pause ended with the retry's own wait
+
+
+def test_a_503_with_retry_after_beyond_the_cap_retries_after_the_backoff(monkeypatch, real_backoff):
+    slept, run = virtual_clock(monkeypatch)
+    transport, seen = transport_of(
+        httpx.Response(503, headers={"retry-after": "3600"}, json={"error": "down"}),
+        httpx.Response(503, headers={"retry-after": "3600"}, json={"error": "down"}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    client = HTTPTransport("http://server/v1", transport=transport)
+    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert len(seen) == 3
+    first, second = slept["retry"]
+    assert 0.25 <= first <= 0.5 and 0.5 <= second <= 0.75
+    assert not slept["pause"]
+
+
+def test_a_429_with_retry_after_beyond_the_cap_retries_after_the_backoff(monkeypatch, real_backoff):
+    slept, run = virtual_clock(monkeypatch)
+    transport, _ = transport_of(
+        httpx.Response(429, headers={"retry-after": "3600"}, json={"error": "slow down"}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    client = HTTPTransport("http://server/v1", transport=transport)
+    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert sum(slept["retry"]) + sum(slept["pause"]) <= 0.5
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_408_and_409_are_retried(status):
+    transport, seen = transport_of(
+        httpx.Response(status, json={"error": "try again"}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    assert post(transport) == {"ok": True}
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_408_and_409_give_up_after_max_retries(status):
+    transport, seen = transport_of(*[httpx.Response(status, json={"error": "again"})] * 3)
+    with pytest.raises(http_module.APIStatusError, match=f"HTTP {status}: again"):
+        post(transport, max_retries=2)
+    assert len(seen) == 3

@@ -111,7 +111,8 @@ def test_plain_chat_scores_one_step_and_chooses(
     server = dialect_servers["openai-chat"]
     tokenizer = hf_models["tokenizer"]
     with tuner_for(server, tiny_models, base_tokenizer, "openai-chat") as tuner:
-        options = ["(", ":", " return", "def"]
+        # After the chat prompt the base's top 20 hold the first four, not the last two.
+        options = ["rror", " def", " will", " Return", "(", ":"]
         choice = tuner.choose(PROMPTS[0], options, top_logprobs=20, unseen="restrict")
     chat_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
@@ -121,11 +122,13 @@ def test_plain_chat_scores_one_step_and_chooses(
     step = reference(hf_models, prompt_ids, 20, base_ids_for=lambda _: chat_prompt)[0]
     option_ids = [tokenizer(o, add_special_tokens=False).input_ids[0] for o in options]
     finite = [i for i in option_ids if step.scores[i] > -float("inf")]
+    assert [options[option_ids.index(i)] for i in finite] == options[:4]
     expected = step.scores[finite].softmax(dim=0).tolist()
     got = [choice.probabilities[options[option_ids.index(i)]] for i in finite]
     assert got == pytest.approx(expected, abs=1e-5)
     assert sorted(choice.missing) == sorted(o for o, i in zip(options, option_ids, strict=True)
                                             if i not in finite)  # fmt: skip
+    assert choice.missing == ["(", ":"]
 
 
 def test_top_k_over_the_cap_names_it(dialect_servers, tiny_models, base_tokenizer):

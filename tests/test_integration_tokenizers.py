@@ -97,14 +97,17 @@ def test_cli_with_a_base_tokenizer(servers, tiny_models, bridged):
          "--base-tokenizer", str(tiny_models["base"]), "--expert", str(tiny_models["expert_sp"]),
          "--anti-expert", str(tiny_models["anti_expert_sp"]), "--prompt", PROMPTS[0],
          "--max-new-tokens", str(N), "--alpha", "1.0", "--temperature", "0", "--json",
-         "--threads", "1"],
+         "--threads", "1", "--unseen", "residual", "--untwinned", "prefix",
+         "--top-logprobs", "20", "--speculate", "off"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
+    # The same settings on both sides, all explicit: no default decides the comparison.
     expected = bridged.generate(
-        PROMPTS[0], max_new_tokens=N, alpha=1.0, unseen="restrict", top_logprobs=20
-    )
+        PROMPTS[0], max_new_tokens=N, alpha=1.0, temperature=0.0, unseen="residual",
+        untwinned="prefix", top_logprobs=20, speculate="off",
+    )  # fmt: skip
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
 

@@ -17,6 +17,7 @@ from conftest import API_KEY, BASE_NAME, server_greedy
 from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
+from proxyclient.errors import AuthenticationError
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +129,11 @@ def test_overlap_changes_timing_not_tokens(servers, tiny_models):
             results.append(t.generate(PROMPTS[0], config))
     assert results[0].token_ids == results[1].token_ids
     assert all(r.timings.steps == 8 and r.timings.local_s > 0 for r in results)
+    overlapped, sequential = (r.timings for r in results)
+    # With overlap the proxies run while the base is asked: the waits overlap, so the wall time is
+    # less than their sum. Without, one follows the other: at least their sum.
+    assert overlapped.wall_s < overlapped.base_s + overlapped.local_s, overlapped
+    assert sequential.wall_s >= sequential.base_s + sequential.local_s - 1e-3, sequential
 
 
 def test_api_key_is_sent_as_a_bearer_token(servers, tiny_models):
@@ -137,7 +143,7 @@ def test_api_key_is_sent_as_a_bearer_token(servers, tiny_models):
             if ok:
                 assert len(t.generate("x = 1", max_new_tokens=3).token_ids) == 3
             else:
-                with pytest.raises(Exception, match="HTTP 401") as info:
+                with pytest.raises(AuthenticationError, match="HTTP 401") as info:
                     t.generate("x = 1", max_new_tokens=3)
                 assert "wrong-key" not in str(info.value) and "wrong-key" not in repr(base)
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from local_base import LocalBase
-from reference import assert_same_tokens, proxy_tuned_greedy
+from reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ModelLoadError, ProxyTuner
 from proxyclient.adapters.base import Capabilities, TopLogprobs
@@ -26,7 +26,10 @@ def tuner(tiny_models, hf_models):
         yield t
 
 
-def reference(hf_models, tuner, prompt, *, alpha, n, k=None, expert="expert", anti="anti_expert"):
+def reference(
+    hf_models, tuner, prompt, *, alpha, n, k=None, unseen="restrict", expert="expert",
+    anti="anti_expert",
+):  # fmt: skip
     return proxy_tuned_greedy(
         hf_models["base"],
         hf_models[expert],
@@ -36,6 +39,7 @@ def reference(hf_models, tuner, prompt, *, alpha, n, k=None, expert="expert", an
         max_new_tokens=n,
         eos_ids=tuner.eos_ids,
         restrict_to_top_k=k,
+        unseen=unseen,
     )
 
 
@@ -56,6 +60,31 @@ def test_restrict_equals_the_formula_on_the_base_top_k(tuner, hf_models, k):
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, PROMPTS[1], alpha=1.5, n=12, k=k), tuner.eos_ids
     )
+
+
+POLICIES = ("restrict", "floor", "residual")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "k", "alpha"), [("print(", 3, 2.0), (PROMPTS[0], 2, 1.0), (PROMPTS[0], 3, 0.5)]
+)
+def test_each_unseen_policy_equals_the_formula_extended_by_it(tuner, hf_models, prompt, k, alpha):
+    """At a small k the three policies choose differently, and each as the formula says."""
+    got = {
+        unseen: tuner.generate(
+            prompt, max_new_tokens=8, alpha=alpha, top_logprobs=k, unseen=unseen, speculate="off"
+        )
+        for unseen in POLICIES
+    }
+    outputs = [tuple(got[unseen].token_ids) for unseen in POLICIES]
+    assert len(set(outputs)) == 3, f"the policies should choose differently: {outputs}"
+    for unseen in POLICIES:
+        assert got[unseen].unseen_policy == unseen
+        assert_same_tokens(
+            got[unseen].token_ids,
+            reference(hf_models, tuner, prompt, alpha=alpha, n=8, k=k, unseen=unseen),
+            tuner.eos_ids,
+        )
 
 
 def test_steering_changes_the_output(tuner):
@@ -188,11 +217,19 @@ def test_eos_ends_the_generation_and_is_not_in_the_output(tiny_models, tuner):
 
 def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
     got = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1, expert_chat_template=True)
-    chat = tuner.expert_tokenizer.apply_chat_template(
+    tokenizer = tuner.expert_tokenizer
+    chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
     )
-    expert_ids = tuner.tokens.encode_prompt(PROMPTS[0], expert_chat_template=True).expert
-    assert tuner.expert_tokenizer.decode(expert_ids, skip_special_tokens=True) == chat
+    # Built without the code under test: the template's text, tokenized as written, with the
+    # model's BOS in front unless the template already writes one. Exactly one BOS either way.
+    bos = tokenizer.bos_token_id
+    assert bos is not None and tokenizer(PROMPTS[0]).input_ids[0] == bos
+    expert_ids = tokenizer(chat, add_special_tokens=False).input_ids
+    if not chat.startswith(tokenizer.bos_token):
+        expert_ids = [bos, *expert_ids]
+    assert expert_ids.count(bos) == 1 and expert_ids[0] == bos
+    assert tuner.tokens.encode_prompt(PROMPTS[0], expert_chat_template=True).expert == expert_ids
     expected = proxy_tuned_greedy(
         hf_models["base"],
         hf_models["expert"],
@@ -240,15 +277,31 @@ def test_choose_gives_the_formulas_probabilities_over_the_options(tuner, hf_mode
 
 
 def test_choose_reports_options_outside_the_base_top_k(tuner):
-    options = ["(", ":", " return", "def", "x", "y"]
-    got = tuner.choose(PROMPTS[0], options, top_logprobs=2, unseen="restrict")
-    assert len(got.missing) >= len(options) - 2
+    # The base's top 3 after PROMPTS[0] are " U", a partial UTF-8 byte and "di": two options are
+    # among them, four are not.
+    options = [" U", "(", ":", "di", " return", "def"]
+    got = tuner.choose(PROMPTS[0], options, top_logprobs=3, unseen="restrict")
+    assert got.missing == ["(", ":", " return", "def"]
     assert all(got.probabilities[o] is None for o in got.missing)
-    present = [p for p in got.probabilities.values() if p is not None]
-    assert sum(present) == pytest.approx(1.0) or not present
-    floor = tuner.choose(PROMPTS[0], options, top_logprobs=2, unseen="floor")
+    present = {o: p for o, p in got.probabilities.items() if p is not None}
+    assert set(present) == {" U", "di"}
+    assert sum(present.values()) == pytest.approx(1.0)
+    assert got.option in present
+    floor = tuner.choose(PROMPTS[0], options, top_logprobs=3, unseen="floor")
     assert floor.missing == got.missing
     assert all(p is not None for p in floor.probabilities.values())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_choose_gives_the_bases_own_probabilities_over_the_options(tuner, hf_models, alpha):
+    options = ["(", ":", " return", "def"]
+    option_ids = [tuner.tokenizer(o, add_special_tokens=False).input_ids[0] for o in options]
+    base_lp = next_logprobs(hf_models["base"], tuner.tokenizer(PROMPTS[0]).input_ids)
+    expected = base_lp[option_ids].softmax(dim=0).tolist()
+    got = tuner.choose(PROMPTS[0], options, alpha=alpha, top_logprobs=-1)
+    assert [got.base_probabilities[o] for o in options] == pytest.approx(expected, abs=1e-6)
+    tuned = [got.probabilities[o] for o in options]
+    assert tuned != pytest.approx(expected, abs=1e-3), "steering should move the options"
 
 
 def test_choose_needs_single_token_options(tuner):
