@@ -215,6 +215,22 @@ def test_eos_ends_the_generation_and_is_not_in_the_output(tiny_models, tuner):
     assert got.token_ids == [300]
 
 
+def test_retokenized_steps_counts_the_answers_a_text_server_split_again(tiny_models):
+    # A text-only server (TGI, chat) marks an answer whose prompt it split differently.
+    answers = [
+        TopLogprobs((300, 301), (-0.1, -3.0)),
+        TopLogprobs((301, 300), (-0.1, -3.0), retokenized=True),
+        TopLogprobs((302, 300), (-0.1, -3.0)),
+        TopLogprobs((303, 300), (-0.1, -3.0), retokenized=True),
+    ]
+    scripted = ProxyTuner(
+        ScriptedBase(answers), tiny_models["expert"], tiny_models["anti_expert"], device="cpu"
+    )
+    got = scripted.generate("x", max_new_tokens=4, alpha=0.0)
+    assert got.token_ids == [300, 301, 302, 303]
+    assert got.usage.retokenized_steps == 2
+
+
 def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
     got = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1, expert_chat_template=True)
     tokenizer = tuner.expert_tokenizer
