@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -220,8 +220,7 @@ class BaseDraftStep(_DraftStep):
     """
 
     async def __call__(self, seq: Sequence) -> list[int]:
-        config, base = seq.config, self.base
-        assert isinstance(base, DraftingBaseModel)
+        config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         greedy = config.temperature == 0
         n = self.length(seq)
         prompt = seq.base_prompt
@@ -282,8 +281,7 @@ class ExpertDraftStep(_DraftStep):
     would have chosen, plus its own token at the first disagreement (or after a full draft)."""
 
     async def __call__(self, seq: Sequence) -> list[int]:
-        config, base = seq.config, self.base
-        assert isinstance(base, DraftingBaseModel)
+        config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         n = self.length(seq)
         vocab = self.tokens.vocab_size
         temperature = config.temperature
