@@ -80,7 +80,14 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
 
 def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool = True) -> None:
     local = parser.add_argument_group("expert and anti-expert (local)")
-    local.add_argument("--expert", required=True, help="folder of the tuned small model")
+    expert = local.add_mutually_exclusive_group(required=True)
+    expert.add_argument("--expert", help="folder of the tuned small model")
+    expert.add_argument(
+        "--expert-lora",
+        metavar="DIR",
+        help="instead: a PEFT LoRA adapter folder; the expert is the anti-expert with it "
+        "(one model in memory; needs peft: pip install 'proxyclient[lora]')",
+    )
     local.add_argument("--anti-expert", required=True, help="folder of the untuned small model")
     local.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0 ...")
     local.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 else), fp32 ...")
@@ -252,6 +259,7 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
         _connect(args, args.anti_expert),
         expert=args.expert,
         anti_expert=args.anti_expert,
+        expert_lora=args.expert_lora,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

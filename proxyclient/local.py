@@ -80,11 +80,14 @@ class LocalModel:
     model: Any
     device: torch.device
     name: str = "local"
+    # A PEFT model serves two roles: its adapter on (the expert) or off (the anti-expert).
+    adapter: bool | None = None
     _cache_arg: str = field(init=False, default="past_key_values")
     _accepts_logits_to_keep: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        params = inspect.signature(self.model.forward).parameters
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        params = inspect.signature(inner.forward).parameters
         # transformers >= 5.2x renamed past_key_values to cache (the old name warns until 5.40).
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._accepts_logits_to_keep = "logits_to_keep" in params
@@ -132,7 +135,7 @@ class LocalModel:
         kwargs: dict[str, Any] = {self._cache_arg: state.cache, "use_cache": True}
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = positions
-        out = self.model(input_ids=input_ids, **kwargs)
+        out = self._forward(input_ids=input_ids, **kwargs)
         state.cache = out[self._cache_arg]
         state.length += len(token_ids)
         logits = out.logits[0, -positions:].float()  # [positions, output_size]
@@ -171,7 +174,7 @@ class LocalModel:
             "attention_mask": mask.to(self.device),
             "position_ids": position_ids.to(self.device),
         }
-        out = self.model(input_ids=input_ids.to(self.device), **kwargs)
+        out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [batch, width, V]
         layers = _layer_kv(out[self._cache_arg])
         results = []
@@ -182,6 +185,12 @@ class LocalModel:
             state.length = length + count
             results.append(logprobs[row, count - positions : count])
         return results
+
+    def _forward(self, **kwargs: Any) -> Any:
+        if self.adapter is False:
+            with self.model.disable_adapter():
+                return self.model(**kwargs)
+        return self.model(**kwargs)
 
     def crop(self, state: KVState, length: int) -> None:
         """Forget everything after the first ``length`` tokens of ``state`` (speculation's
@@ -251,6 +260,32 @@ def _stacked_cache(states: Sequence[KVState], past: int) -> Any:
             values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         stacked.append((torch.cat(keys), torch.cat(values)))
     return _cache_of(stacked)
+
+
+def load_lora_pair(
+    anti_expert: str | Path, adapter: str | Path, device: Any, dtype: Any
+) -> tuple[LocalModel, LocalModel]:
+    """Expert and anti-expert from one model in memory: the anti-expert's weights with a LoRA
+    adapter (a PEFT adapter folder) switched on for the expert, off for the anti-expert."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError(
+            "a LoRA expert needs peft: pip install 'proxyclient[lora]' (or pip install peft)"
+        ) from None
+    anti = LocalModel.load(anti_expert, role="anti-expert", device=device, dtype=dtype)
+    source = check_model_source(adapter, "expert LoRA adapter")
+    try:
+        wrapped = PeftModel.from_pretrained(anti.model, source).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load the LoRA adapter from {source!r} onto the anti-expert: {exc}"
+        ) from None
+    wrapped.to(device=anti.device)
+    return (
+        LocalModel(wrapped, anti.device, "expert (anti-expert + LoRA)", adapter=True),
+        LocalModel(wrapped, anti.device, "anti-expert", adapter=False),
+    )
 
 
 def load_local(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:

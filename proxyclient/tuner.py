@@ -27,6 +27,7 @@ from proxyclient.local import (
     check_same_vocabulary,
     eos_ids_of,
     load_local,
+    load_lora_pair,
     load_tokenizer,
 )
 from proxyclient.loop_thread import LoopThread
@@ -48,7 +49,9 @@ class ProxyTuner:
     """A remote base model steered by a local expert and anti-expert.
 
     ``expert`` and ``anti_expert`` are model folders (or loaded :class:`LocalModel` objects, then
-    ``tokenizer`` is required). The base's tokenizer comes with the adapter when it has one
+    ``tokenizer`` is required). ``expert_lora`` (with ``expert=None``) makes the expert a PEFT LoRA
+    adapter on the anti-expert's weights: one model in memory, the adapter on for the expert and
+    off for the anti-expert. The base's tokenizer comes with the adapter when it has one
     (``connect(..., tokenizer=...)``; OpenAI model names imply theirs); ``base_tokenizer`` names it
     otherwise (a folder, ``tiktoken:ENCODING``, or a tokenizer object). Base and proxies that
     tokenize differently are combined on their shared byte vocabulary; left out, the base is
@@ -61,9 +64,10 @@ class ProxyTuner:
     def __init__(
         self,
         base: BaseModel,
-        expert: str | Path | LocalModel,
+        expert: str | Path | LocalModel | None,
         anti_expert: str | Path | LocalModel,
         *,
+        expert_lora: str | Path | None = None,
         tokenizer: Any = None,
         base_tokenizer: Any = None,
         device: str | torch.device = "auto",
@@ -76,8 +80,18 @@ class ProxyTuner:
                 raise ConfigError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.base = base
-        expert_model = load_local(expert, "expert", device, dtype)
-        anti_model = load_local(anti_expert, "anti-expert", device, dtype)
+        if (expert is None) == (expert_lora is None):
+            raise ConfigError(
+                "give the expert either as a model (expert=DIR) or as a LoRA adapter on the "
+                "anti-expert (expert=None, expert_lora=DIR), not both or neither"
+            )
+        if expert_lora is not None:
+            if not isinstance(anti_expert, str | Path):
+                raise ConfigError("expert_lora needs anti_expert as a model folder")
+            expert_model, anti_model = load_lora_pair(anti_expert, expert_lora, device, dtype)
+        else:
+            expert_model = load_local(expert, "expert", device, dtype)
+            anti_model = load_local(anti_expert, "anti-expert", device, dtype)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(anti_expert)
         expert_tokenizer = load_tokenizer(expert) if isinstance(expert, str | Path) else tokenizer
         check_same_vocabulary(expert_tokenizer, tokenizer)
