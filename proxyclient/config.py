@@ -112,18 +112,12 @@ class GenerationConfig:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        try:
-            object.__setattr__(self, "unseen", UnseenPolicy(self.unseen))
-        except ValueError:
-            choices = ", ".join(p.value for p in UnseenPolicy)
-            raise ConfigError(f"unseen must be one of {choices}, got {self.unseen!r}") from None
-        try:
-            object.__setattr__(self, "untwinned", UntwinnedRule(self.untwinned))
-        except ValueError:
-            choices = ", ".join(r.value for r in UntwinnedRule)
-            raise ConfigError(
-                f"untwinned must be one of {choices}, got {self.untwinned!r}"
-            ) from None
+        for name, choices in (
+            ("unseen", UnseenPolicy),
+            ("untwinned", UntwinnedRule),
+            ("speculate", Speculate),
+        ):
+            object.__setattr__(self, name, _one_of(choices, name, getattr(self, name)))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise ConfigError(
                 f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"
@@ -141,13 +135,6 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
-        try:
-            object.__setattr__(self, "speculate", Speculate(self.speculate))
-        except ValueError:
-            choices = ", ".join(m.value for m in Speculate)
-            raise ConfigError(
-                f"speculate must be one of {choices}, got {self.speculate!r}"
-            ) from None
         if not isinstance(self.draft_tokens, int) or self.draft_tokens < 1:
             raise ConfigError(
                 f"draft_tokens must be an integer >= 1 (the longest draft), got "
@@ -155,3 +142,12 @@ class GenerationConfig:
             )
         if any(not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings")
+
+
+def _one_of(choices: type[StrEnum], name: str, value: object) -> StrEnum:
+    """``value`` as a member of ``choices``, or a ConfigError that lists them."""
+    try:
+        return choices(value)
+    except ValueError:
+        listed = ", ".join(member.value for member in choices)
+        raise ConfigError(f"{name} must be one of {listed}, got {value!r}") from None

@@ -78,7 +78,7 @@ class _Job:
     expert_ids: Sequence[int]
     anti_ids: Sequence[int]
     positions: int
-    done: asyncio.Future[ProxyLogprobs]
+    done: asyncio.Future[ProxyLogprobs] | None = None  # None: run in the calling thread
 
 
 class ProxyPair:
@@ -122,6 +122,7 @@ class ProxyPair:
                 jobs, self._waiting = self._waiting, []
                 outcomes = await loop.run_in_executor(self._executor, self._run, jobs)
                 for job, outcome in zip(jobs, outcomes, strict=True):
+                    assert job.done is not None
                     if job.done.cancelled():
                         continue
                     if isinstance(outcome, BaseException):
@@ -132,13 +133,8 @@ class ProxyPair:
             self._draining = False
 
     def _run(self, jobs: list[_Job]) -> list[ProxyLogprobs | BaseException]:
-        """The jobs' forwards, batched by how many positions they ask for (worker thread)."""
-        if len(jobs) == 1:
-            job = jobs[0]
-            try:
-                return [self.logprobs_now(job.state, job.expert_ids, job.anti_ids, job.positions)]
-            except Exception as exc:  # handed to the caller that asked
-                return [exc]
+        """The jobs' forwards, batched by how many positions they ask for (worker thread).
+        A job's failure is its outcome, handed to the caller that asked."""
         started = time.perf_counter()
         outcomes: list[ProxyLogprobs | BaseException | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
@@ -205,16 +201,11 @@ class ProxyPair:
         anti_ids: Sequence[int],
         positions: int = 1,
     ) -> ProxyLogprobs:
-        """``logprobs`` in the calling thread."""
-        started = time.perf_counter()
-        reused = self._prepare(state, expert_ids, anti_ids, positions)
-        if reused is not None:
-            return reused
-        self.batch_sizes[1] += 1
-        expert_lp = self.expert.feed(state.expert, expert_ids[state.expert.length :], positions)
-        anti_lp = self.anti_expert.feed(state.anti, anti_ids[state.anti.length :], positions)
-        state.last = (expert_lp[-1], anti_lp[-1])
-        return ProxyLogprobs(expert_lp, anti_lp, time.perf_counter() - started)
+        """``logprobs`` in the calling thread (a batch of one)."""
+        (outcome,) = self._run([_Job(state, expert_ids, anti_ids, positions)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def draft(
         self,
