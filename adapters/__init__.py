@@ -9,6 +9,7 @@ BaseModel`` (given ``tokenizer`` only when there is one).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -67,7 +68,7 @@ def tokenizer_needed(api: str, model: str) -> bool:
 
 def connect(
     api: str,
-    base_url: str,
+    base_url: str | None,
     model: str,
     *,
     api_key: str | None = None,
@@ -81,16 +82,25 @@ def connect(
     """The base model ``model`` served at ``base_url`` in the dialect ``api``.
 
     ``base_url`` is what the dialect's paths hang off: ``http://host:8000/v1`` for vllm, openai
-    and openai-chat, ``http://host:8080`` for tgi and llamacpp. ``tokenizer`` is the base's
-    tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``); without one,
-    the adapter's ``default_tokenizer(model)`` (OpenAI model names imply their tiktoken encoding),
-    and dialects that name tokens by text must have one. The adapter keeps it as ``.tokenizer``
-    (None when there is none). ``limits`` (``RateLimits``: max concurrency, requests and tokens
-    per minute) hold for everything sent to this base, from every generation; a 429 with
-    Retry-After pauses them all. ``options`` go to the adapter (e.g. ``max_k``,
-    ``continue_final_message``).
+    and openai-chat, ``http://host:8080`` for tgi and llamacpp; None means the hosted provider's
+    public endpoint (an error for self-hosted dialects). ``api_key`` defaults to the provider's
+    usual environment variable (``OPENAI_API_KEY``, ``GEMINI_API_KEY``, ...). ``tokenizer`` is
+    the base's tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``);
+    without one, the adapter's ``default_tokenizer(model)`` (OpenAI model names imply their
+    tiktoken encoding), and dialects that name tokens by text must have one. The adapter keeps it
+    as ``.tokenizer`` (None when there is none). ``limits`` (``RateLimits``: max concurrency,
+    requests and tokens per minute) hold for everything sent to this base, from every
+    generation; a 429 with Retry-After pauses them all. ``options`` go to the adapter (e.g.
+    ``max_k``, ``continue_final_message``).
     """
     factory = _adapter(api, available())
+    if base_url is None:
+        base_url = getattr(factory, "default_base_url", None)
+        if base_url is None:
+            raise ConfigError(
+                f"the {api} dialect has no public endpoint: give the server's base URL "
+                f"(--base-url, e.g. http://127.0.0.1:8000/v1)"
+            )
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"base_url must start with http:// or https://, got {base_url!r} "
@@ -107,9 +117,13 @@ def connect(
     # A factory that is no DialectAdapter may predate the tokenizer keyword: pass only a real one.
     if base_tokenizer is not None or _is_dialect_adapter(factory):
         options["tokenizer"] = base_tokenizer
+    key_env = getattr(factory, "api_key_env", None)
+    if api_key is None and key_env:
+        api_key = os.environ.get(key_env)
     http = HTTPTransport(
         base_url,
         api_key=api_key,
+        auth_header=getattr(factory, "api_key_header", ("Authorization", "Bearer {key}")),
         timeout=timeout,
         max_retries=max_retries,
         transport=transport,

@@ -98,6 +98,11 @@ class DialectAdapter:
     raise_k_cap: ClassVar[str] = ""
     # Other servers (named as ``sniff_dialect`` names them) that also answer this dialect.
     also_served_by: ClassVar[frozenset[str]] = frozenset()
+    # Hosted providers: where the API lives when no base URL is given, the environment variable
+    # their users keep the key in, and the header it travels in ("{key}" is replaced).
+    default_base_url: ClassVar[str | None] = None
+    api_key_env: ClassVar[str | None] = None
+    api_key_header: ClassVar[tuple[str, str]] = ("Authorization", "Bearer {key}")
     capabilities: Capabilities
     tokenizer: BaseTokenizer | None  # the base's; None when none was given and none is needed
 

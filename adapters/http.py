@@ -197,9 +197,11 @@ class HTTPTransport:
         max_retries: int = DEFAULT_MAX_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
         limits: RateLimits | None = None,
+        auth_header: tuple[str, str] = ("Authorization", "Bearer {key}"),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
+        self._auth_header = auth_header
         self.timeout = timeout
         self.max_retries = max_retries
         self.limits = limits or RateLimits()
@@ -220,7 +222,8 @@ class HTTPTransport:
         # An AsyncClient belongs to the event loop it first ran on; the sync API runs its own loop.
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop or self._client.is_closed:
-            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            name, value = self._auth_header
+            headers = {name: value.format(key=self._api_key)} if self._api_key else {}
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
                 headers=headers,

@@ -23,6 +23,8 @@ OPENAI_MAX_LOGPROBS = 5
 
 class OpenAICompletions(DialectAdapter):
     dialect = "openai"
+    default_base_url = "https://api.openai.com/v1"
+    api_key_env = "OPENAI_API_KEY"
     needs_tokenizer = True
     also_served_by = frozenset({"vllm"})
     tokenizer: BaseTokenizer

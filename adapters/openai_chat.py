@@ -25,6 +25,8 @@ REPLACEMENT = "\ufffd".encode()
 
 class OpenAIChat(DialectAdapter):
     dialect = "openai-chat"
+    default_base_url = "https://api.openai.com/v1"
+    api_key_env = "OPENAI_API_KEY"
     needs_tokenizer = True
     # vLLM serves chat; so does any OpenAI-style host, which sniff_dialect calls "openai".
     also_served_by = frozenset({"vllm", "openai"})

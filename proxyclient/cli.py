@@ -47,7 +47,10 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
         help="server dialect: %(choices)s (default: %(default)s)",
     )
     base.add_argument(
-        "--base-url", required=True, help="e.g. http://127.0.0.1:8000/v1 (tgi, llamacpp: no /v1)"
+        "--base-url",
+        default=None,
+        help="e.g. http://127.0.0.1:8000/v1 (tgi, llamacpp: no /v1); hosted providers' "
+        "dialects default to their public endpoint",
     )
     base.add_argument("--base-model", required=True, help="model name the server serves")
     base.add_argument(
@@ -57,7 +60,9 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
         "tiktoken:ENCODING (default: the anti-expert's; OpenAI models: their encoding)",
     )
     base.add_argument(
-        "--api-key", default=None, help=f"sent as a Bearer token (default: ${API_KEY_ENV})"
+        "--api-key",
+        default=None,
+        help=f"default: ${API_KEY_ENV}, else the provider's usual variable ($OPENAI_API_KEY, ...)",
     )
     base.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     base.add_argument("--max-retries", type=int, default=3)

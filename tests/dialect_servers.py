@@ -55,11 +55,27 @@ from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
-Dialect = Literal["openai", "openai-chat", "tgi"]
+Dialect = str  # "openai", "openai-chat", "tgi", or one registered by a fixture module
 PartialTokens = Literal["openai", "replacement", "empty"]
 Json = dict[str, Any]
 
 DEFAULT_MAX_K: dict[str, int] = {"openai": 5, "openai-chat": 20, "tgi": 5}
+# The path the dialect's base URL ends in ("" = the server root).
+URL_SUFFIX: dict[str, str] = {"openai": "/v1", "openai-chat": "/v1", "tgi": ""}
+# Handler classes by dialect; filled at the end of this module, and by register_dialect.
+HANDLERS: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_dialect(
+    name: str, handler: Callable[[Any], Any], *, max_k: int, url_suffix: str = ""
+) -> None:
+    """Serve ``name`` with ``handler(core)`` (a ``_DialectBase``), so that fixture modules for
+    further dialects live in files of their own: importing the module registers its dialect."""
+    HANDLERS[name] = handler
+    DEFAULT_MAX_K[name] = max_k
+    URL_SUFFIX[name] = url_suffix
+
+
 OPENAI_DEFAULT_MAX_TOKENS = 16  # legacy completions' documented default
 TGI_DEFAULT_MAX_NEW_TOKENS = 100  # GenerateParameters::default_max_new_tokens
 TGI_DEFAULT_GENERATION_LENGTH = 1024  # validation.rs, for "max_new_tokens": null
@@ -1051,7 +1067,7 @@ class DialectServer:
     @property
     def base_url(self) -> str:
         root = f"http://127.0.0.1:{self.port}"
-        return root if self.dialect == "tgi" else f"{root}/v1"
+        return root + URL_SUFFIX[self.dialect]
 
     @property
     def max_k(self) -> int:
@@ -1067,8 +1083,7 @@ class DialectServer:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(self.model_dir.resolve())
             core = _Core(_load_model(self.model_dir.resolve()), tokenizer, self.settings)
-            dialects = {"openai": _OpenAICompletions, "openai-chat": _OpenAIChat, "tgi": _TGI}
-            self._handler = dialects[self.dialect](core)
+            self._handler = HANDLERS[self.dialect](core)
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(
@@ -1146,6 +1161,9 @@ class DialectServer:
     def __repr__(self) -> str:
         state = f"port {self.port}" if self._httpd is not None else "stopped"
         return f"DialectServer({self.dialect!r}, {self.settings.served_name!r}, {state})"
+
+
+HANDLERS.update({"openai": _OpenAICompletions, "openai-chat": _OpenAIChat, "tgi": _TGI})
 
 
 def _answer(
