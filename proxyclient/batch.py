@@ -453,13 +453,14 @@ class BatchStats:
     requests: int = 0  # requests to the base
     seconds: float = 0.0
 
-    def add(self, generation: Generation, failed: bool) -> None:
-        if failed:
-            self.failed += 1
-        else:
+    def add(self, line: dict[str, Any]) -> None:
+        """Count one result line (as :func:`result_line` makes it)."""
+        if line["error"] is None:
             self.done += 1
-        self.tokens += generation.usage.completion_tokens
-        self.requests += generation.usage.requests
+        else:
+            self.failed += 1
+        self.tokens += line["usage"]["completion_tokens"]
+        self.requests += line["usage"]["requests"]
 
     def summary(self) -> str:
         """One line, e.g. ``batch: 37 done, 2 failed, 3 skipped as already done, 1 malformed
@@ -553,8 +554,9 @@ async def run_batch(
         except Exception as exc:  # a bug must not sink the other lines either
             logger.info("custom_id %s failed", _show(item.custom_id), exc_info=True)
             generation, error = Generation("", [], "error"), f"{type(exc).__name__}: {exc}"
-        output.write(result_line(item.custom_id, generation, error))
-        stats.add(generation, failed=error is not None)
+        line = result_line(item.custom_id, generation, error)
+        output.write(line)
+        stats.add(line)
         if progress is not None:
             progress.update(stats)
 

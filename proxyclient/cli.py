@@ -29,6 +29,7 @@ from proxyclient.result import Generation
 
 if TYPE_CHECKING:
     from proxyclient.adapters.base import BaseModel
+    from proxyclient.batch import BatchItem, BatchStats, Progress, ResultWriter
     from proxyclient.tuner import ProxyTuner
 
 API_KEY_ENV = "PROXYCLIENT_API_KEY"
@@ -167,7 +168,30 @@ def _parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_at_least_one,
         default=DEFAULT_CONCURRENCY,
-        help=f"generations in flight at once (default: {DEFAULT_CONCURRENCY})",
+        help=f"generations in flight at once (default: {DEFAULT_CONCURRENCY}; with --ray: "
+        "per worker)",
+    )
+    ray = batch.add_argument_group("past one machine: Ray (pip install 'proxyclient[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the generations on Ray actors, each holding the local models once",
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="a running Ray cluster (auto, ray://HEAD:10001); default: start Ray locally",
+    )
+    ray.add_argument(
+        "--workers", type=_at_least_one, default=None, metavar="N", help="Ray actors (default: 1)"
+    )
+    ray.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs Ray gives each actor (default: 0; fractions share a GPU)",
     )
 
     choose = commands.add_parser(
@@ -349,13 +373,21 @@ def _at_least_one(text: str) -> int:
 
 def _batch(args: argparse.Namespace) -> int:
     """Resume rules and output format: proxyclient/batch.py's docstring."""
-    import asyncio
 
     from proxyclient import batch
 
     config = _config(args)
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise ConfigError("--input and --output are the same file; write the results elsewhere")
+    ray_options = {
+        "--workers": args.workers,
+        "--gpus-per-worker": args.gpus_per_worker,
+        "--ray-address": args.ray_address,
+    }
+    if given := [flag for flag, value in ray_options.items() if value is not None and not args.ray]:
+        raise ConfigError(f"{', '.join(given)} only work with --ray; add --ray or drop them")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     items, malformed = batch.read_input(args.input, config)
     for bad in malformed:
         print(f"proxyclient: {args.input} {bad}; skipped", file=sys.stderr)
@@ -364,32 +396,73 @@ def _batch(args: argparse.Namespace) -> int:
     stats = batch.BatchStats()
     if pending:
         with batch.ResultWriter(args.output) as output:
-            tuner = _tuner(args)
-
-            async def run() -> batch.BatchStats:
-                progress = batch.Progress(len(pending))
-                try:
-                    return await batch.run_batch(
-                        tuner,
-                        pending,
-                        config,
-                        concurrency=args.concurrency,
-                        output=output,
-                        progress=progress,
-                    )
-                finally:
-                    progress.close()
-                    await tuner.aclose()
-
+            progress = batch.Progress(len(pending))
             try:
-                stats = asyncio.run(run())
+                run = _run_on_ray if args.ray else _run_here
+                stats = run(args, pending, config, output, progress)
             except KeyboardInterrupt:
                 print("batch: interrupted; rerun the same command to go on", file=sys.stderr)
                 raise
+            finally:
+                progress.close()
     stats.skipped = len(items) - len(pending)
     stats.malformed = len(malformed)
     print(stats.summary(), file=sys.stderr)
     return 1 if stats.failed or stats.malformed else 0
+
+
+def _run_here(
+    args: argparse.Namespace,
+    items: list[BatchItem],
+    config: GenerationConfig,
+    output: ResultWriter,
+    progress: Progress,
+) -> BatchStats:
+    import asyncio
+
+    from proxyclient.batch import run_batch
+
+    tuner = _tuner(args)
+
+    async def run() -> BatchStats:
+        try:
+            return await run_batch(
+                tuner,
+                items,
+                config,
+                concurrency=args.concurrency,
+                output=output,
+                progress=progress,
+            )
+        finally:
+            await tuner.aclose()
+
+    return asyncio.run(run())
+
+
+def _run_on_ray(
+    args: argparse.Namespace,
+    items: list[BatchItem],
+    config: GenerationConfig,
+    output: ResultWriter,
+    progress: Progress,
+) -> BatchStats:
+    import functools
+
+    from proxyclient.ray_batch import run_on_ray
+
+    return run_on_ray(
+        functools.partial(_tuner, args),
+        items,
+        config,
+        output=output,
+        workers=args.workers or 1,
+        concurrency=args.concurrency,
+        gpus_per_worker=args.gpus_per_worker or 0.0,
+        address=args.ray_address,
+        progress=progress,
+        verbose=args.verbose,
+    )
 
 
 def _choose(args: argparse.Namespace) -> int:
