@@ -65,12 +65,47 @@ def check_model_source(path: str | Path, role: str) -> str:
     )
 
 
-@dataclass
 class KVState:
-    """One sequence's KV cache in one local model."""
+    """One sequence's KV cache in one local model.
 
-    cache: Any = None  # transformers Cache, grown in place by each forward
-    length: int = 0  # tokens fed so far
+    After a batched forward the sequence's keys and values are its rows of the batch's tensors;
+    they become a transformers Cache only when one is needed (a forward of this sequence alone,
+    a rollback), because building one per row and step costs more than the forward saves."""
+
+    __slots__ = ("_cache", "_layers", "length")
+
+    def __init__(self, cache: Any = None, length: int = 0) -> None:
+        self._cache = cache  # transformers Cache, grown in place by each forward
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.length = length  # tokens fed so far
+
+    @property
+    def cache(self) -> Any:
+        if self._layers is not None:
+            self._cache, self._layers = _cache_of(self._layers), None
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: Any) -> None:
+        self._cache, self._layers = value, None
+
+    def set_layers(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Keys and values per layer, [1, heads, length, head_dim] (a batched forward's rows)."""
+        self._cache, self._layers, self.length = None, layers, length
+
+    def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values per layer, or None when nothing was fed."""
+        if self._layers is not None:
+            return self._layers
+        return _layer_kv(self._cache) if self._cache is not None else None
+
+    def batchable(self) -> bool:
+        """Whether a batched forward can take this cache apart: rows of one, none yet, or a plain
+        DynamicCache."""
+        return self._layers is not None or _croppable_dynamic(self._cache)
+
+    def __repr__(self) -> str:
+        return f"KVState(length={self.length})"
 
 
 @dataclass
@@ -143,48 +178,52 @@ class LocalModel:
 
     @torch.inference_mode()
     def feed_many(
-        self, states: Sequence[KVState], token_lists: Sequence[Sequence[int]], positions: int = 1
+        self,
+        states: Sequence[KVState],
+        token_lists: Sequence[Sequence[int]],
+        positions: int | Sequence[int] = 1,
     ) -> list[torch.Tensor]:
         """``feed`` for several sequences in one batched forward: each list of new tokens is
-        appended to its own state; log-probs at the last ``positions`` of each, [positions, V].
+        appended to its own state; log-probs at the last ``positions`` (one number for all, or
+        one per sequence) of each, [positions, V].
 
         The caches (of different lengths) are left-padded to one length and the new tokens
         right-padded, with an attention mask over the padding and each row's own positions; the
         padding is cut off again afterwards. Models whose cache is not a plain DynamicCache are
         fed one sequence at a time."""
-        if len(states) == 1 or not all(_croppable_dynamic(s.cache) for s in states):
-            return [self.feed(s, t, positions) for s, t in zip(states, token_lists, strict=True)]
+        wanted = [positions] * len(states) if isinstance(positions, int) else list(positions)
+        if len(states) == 1 or not all(s.batchable() for s in states):
+            return [self.feed(s, t, p) for s, t, p in zip(states, token_lists, wanted, strict=True)]
         lengths = [s.length for s in states]
         counts = [len(t) for t in token_lists]
-        if min(counts) < positions:
-            raise ValueError(f"every sequence needs at least {positions} new tokens")
-        batch, past, width = len(states), max(lengths), max(counts)
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, past + width, dtype=torch.long)
-        position_ids = torch.zeros(batch, width, dtype=torch.long)
-        for row, (tokens, length, count) in enumerate(
-            zip(token_lists, lengths, counts, strict=True)
-        ):
-            input_ids[row, :count] = torch.tensor(list(tokens))
-            mask[row, past - length : past + count] = 1
-            position_ids[row] = torch.arange(length, length + width)
+        if any(not 1 <= p <= c for p, c in zip(wanted, counts, strict=True)):
+            raise ValueError(f"positions {wanted} must be in [1, new tokens {counts}] each")
+        past, width = max(lengths), max(counts)
+        input_ids = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_lists])
+        length_col = torch.tensor(lengths)[:, None]
+        columns = torch.arange(past + width)[None, :]
+        mask = (columns >= past - length_col) & (columns < past + torch.tensor(counts)[:, None])
         kwargs: dict[str, Any] = {
             self._cache_arg: _stacked_cache(states, past),
             "use_cache": True,
-            "attention_mask": mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
+            "attention_mask": mask.long().to(self.device),
+            "position_ids": (length_col + torch.arange(width)).to(self.device),
         }
         out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [batch, width, V]
+        logits = out.logits
         layers = _layer_kv(out[self._cache_arg])
-        results = []
         for row, (state, length, count) in enumerate(zip(states, lengths, counts, strict=True)):
             keep = slice(past - length, past + count)
-            state.cache = _cache_of([(k[row : row + 1, :, keep], v[row : row + 1, :, keep])
-                                     for k, v in layers])  # fmt: skip
-            state.length = length + count
-            results.append(logprobs[row, count - positions : count])
-        return results
+            state.set_layers(
+                [(k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in layers],
+                length + count,
+            )
+        # The wanted positions of every row in one log-softmax: [sum(wanted), V].
+        rows = torch.tensor([row for row, n in enumerate(wanted) for _ in range(n)])
+        columns = torch.tensor([c - n + i for c, n in zip(counts, wanted, strict=True)
+                                for i in range(n)])  # fmt: skip
+        logprobs = torch.log_softmax(logits[rows, columns].float(), dim=-1).cpu()
+        return list(torch.split(logprobs, wanted))
 
     def _forward(self, **kwargs: Any) -> Any:
         if self.adapter is False:
@@ -244,7 +283,7 @@ def _stacked_cache(states: Sequence[KVState], past: int) -> Any:
     """One cache for the batch: every sequence's keys and values left-padded to ``past``."""
     if past == 0:
         return None
-    per_state = [_layer_kv(s.cache) if s.cache is not None else None for s in states]
+    per_state = [s.layer_kv() for s in states]
     template = next(kv for kv in per_state if kv is not None)
     stacked = []
     for index, (key, value) in enumerate(template):

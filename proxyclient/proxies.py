@@ -133,11 +133,11 @@ class ProxyPair:
             self._draining = False
 
     def _run(self, jobs: list[_Job]) -> list[ProxyLogprobs | BaseException]:
-        """The jobs' forwards, batched by how many positions they ask for (worker thread).
-        A job's failure is its outcome, handed to the caller that asked."""
+        """The jobs' forwards as one batch (worker thread); each row asks for its own number of
+        positions. A job's failure is its outcome, handed to the caller that asked."""
         started = time.perf_counter()
         outcomes: list[ProxyLogprobs | BaseException | None] = [None] * len(jobs)
-        groups: dict[int, list[int]] = {}
+        members: list[int] = []
         for index, job in enumerate(jobs):
             try:
                 reused = self._prepare(job.state, job.expert_ids, job.anti_ids, job.positions)
@@ -147,9 +147,10 @@ class ProxyPair:
             if reused is not None:
                 outcomes[index] = reused
             else:
-                groups.setdefault(job.positions, []).append(index)
-        for positions, members in groups.items():
+                members.append(index)
+        if members:
             group = [jobs[i] for i in members]
+            positions = [j.positions for j in group]
             try:
                 expert = self.expert.feed_many(
                     [j.state.expert for j in group],
@@ -164,12 +165,12 @@ class ProxyPair:
             except Exception as exc:
                 for i in members:
                     outcomes[i] = exc
-                continue
-            self.batch_sizes[len(group)] += 1
-            seconds = time.perf_counter() - started
-            for i, job, expert_lp, anti_lp in zip(members, group, expert, anti, strict=True):
-                job.state.last = (expert_lp[-1], anti_lp[-1])
-                outcomes[i] = ProxyLogprobs(expert_lp, anti_lp, seconds)
+            else:
+                self.batch_sizes[len(group)] += 1
+                seconds = time.perf_counter() - started
+                for i, job, expert_lp, anti_lp in zip(members, group, expert, anti, strict=True):
+                    job.state.last = (expert_lp[-1], anti_lp[-1])
+                    outcomes[i] = ProxyLogprobs(expert_lp, anti_lp, seconds)
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
 
     def _prepare(

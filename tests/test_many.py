@@ -96,10 +96,18 @@ def test_feed_many_equals_one_sequence_at_a_time(tiny_models):
         if prefix:
             model.feed(a, prefix)
             model.feed(b, prefix)
-    for step in range(3):  # new tokens of different lengths, then one token each
+    for step in range(4):
+        # New tokens of different lengths with log-probs at a different number of positions in
+        # each row (speculation's verify steps), then one token each; then a rollback.
         tokens = new if step == 0 else [[100 + step]] * len(prefixes)
-        expected = [model.feed(s, t, 1) for s, t in zip(one, tokens, strict=True)]
-        got = model.feed_many(many, tokens, 1)
+        positions = [2, 1, 3, 1] if step == 0 else [1] * len(prefixes)
+        if step == 3:
+            for a, b in zip(one, many, strict=True):
+                model.crop(a, a.length - 2)
+                model.crop(b, b.length - 2)
+        expected = [model.feed(s, t, n) for s, t, n in zip(one, tokens, positions, strict=True)]
+        got = model.feed_many(many, tokens, positions)
         for e, g in zip(expected, got, strict=True):
+            assert e.shape == g.shape
             assert (e - g).abs().max() < 1e-4
         assert [s.length for s in many] == [s.length for s in one]
