@@ -23,13 +23,16 @@ from proxyclient.errors import (
     NotFoundError,
     ProxyClientError,
     TopKTooLargeError,
+    UnsupportedError,
 )
-from proxyclient.result import Choice, Generation, Timings, Usage
+from proxyclient.result import Alternative, Choice, Generation, Timings, TokenTrace, Usage
+from proxyclient.scoring import Score
 from proxyclient.tuner import ProxyTuner
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
+    "Alternative",
     "BaseModelError",
     "Choice",
     "ConfigError",
@@ -41,9 +44,12 @@ __all__ = [
     "ProxyClientError",
     "ProxyTuner",
     "RateLimits",
+    "Score",
     "Timings",
+    "TokenTrace",
     "TopKTooLargeError",
     "UnseenPolicy",
+    "UnsupportedError",
     "UntwinnedRule",
     "Usage",
     "connect",

@@ -70,6 +70,9 @@ class UntwinnedRule(StrEnum):
 DEFAULT_TOP_LOGPROBS = 20
 
 
+# The most alternatives a trace lists per token (OpenAI chat's top_logprobs cap).
+MAX_TRACE_ALTERNATIVES = 20
+
 # The longest draft one speculative request asks for; the length adapts below it.
 DEFAULT_DRAFT_TOKENS = 8
 
@@ -91,6 +94,13 @@ class GenerationConfig:
     ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1.0 mean off.
     ``expert_chat_template`` gives the expert (only) the prompt formatted with its tokenizer's chat
     template, as the paper does for chat-tuned experts; base and anti-expert get the plain prompt.
+    ``trace`` (None: off) fills ``Generation.steps``: per output token, each model's log-prob
+    and that many best alternatives (0-20).
+    A prompt given as chat messages is rendered for the base and the anti-expert with the base's
+    chat template when ``base_chat_template`` is True (None: when it has one), else as plain text
+    (the system text, ``User: ...`` lines, ``Assistant:``); the expert gets its own chat template.
+    ``response_prefix`` goes after the generation prompt on every side (the paper's
+    ``chat_response_prefix``).
     """
 
     max_new_tokens: int = 64
@@ -106,6 +116,9 @@ class GenerationConfig:
     expert_chat_template: bool = False
     speculate: Speculate = Speculate.AUTO
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    trace: int | None = None
+    base_chat_template: bool | None = None
+    response_prefix: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -142,6 +155,23 @@ class GenerationConfig:
             )
         if any(not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings")
+        trace = self.trace
+        if trace is not None and (
+            not isinstance(trace, int)
+            or isinstance(trace, bool)
+            or not 0 <= trace <= MAX_TRACE_ALTERNATIVES
+        ):
+            raise ConfigError(
+                f"trace must be None (off) or the number of alternatives per token, 0 to "
+                f"{MAX_TRACE_ALTERNATIVES}, got {trace!r}"
+            )
+        if self.base_chat_template not in (None, True, False):
+            raise ConfigError(
+                f"base_chat_template must be None (auto), True or False, got "
+                f"{self.base_chat_template!r}"
+            )
+        if not isinstance(self.response_prefix, str):
+            raise ConfigError(f"response_prefix must be a string, got {self.response_prefix!r}")
 
 
 def _one_of(choices: type[StrEnum], name: str, value: object) -> StrEnum:

@@ -3,6 +3,7 @@
     ProxyClientError
     ├── ConfigError            bad argument or option (ValueError too)
     ├── ModelLoadError         a local expert/anti-expert could not be loaded or does not fit
+    ├── UnsupportedError       the base's API cannot do what was asked (e.g. score given text)
     └── BaseModelError         the remote base model failed
         ├── APIConnectionError     no answer (refused, DNS, timeout) after retries
         │   └── APITimeoutError
@@ -36,6 +37,11 @@ class ProxyClientError(Exception):
 
 class ConfigError(ProxyClientError, ValueError):
     """An argument or option has a value we cannot use; the message names it and the fix."""
+
+
+class UnsupportedError(ProxyClientError):
+    """The base's API (or this base/proxies pairing) cannot do what was asked; the message says
+    what can."""
 
 
 class ModelLoadError(ProxyClientError):

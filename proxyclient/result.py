@@ -46,9 +46,39 @@ class Timings:
     local_s: float = 0.0  # expert + anti-expert forwards
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """A candidate for a position, with its proxy-tuned log-prob."""
+
+    token_id: int  # base id
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """What each model said about one output token (``GenerationConfig.trace``).
+
+    ``logprob`` is the proxy-tuned distribution's at temperature 1, over the step's candidates;
+    ``base_logprob`` the base's returned one (None: outside its top-k); ``expert_logprob`` and
+    ``anti_logprob`` the proxies' at the token's twin (None: no twin, or alpha = 0). ``top``: the
+    best candidates by tuned log-prob, as many as the trace asked for.
+    """
+
+    token_id: int  # base id
+    text: str  # the token's text (U+FFFD for a part of a character)
+    logprob: float
+    base_logprob: float | None
+    expert_logprob: float | None
+    anti_logprob: float | None
+    top: list[Alternative]
+
+
 @dataclass
 class Generation:
-    """The result: text, chosen token ids, why it stopped, and usage."""
+    """The result: text, chosen token ids, why it stopped, and usage. ``steps``: one
+    :class:`TokenTrace` per token of ``token_ids`` when the config asked for a trace, else None.
+    """
 
     text: str
     token_ids: list[int]
@@ -57,6 +87,7 @@ class Generation:
     unseen_policy: str = "restrict"
     timings: Timings = field(default_factory=Timings)
     error: str | None = None
+    steps: list[TokenTrace] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

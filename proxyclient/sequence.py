@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from proxyclient.bridge import Realigner
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
 from proxyclient.proxies import PairState, ProxyLogprobs, ProxyPair
-from proxyclient.result import FinishReason, Generation, Timings, Usage
+from proxyclient.result import FinishReason, Generation, Timings, TokenTrace, Usage
 from proxyclient.tokens import PromptIds, TokenSpace
 
 
@@ -56,11 +57,24 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     draft_length: int = 0  # the next speculative draft's length (adapted by the step)
+    traces: list[TokenTrace] = field(default_factory=list)  # one per output token (config.trace)
+    # The traces of the tokens the current step chose, in order, until accept() takes them.
+    pending_traces: list[TokenTrace] = field(default_factory=list)
     _marks: list[_Mark] = field(default_factory=list)
 
     @classmethod
-    def start(cls, prompt: str, config: GenerationConfig, tokens: TokenSpace) -> Sequence:
-        ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
+    def start(
+        cls, prompt: str | list[dict[str, Any]], config: GenerationConfig, tokens: TokenSpace
+    ) -> Sequence:
+        """A new generation of ``prompt``: a string, or chat messages (rendered per side)."""
+        if isinstance(prompt, str):
+            ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
+        else:
+            prompt, ids = tokens.encode_chat(
+                prompt,
+                base_chat_template=config.base_chat_template,
+                response_prefix=config.response_prefix,
+            )
         seed = config.seed
         return cls(
             config=config,
@@ -145,6 +159,7 @@ class Sequence:
         """The chosen ``token`` becomes output; the text that became safe to show. A draft that
         already put it next on both sides is kept, a draft that put another token there is taken
         back. EOS ends the generation and is neither appended nor output."""
+        trace = self.pending_traces.pop(0) if self.pending_traces else None
         if token in self.eos_ids:
             self.finish_reason = "eos"
             return ""
@@ -153,6 +168,8 @@ class Sequence:
             self.rollback(emitted)
         if self.appended == emitted:
             self.append([token])
+        if trace is not None:
+            self.traces.append(trace)
         return self.emit()
 
     def emit(self) -> str:
@@ -187,4 +204,5 @@ class Sequence:
             unseen_policy=self.config.unseen.value,
             timings=dataclasses.replace(self.timings),
             error=self.error,
+            steps=list(self.traces) if self.config.trace is not None else None,
         )

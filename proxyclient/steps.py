@@ -35,12 +35,13 @@ from proxyclient.adapters.base import (
     TopLogprobs,
 )
 from proxyclient.combine import Candidates, combine
-from proxyclient.config import UntwinnedRule
+from proxyclient.config import GenerationConfig, UntwinnedRule
 from proxyclient.errors import ResponseFormatError
 from proxyclient.proxies import ProxyLogprobs, ProxyPair
 from proxyclient.sampling import choose, distribution, verify
 from proxyclient.sequence import Sequence
 from proxyclient.tokens import TokenSpace
+from proxyclient.trace import trace_token
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,12 @@ class OneTokenStep:
 
     async def __call__(self, seq: Sequence) -> list[int]:
         """The next token(s) of ``seq``, chosen but not yet accepted (EOS included)."""
+        seq.pending_traces.clear()
         observation = await self.observe(seq)
-        return [self.pick(seq, self.candidates(seq, observation))]
+        candidates = self.candidates(seq, observation)
+        token = self.pick(seq, candidates)
+        self.record(seq, observation, candidates, token)
+        return [token]
 
     async def observe(self, seq: Sequence) -> Observation:
         """Ask the base and run the proxies for the position after ``seq``'s last token."""
@@ -117,7 +122,7 @@ class OneTokenStep:
             anti,
             alpha=config.alpha if alpha is None else alpha,
             policy=config.unseen,
-            twin=bridge.prefix if config.untwinned is UntwinnedRule.PREFIX else bridge.twin,
+            twin=self.twin(seq),
         )
         if count:
             usage = seq.usage
@@ -132,6 +137,33 @@ class OneTokenStep:
                 f"the proxies ({bridge.shared} tokens): is --base-tokenizer right?"
             )
         return candidates
+
+    def twin(self, seq: Sequence) -> torch.Tensor:
+        """The base-to-proxy id map the step combines with, under the config's untwinned rule."""
+        return self.twin_for(seq.config)
+
+    def twin_for(self, config: GenerationConfig) -> torch.Tensor:
+        bridge = self.tokens.bridge
+        return bridge.prefix if config.untwinned is UntwinnedRule.PREFIX else bridge.twin
+
+    def record(
+        self, seq: Sequence, observation: Observation, candidates: Candidates, token: int
+    ) -> None:
+        """The chosen token's trace, for accept() to keep, when the config asks for one."""
+        if seq.config.trace is None:
+            return
+        seq.pending_traces.append(
+            trace_token(
+                token,
+                candidates,
+                observation.top,
+                observation.expert,
+                observation.anti,
+                self.twin(seq),
+                seq.config.trace,
+                lambda token_id: self.tokens.decode([token_id]),
+            )
+        )
 
     @staticmethod
     def count_request(seq: Sequence, prompt: Prompt) -> None:
@@ -176,6 +208,18 @@ class _DraftStep(OneTokenStep):
         one. Greedy: the argmax, kept iff it is the draft's. Sampled: speculative acceptance
         against the draft distribution ``draft_p(candidates)`` (over the candidates)."""
         candidates = self.candidates(seq, observation)
+        token, kept = self._verified(seq, candidates, drafted, draft_p, drafted_logprob)
+        self.record(seq, observation, candidates, token)
+        return token, kept
+
+    def _verified(
+        self,
+        seq: Sequence,
+        candidates: Candidates,
+        drafted: int | None,
+        draft_p: Callable[[Candidates], torch.Tensor] | None,
+        drafted_logprob: float | None,
+    ) -> tuple[int, bool]:
         if drafted is None:
             return self.pick(seq, candidates), False
         config = seq.config
@@ -220,6 +264,7 @@ class BaseDraftStep(_DraftStep):
     """
 
     async def __call__(self, seq: Sequence) -> list[int]:
+        seq.pending_traces.clear()
         config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         greedy = config.temperature == 0
         n = self.length(seq)
@@ -281,6 +326,7 @@ class ExpertDraftStep(_DraftStep):
     would have chosen, plus its own token at the first disagreement (or after a full draft)."""
 
     async def __call__(self, seq: Sequence) -> list[int]:
+        seq.pending_traces.clear()
         config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         n = self.length(seq)
         vocab = self.tokens.vocab_size

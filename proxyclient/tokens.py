@@ -18,6 +18,7 @@ from typing import Any
 from proxyclient.adapters.base import BaseModel, TopLogprobs
 from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
+from proxyclient.chat import check_messages, has_template, plain_text, templated_text
 from proxyclient.errors import ConfigError
 from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer
 from proxyclient.vocab import ByteVocab, from_hf
@@ -93,6 +94,50 @@ class TokenSpace:
         expert = self._encode_for_expert(prompt) if expert_chat_template else proxy
         return PromptIds(base=base, proxy=proxy, expert=expert)
 
+    def encode_chat(
+        self,
+        messages: Any,
+        *,
+        base_chat_template: bool | None = None,
+        response_prefix: str = "",
+    ) -> tuple[str, PromptIds]:
+        """A conversation, rendered and encoded for each side (``proxyclient.chat``): the base's
+        text (the base's chat template when it has one and ``base_chat_template`` is not False,
+        else plain text) and its ids on every side; the expert reads its own template."""
+        messages = check_messages(messages)
+        holder = self._base_template_holder()
+        if base_chat_template and holder is None:
+            raise ConfigError(
+                "base_chat_template=True but the base's tokenizer has no chat template; leave it "
+                "out (plain text) or give the base's tokenizer (base_tokenizer=DIR)"
+            )
+        use_template = holder is not None if base_chat_template is None else base_chat_template
+        base_text = (
+            templated_text(holder, messages, response_prefix)
+            if use_template
+            else plain_text(messages, response_prefix)
+        )
+        expert_text = (
+            templated_text(self.expert_tokenizer, messages, response_prefix)
+            if has_template(self.expert_tokenizer)
+            else base_text
+        )
+        proxy = _encode_rendered(self.tokenizer, base_text)
+        if self.base_tokenizer is None:
+            base = proxy
+        elif self.base_tokenizer.is_tiktoken:
+            base = self.base_tokenizer.encode(base_text)
+        else:
+            base = _encode_rendered(self.base_tokenizer.inner, base_text)
+        expert = _encode_rendered(self.expert_tokenizer, expert_text)
+        return base_text, PromptIds(base=base, proxy=proxy, expert=expert)
+
+    def _base_template_holder(self) -> Any:
+        """The HF tokenizer whose chat template the base reads, or None: the base's own, or,
+        when base and proxies share a tokenizer, the proxies'."""
+        holder = self.base_tokenizer.inner if self.base_tokenizer is not None else self.tokenizer
+        return holder if has_template(holder) else None
+
     def decode(self, base_ids: Sequence[int]) -> str:
         """Text of base ids, without special tokens."""
         return self._base_text.decode(list(base_ids))
@@ -152,12 +197,19 @@ class TokenSpace:
                 "expert_chat_template=True but the expert's tokenizer has no chat_template; "
                 "drop the option or use an expert whose tokenizer_config.json defines one"
             )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        return _encode_rendered(
+            tokenizer, templated_text(tokenizer, [{"role": "user", "content": prompt}])
         )
-        bos = tokenizer.bos_token
-        has_bos = bool(bos) and text.startswith(bos)
-        return list(tokenizer(text, add_special_tokens=not has_bos).input_ids)
+
+
+def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    """``text`` (a rendered template may begin with the BOS token itself) as ids, one BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = bool(bos) and text.startswith(bos)
+    ids = list(tokenizer(text, add_special_tokens=not has_bos).input_ids)
+    if not ids:
+        raise ConfigError("the prompt is empty and the tokenizer adds no BOS token")
+    return ids
 
 
 def _adopt(base: BaseModel, explicit: Any) -> BaseTokenizer | None:

@@ -14,14 +14,14 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Options
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from proxyclient.adapters.base import BaseModel
+from proxyclient.adapters.base import BaseModel, DraftingBaseModel, Prompt
 from proxyclient.combine import Candidates
 from proxyclient.config import GenerationConfig, Speculate, default_top_logprobs
-from proxyclient.errors import ConfigError, ProxyClientError
+from proxyclient.errors import ConfigError, ProxyClientError, UnsupportedError
 from proxyclient.local import (
     LocalModel,
     check_same_vocabulary,
@@ -31,8 +31,9 @@ from proxyclient.local import (
     load_tokenizer,
 )
 from proxyclient.loop_thread import LoopThread
-from proxyclient.proxies import ProxyPair
-from proxyclient.result import Choice, Generation
+from proxyclient.proxies import PairState, ProxyPair
+from proxyclient.result import Choice, Generation, Usage
+from proxyclient.scoring import Score, score_tokens
 from proxyclient.sequence import Sequence
 from proxyclient.steps import BaseDraftStep, ExpertDraftStep, OneTokenStep
 from proxyclient.stream import AsyncGenerationStream, GenerationStream
@@ -299,6 +300,66 @@ class ProxyTuner:
             unseen_policy=seq.config.unseen.value,
         )
 
+    # -- score ---------------------------------------------------------------------------------
+
+    def score(
+        self, prompt: str, continuation: str, config: GenerationConfig | None = None, **options: Any
+    ) -> Score:
+        """The log-likelihood of ``continuation`` after ``prompt`` under the proxy-tuned model
+        (multiple-choice evaluation): one scoring request to the base, one forward of each
+        proxy. Needs a base that scores given text (``Capabilities.prompt_scoring``: vllm) and
+        base and proxies that share a tokenizer."""
+        return self._runner.run(self.ascore(prompt, continuation, config, **options))
+
+    async def ascore(
+        self, prompt: str, continuation: str, config: GenerationConfig | None = None, **options: Any
+    ) -> Score:
+        config = _with_options(config, options)
+        if not isinstance(prompt, str) or not isinstance(continuation, str) or not continuation:
+            raise ConfigError("score() takes a prompt string and a non-empty continuation string")
+        if not self.base.capabilities.prompt_scoring:
+            raise UnsupportedError(
+                f"the base ({type(self.base).__name__}) cannot score a given text: its API "
+                f"returns no log-probs for prompt tokens; use a vLLM server (--api vllm)"
+            )
+        if self.tokens.bridged:
+            raise UnsupportedError(
+                "score() needs the base and the proxies to share a tokenizer: a continuation "
+                "split differently on each side has no common token positions to score"
+            )
+        k = config.top_logprobs
+        if k is None:
+            k = default_top_logprobs(self.base.capabilities.max_k)
+        head = self.tokens.encode_prompt(prompt) if prompt else None
+        whole = self.tokens.encode_prompt(prompt + continuation).base
+        context = head.base if head is not None else whole[:1]
+        if whole[: len(context)] != context:  # the boundary falls inside a token: split there
+            whole = (
+                context + self.tokens.tokenizer(continuation, add_special_tokens=False).input_ids
+            )
+        tokens = whole[len(context) :]
+        scored = await cast(DraftingBaseModel, self.base).score(
+            Prompt(tuple(context), len(context)), tokens, k
+        )
+        state = PairState()
+        local = await self.proxies.logprobs(state, whole, whole, positions=len(tokens) + 1)
+        result = score_tokens(
+            tokens,
+            scored.tops,
+            local.expert,
+            local.anti,
+            config,
+            self.step.twin_for(config),
+            lambda token: self.tokens.decode([token]),
+        )
+        result.usage = Usage(
+            requests=1,
+            prompt_tokens=len(context) + len(tokens),
+            base_completion_tokens=len(tokens) + 1,
+            cached_prompt_tokens=scored.usage.cached_prompt_tokens,
+        )
+        return result
+
     # -- shared -------------------------------------------------------------------------------
 
     def _start(
@@ -306,6 +367,13 @@ class ProxyTuner:
     ) -> Sequence:
         """A new Sequence for ``prompt`` under ``config`` with ``options`` applied and k
         resolved against this base's cap."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ConfigError(
+                f"the prompt must be a string or a list of chat messages, got "
+                f"{type(prompt).__name__}"
+            )
+        if not prompt:
+            raise ConfigError("the prompt is empty: give the text to continue")
         config = _with_options(config, options)
         if config.top_logprobs is None:
             k = default_top_logprobs(self.base.capabilities.max_k)

@@ -1,0 +1,72 @@
+"""Generation.steps: each output token's tuned, base, expert and anti-expert log-probs.
+
+Checked against the paper's formula computed with all three models local over the whole
+vocabulary (tests/reference.py's next_logprobs), with and without speculation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from local_base import LocalBase
+from reference import next_logprobs
+
+from proxyclient import GenerationConfig, ProxyTuner
+from proxyclient.errors import ConfigError
+
+PROMPT = "def add(a, b):"
+ALPHA = 0.8
+
+
+@pytest.fixture(scope="module")
+def tuner(tiny_models, hf_models):
+    base = LocalBase(hf_models["base"], drafts=True)
+    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
+        yield t
+
+
+@pytest.mark.parametrize("speculate", ["off", "base", "expert"])
+def test_each_step_holds_what_the_three_models_say(tuner, hf_models, speculate):
+    config = GenerationConfig(
+        max_new_tokens=10, alpha=ALPHA, top_logprobs=-1, unseen="restrict", trace=3,
+        speculate=speculate,
+    )  # fmt: skip
+    generation = tuner.generate(PROMPT, config)
+    assert generation.steps is not None
+    assert [s.token_id for s in generation.steps] == generation.token_ids
+    assert "".join(s.text for s in generation.steps) == generation.text
+    ids = hf_models["tokenizer"](PROMPT).input_ids
+    for step in generation.steps:
+        base = next_logprobs(hf_models["base"], ids)
+        expert = next_logprobs(hf_models["expert"], ids)
+        anti = next_logprobs(hf_models["anti_expert"], ids)
+        tuned = torch.log_softmax(base + ALPHA * (expert - anti), dim=-1)
+        token = step.token_id
+        assert step.logprob == pytest.approx(float(tuned[token]), abs=1e-4)
+        assert step.base_logprob == pytest.approx(float(base[token]), abs=1e-4)
+        assert step.expert_logprob == pytest.approx(float(expert[token]), abs=1e-4)
+        assert step.anti_logprob == pytest.approx(float(anti[token]), abs=1e-4)
+        best = torch.topk(tuned, 3)
+        assert [a.token_id for a in step.top] == best.indices.tolist()
+        assert [a.logprob for a in step.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert step.top[0].token_id == token  # greedy
+        ids.append(token)
+
+
+def test_no_trace_unless_asked_and_alternatives_are_bounded(tuner):
+    assert tuner.generate(PROMPT, max_new_tokens=2).steps is None
+    steps = tuner.generate(PROMPT, max_new_tokens=2, trace=0).steps
+    assert steps is not None and len(steps) == 2 and all(s.top == [] for s in steps)
+    for bad in (-1, 21, 2.5, True):
+        with pytest.raises(ConfigError, match="trace must be None"):
+            GenerationConfig(trace=bad)
+
+
+def test_a_restricted_step_normalizes_over_the_candidates(tuner):
+    config = GenerationConfig(max_new_tokens=4, top_logprobs=5, unseen="restrict", trace=5)
+    generation = tuner.generate(PROMPT, config)
+    for step in generation.steps:
+        assert len(step.top) == 5
+        assert math.fsum(math.exp(a.logprob) for a in step.top) == pytest.approx(1.0, abs=1e-9)
