@@ -153,12 +153,23 @@ class LocalModel:
         return cls(model=model, device=resolved_device, name=role)
 
     @property
+    def adapter_name(self) -> str:
+        """The PEFT adapter this model's forwards use: its active one, or ``"__base__"`` (none)."""
+        return str(self.model.active_adapter) if self.adapter else "__base__"
+
+    @property
     def output_size(self) -> int:
         """Number of logits per position (may exceed the tokenizer's size: padded vocabularies)."""
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     @torch.inference_mode()
-    def feed(self, state: KVState, token_ids: Sequence[int], positions: int = 1) -> torch.Tensor:
+    def feed(
+        self,
+        state: KVState,
+        token_ids: Sequence[int],
+        positions: int = 1,
+        adapter_name: str | None = None,
+    ) -> torch.Tensor:
         """Append ``token_ids`` to the sequence; log-probs of the token after each of the last
         ``positions`` of them, [positions, output_size] float32 on the CPU. Only the new tokens go
         through the model: cost does not grow with the prefix beyond attention over the cache."""
@@ -168,6 +179,8 @@ class LocalModel:
             raise ValueError(f"positions must be in [1, {len(token_ids)}], got {positions}")
         input_ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {self._cache_arg: state.cache, "use_cache": True}
+        if adapter_name is not None:
+            kwargs["adapter_names"] = [adapter_name]
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = positions
         out = self._forward(input_ids=input_ids, **kwargs)
@@ -182,18 +195,25 @@ class LocalModel:
         states: Sequence[KVState],
         token_lists: Sequence[Sequence[int]],
         positions: int | Sequence[int] = 1,
+        adapter_names: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
         """``feed`` for several sequences in one batched forward: each list of new tokens is
         appended to its own state; log-probs at the last ``positions`` (one number for all, or
-        one per sequence) of each, [positions, V].
+        one per sequence) of each, [positions, V]. ``adapter_names`` (a PEFT model): each row's
+        adapter, ``"__base__"`` for none, so that a LoRA expert and its anti-expert share a
+        forward.
 
         The caches (of different lengths) are left-padded to one length and the new tokens
         right-padded, with an attention mask over the padding and each row's own positions; the
         padding is cut off again afterwards. Models whose cache is not a plain DynamicCache are
         fed one sequence at a time."""
         wanted = [positions] * len(states) if isinstance(positions, int) else list(positions)
+        names = list(adapter_names) if adapter_names is not None else [None] * len(states)
         if len(states) == 1 or not all(s.batchable() for s in states):
-            return [self.feed(s, t, p) for s, t, p in zip(states, token_lists, wanted, strict=True)]
+            return [
+                self.feed(s, t, p, name)
+                for s, t, p, name in zip(states, token_lists, wanted, names, strict=True)
+            ]
         lengths = [s.length for s in states]
         counts = [len(t) for t in token_lists]
         if any(not 1 <= p <= c for p, c in zip(wanted, counts, strict=True)):
@@ -209,6 +229,8 @@ class LocalModel:
             "attention_mask": mask.long().to(self.device),
             "position_ids": (length_col + torch.arange(width)).to(self.device),
         }
+        if adapter_names is not None:
+            kwargs["adapter_names"] = names
         out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
         logits = out.logits
         layers = _layer_kv(out[self._cache_arg])
@@ -226,7 +248,7 @@ class LocalModel:
         return list(torch.split(logprobs, wanted))
 
     def _forward(self, **kwargs: Any) -> Any:
-        if self.adapter is False:
+        if self.adapter is False and "adapter_names" not in kwargs:
             with self.model.disable_adapter():
                 return self.model(**kwargs)
         return self.model(**kwargs)

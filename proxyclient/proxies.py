@@ -92,6 +92,8 @@ class ProxyPair:
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
         self.batch_sizes: Counter[int] = Counter()  # forwards by how many sequences they held
+        # A LoRA expert on the anti-expert's weights: one model, adapter on/off per row.
+        self._one_model = expert.model is anti_expert.model and expert.adapter is not None
 
     def __repr__(self) -> str:
         return f"ProxyPair(expert={self.expert.name!r}, anti_expert={self.anti_expert.name!r})"
@@ -150,18 +152,8 @@ class ProxyPair:
                 members.append(index)
         if members:
             group = [jobs[i] for i in members]
-            positions = [j.positions for j in group]
             try:
-                expert = self.expert.feed_many(
-                    [j.state.expert for j in group],
-                    [j.expert_ids[j.state.expert.length :] for j in group],
-                    positions,
-                )
-                anti = self.anti_expert.feed_many(
-                    [j.state.anti for j in group],
-                    [j.anti_ids[j.state.anti.length :] for j in group],
-                    positions,
-                )
+                expert, anti = self._forward(group)
             except Exception as exc:
                 for i in members:
                     outcomes[i] = exc
@@ -172,6 +164,28 @@ class ProxyPair:
                     job.state.last = (expert_lp[-1], anti_lp[-1])
                     outcomes[i] = ProxyLogprobs(expert_lp, anti_lp, seconds)
         return [o if o is not None else RuntimeError("no outcome") for o in outcomes]
+
+    def _forward(self, group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Both proxies' log-probs for the group: two batched forwards, or one where the pair is
+        one PEFT model (a LoRA expert: adapter on for its rows, off for the anti-expert's)."""
+        positions = [j.positions for j in group]
+        expert_states = [j.state.expert for j in group]
+        anti_states = [j.state.anti for j in group]
+        expert_new = [j.expert_ids[j.state.expert.length :] for j in group]
+        anti_new = [j.anti_ids[j.state.anti.length :] for j in group]
+        if self._one_model:
+            rows = self.expert.feed_many(
+                expert_states + anti_states,
+                expert_new + anti_new,
+                positions + positions,
+                adapter_names=[self.expert.adapter_name] * len(group)
+                + [self.anti_expert.adapter_name] * len(group),
+            )
+            return rows[: len(group)], rows[len(group) :]
+        return (
+            self.expert.feed_many(expert_states, expert_new, positions),
+            self.anti_expert.feed_many(anti_states, anti_new, positions),
+        )
 
     def _prepare(
         self,

@@ -8,7 +8,7 @@ import torch
 from local_base import LocalBase
 
 from proxyclient import ConfigError, ProxyTuner
-from proxyclient.proxies import PairState
+from proxyclient.proxies import PairState, _Job
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 
@@ -102,3 +102,33 @@ def test_cli_expert_lora_matches_the_python_api(tiny_models, hf_models, lora_and
         ) as tuner:
             expected = tuner.generate(PROMPTS[0], max_new_tokens=8, alpha=2.0)
     assert json.loads(run.stdout)["token_ids"] == expected.token_ids
+
+
+def test_a_lora_pair_reads_several_sequences_in_one_forward(
+    tiny_models, hf_models, lora_and_merged
+):
+    adapter, merged = lora_and_merged
+    base = LocalBase(hf_models["base"])
+    with (
+        ProxyTuner(
+            base, None, tiny_models["anti_expert"], expert_lora=adapter, device="cpu"
+        ) as lora,
+        ProxyTuner(base, merged, tiny_models["anti_expert"], device="cpu") as plain,
+    ):
+        forwards = []
+        lora.proxies.expert.model.register_forward_hook(lambda *_: forwards.append(1))
+        prompts = [*PROMPTS, "x = 1"]
+        ids = [lora.tokenizer(p).input_ids for p in prompts]
+        states = [PairState() for _ in prompts]
+        for step in range(2):  # the prompts (different lengths), then one more token each
+            jobs = [
+                _Job(state, i + [5] * step, i + [5] * step, 1)
+                for state, i in zip(states, ids, strict=True)
+            ]
+            forwards.clear()
+            got = lora.proxies._run(jobs)
+            assert len(forwards) == 1  # expert rows (adapter on) and anti rows (off) together
+            for job, out in zip(jobs, got, strict=True):
+                want = plain.proxies.logprobs_now(PairState(), job.expert_ids, job.anti_ids)
+                torch.testing.assert_close(out.expert, want.expert, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(out.anti, want.anti, atol=1e-5, rtol=1e-5)
