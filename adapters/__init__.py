@@ -15,17 +15,24 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from proxyclient.adapters.base import BaseModel, Capabilities, Prompt, TopLogprobs
+from proxyclient.adapters.deepseek import DeepSeekChat
 from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.fireworks import FireworksCompletions
+from proxyclient.adapters.gemini import GeminiGenerateContent
 from proxyclient.adapters.http import (
     DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_RETRY_TIME_S,
     DEFAULT_TIMEOUT,
     HTTPTransport,
     RateLimits,
 )
 from proxyclient.adapters.llamacpp import LlamaCppCompletion
+from proxyclient.adapters.ollama import OllamaGenerate
 from proxyclient.adapters.openai import OpenAICompletions
 from proxyclient.adapters.openai_chat import OpenAIChat
+from proxyclient.adapters.sglang import SGLangGenerate
 from proxyclient.adapters.tgi import TGIGenerate
+from proxyclient.adapters.together import TogetherCompletions
 from proxyclient.adapters.vllm import VLLMCompletions
 from proxyclient.errors import ConfigError
 from proxyclient.tokenizer import load_base_tokenizer
@@ -47,7 +54,19 @@ AdapterFactory = Callable[..., BaseModel]
 
 BUILTIN: dict[str, type[DialectAdapter]] = {
     adapter.dialect: adapter
-    for adapter in (VLLMCompletions, OpenAICompletions, OpenAIChat, TGIGenerate, LlamaCppCompletion)
+    for adapter in (
+        VLLMCompletions,
+        OpenAICompletions,
+        OpenAIChat,
+        TGIGenerate,
+        LlamaCppCompletion,
+        TogetherCompletions,
+        FireworksCompletions,
+        SGLangGenerate,
+        OllamaGenerate,
+        GeminiGenerateContent,
+        DeepSeekChat,
+    )
 }
 
 
@@ -74,7 +93,9 @@ def connect(
     api_key: str | None = None,
     tokenizer: Any = None,
     timeout: Any = DEFAULT_TIMEOUT,
+    connect_timeout: float | None = None,
     max_retries: int = DEFAULT_MAX_RETRIES,
+    max_retry_time: float = DEFAULT_MAX_RETRY_TIME_S,
     transport: Any = None,
     limits: RateLimits | None = None,
     **options: Any,
@@ -90,7 +111,9 @@ def connect(
     tiktoken encoding), and dialects that name tokens by text must have one. The adapter keeps it
     as ``.tokenizer`` (None when there is none). ``limits`` (``RateLimits``: max concurrency,
     requests and tokens per minute) hold for everything sent to this base, from every
-    generation; a 429 with Retry-After pauses them all. ``options`` go to the adapter (e.g.
+    generation; a 429 with Retry-After pauses them all. ``timeout`` (seconds per read, or an
+    ``httpx.Timeout``), ``connect_timeout``, ``max_retries`` and ``max_retry_time`` (seconds all
+    attempts of one request may take) bound every request. ``options`` go to the adapter (e.g.
     ``max_k``, ``continue_final_message``).
     """
     factory = _adapter(api, available())
@@ -125,7 +148,9 @@ def connect(
         api_key=api_key,
         auth_header=getattr(factory, "api_key_header", ("Authorization", "Bearer {key}")),
         timeout=timeout,
+        connect_timeout=connect_timeout,
         max_retries=max_retries,
+        max_retry_time=max_retry_time,
         transport=transport,
         limits=limits,
     )

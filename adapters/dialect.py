@@ -7,6 +7,7 @@ read; the flow around them — send, map errors to what the user should do — l
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from proxyclient.errors import (
     TopKTooLargeError,
 )
 from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.vocab import bytes_of_token_string
 
 # How servers word "k is over my cap", each with the cap as group 1.
 _K_CAP = (
@@ -81,6 +83,86 @@ def completion_top_logprobs(body: Any) -> dict[str, Any]:
             "of /v1/completions? (vLLM does; for other servers pick their --api)"
         )
     return top[0]
+
+
+def chat_logprobs_content(body: Any) -> list[dict[str, Any]] | None:
+    """``choices[0].logprobs.content`` of an OpenAI-style chat answer ([] for an answer without
+    tokens), or None when the answer has no logprobs."""
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content") or []
+    return content if isinstance(content, list) else None
+
+
+def chat_token_id(tokenizer: BaseTokenizer, entry: dict[str, Any]) -> int | None:
+    """The id of a token that a chat answer's logprobs entry names by its ``bytes`` (else by its
+    text); None for U+FFFD's bytes, which vLLM sends for part of a character, not its own."""
+    raw = entry.get("bytes")
+    data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
+    if data is not None and "\ufffd".encode() in data:
+        return None
+    return tokenizer.token_id(data)
+
+
+# What a parser raises when an answer has another shape than its dialect's (a key missing, a list
+# where a dict should be, text where a number should be).
+_SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
+
+
+def checked_answer(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``parse``, with any answer it cannot read, or reads into something the engine cannot use
+    (no candidates, ids that are no ids, logprobs that are no numbers), a ResponseFormatError:
+    a broken 200, which the transport retries."""
+
+    def run(body: Any) -> Any:
+        try:
+            answer = parse(body)
+        except ProxyClientError:
+            raise
+        except _SHAPE_ERRORS as exc:
+            raise ResponseFormatError(
+                f"the answer does not have the expected shape ({type(exc).__name__}: {exc}): "
+                f"{str(body)[:200]!r}"
+            ) from None
+        tops = answer.tops if isinstance(answer, Continuation) else (answer,)
+        for top in tops:
+            if isinstance(top, TopLogprobs):
+                _check_top(top)
+        if isinstance(answer, Continuation):
+            sizes = {len(answer.tokens), len(answer.tops), len(answer.token_logprobs)}
+            if len(sizes) > 1:
+                raise ResponseFormatError(
+                    f"the answer has {len(answer.tokens)} tokens, {len(answer.tops)} top-logprob "
+                    f"entries and {len(answer.token_logprobs)} token logprobs"
+                )
+            if not all(t is None or _is_id(t) for t in answer.tokens):
+                raise ResponseFormatError(f"the answer's tokens are not all ids: {answer.tokens}")
+            if not all(lp is None or _is_number(lp) for lp in answer.token_logprobs):
+                raise ResponseFormatError("the answer's token logprobs are not all numbers")
+        return answer
+
+    return run
+
+
+def _check_top(top: TopLogprobs) -> None:
+    if len(top.token_ids) != len(top.logprobs) or not len(top) + top.unresolved:
+        raise ResponseFormatError("the answer holds no top logprobs at a position")
+    if not all(_is_id(i) for i in top.token_ids):
+        raise ResponseFormatError(f"the answer's top logprobs name no token ids: {top.token_ids}")
+    if not all(_is_number(lp) and lp < math.inf for lp in top.logprobs):
+        raise ResponseFormatError(f"the answer's top logprobs are not all numbers: {top.logprobs}")
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 class DialectAdapter:
@@ -197,9 +279,13 @@ class DialectAdapter:
         prompt and one generated token)."""
         what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}"
         cost = len(prompt.ids) + 1 if tokens is None else tokens
+        if parse is None:
+            parse = lambda body: self.parse_response(body, prompt, k)  # noqa: E731
         try:
-            body = await self.transport.request_json("POST", path, payload, what=what, tokens=cost)
-            return parse(body) if parse is not None else self.parse_response(body, prompt, k)
+            # Parsed inside the transport's retries: a 200 the parser refuses is retried.
+            return await self.transport.request_json(
+                "POST", path, payload, what=what, tokens=cost, parse=checked_answer(parse)
+            )
         except APIStatusError as exc:
             raise await self.explain(exc, prompt, k) from None
         except ResponseFormatError as exc:
@@ -256,6 +342,10 @@ class DialectAdapter:
             body = await self.transport.request_json("GET", "/models", what="list models")
             names = [m["id"] for m in body.get("data", [])]
         except (ProxyClientError, KeyError, TypeError, AttributeError):
+            base_url = self.transport.base_url
+            found = await self.transport.peek(f"{base_url}/v1/models")
+            if not base_url.endswith("/v1") and isinstance(found, dict) and "data" in found:
+                return f"the API is under /v1 there: pass --base-url {base_url}/v1."
             return "check --base-model and --api (GET /v1/models lists an OpenAI-style server's)."
         return f"the server serves {names}; pass one of them as --base-model."
 

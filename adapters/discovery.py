@@ -63,3 +63,22 @@ async def dialect_hint(transport: HTTPTransport, adapter: type[DialectAdapter]) 
         f" The server at {transport.base_url} seems to speak {found}, not {adapter.dialect}: "
         f"try --api {found}."
     )
+
+
+def steering_summary(capabilities: Capabilities) -> str:
+    """What a base with these capabilities can be used for, in words (``proxyclient inspect``)."""
+    if not capabilities.multi_step:
+        return (
+            "one-step choice only: the API cannot continue a partial answer "
+            "(use choose, or max_new_tokens=1)"
+        )
+    speculation = [
+        name
+        for name, able in (
+            ("base drafts", capabilities.drafts),
+            ("expert drafts", capabilities.prompt_scoring),
+        )
+        if able
+    ]
+    extra = f"; speculation: {', '.join(speculation)}" if speculation else "; no speculation"
+    return "multi-token steering" + extra

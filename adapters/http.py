@@ -5,6 +5,14 @@ parse answers; they never retry or wait on their own.
 Our requests happen once per generated token, so timeouts are short and per request. Every
 sequence that talks to one server shares its transport: a 429 with Retry-After pauses all of
 them, not only the one that got it, and the optional limits (``RateLimits``) count them together.
+
+The one retry policy (tenacity) covers every adapter and every transient fault: connection errors
+and resets, read timeouts, 408/409/429 and 5xx (but 501 and 505), and a 200 whose body is broken
+(not JSON, NaN where a number should be, or refused by the adapter's parser: truncated, logprobs
+missing). It waits with exponential backoff and jitter, or what the server names
+(``retry-after-ms``, ``retry-after`` in seconds or as an HTTP date), and is bounded twice: by
+attempts (``max_retries`` + 1) and by total time (``max_retry_time``, waits included; no attempt
+starts that could not end in time, and none runs past it).
 """
 
 from __future__ import annotations
@@ -14,8 +22,9 @@ import contextlib
 import email.utils
 import json
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +33,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_exponential,
     wait_random,
 )
@@ -46,18 +54,106 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_MAX_RETRIES = 3
+# All attempts of one request together, waits included: four read timeouts of 30 s fit.
+DEFAULT_MAX_RETRY_TIME_S = 150.0
 INITIAL_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 4.0
 # Honour server-directed delays up to a minute; beyond that, waiting inside one token step is worse
 # than failing with the tokens generated so far.
 MAX_RETRY_AFTER_S = 60.0
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({408, 409, 429})
+# 5xx are retried but these two, which say the server will never do what was asked.
+PERMANENT_5XX = frozenset({501, 505})
+
+
+def retryable_status(status: int) -> bool:
+    """Whether an answer with this HTTP status is worth asking again."""
+    return status in RETRY_STATUSES or (500 <= status < 600 and status not in PERMANENT_5XX)
 
 
 class _RetryableStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code}")
         self.response = response
+
+
+class _BrokenAnswer(Exception):
+    """A 200 whose body is not what was asked for: a transient fault, retried like a 503."""
+
+    def __init__(self, error: ResponseFormatError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _finite_only(constant: str) -> float:
+    # json.loads accepts NaN and Infinity, which JSON does not; -Infinity is a logprob of an
+    # impossible token (some servers write it), the others are a broken answer.
+    if constant == "-Infinity":
+        return -math.inf
+    raise ResponseFormatError(f"the answer holds {constant} where a number should be")
+
+
+def decode_json(content: bytes) -> Any:
+    """A 200 answer's JSON, or ResponseFormatError when it is not JSON or holds NaN/Infinity."""
+    try:
+        return json.loads(content, parse_constant=_finite_only)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        snippet = content[:200].decode("utf-8", "replace")
+        raise ResponseFormatError(f"the answer is not JSON: {snippet!r}") from None
+
+
+def make_timeout(
+    timeout: httpx.Timeout | float | None, connect_timeout: float | None = None
+) -> httpx.Timeout:
+    """An httpx.Timeout from seconds (per read, write and pool wait) and connect seconds, checked:
+    every limit finite and > 0, so that a hung server never hangs the client."""
+    if isinstance(timeout, httpx.Timeout):
+        base = timeout
+    else:
+        _positive_seconds("timeout", timeout)
+        assert timeout is not None
+        base = httpx.Timeout(float(timeout), connect=DEFAULT_TIMEOUT.connect)
+    if connect_timeout is not None:
+        _positive_seconds("connect_timeout", connect_timeout)
+        base = httpx.Timeout(
+            connect=float(connect_timeout), read=base.read, write=base.write, pool=base.pool
+        )
+    for name in ("connect", "read", "write", "pool"):
+        _positive_seconds(f"timeout.{name}", getattr(base, name))
+    return base
+
+
+def _positive_seconds(name: str, value: object) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not (math.isfinite(value) and value > 0):  # type: ignore[arg-type]
+        raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+
+
+def _retry_stop(attempts: int, max_time: float) -> Callable[[RetryCallState], bool]:
+    """Stop after ``attempts``, or when the next attempt would begin past ``max_time`` s."""
+
+    def stop(state: RetryCallState) -> bool:
+        if state.attempt_number >= attempts:
+            return True
+        upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
+        return (state.seconds_since_start or 0.0) + upcoming >= max_time
+
+    return stop
+
+
+def _describe(exc: BaseException | None) -> str:
+    """What went wrong in one attempt, for the retry warning."""
+    if exc is None:
+        return "?"
+    if isinstance(exc, _RetryableStatus):
+        try:
+            body = exc.response.json()
+        except ValueError:
+            body = exc.response.text
+        return f"{exc}: {error_message(body)}"[:300]
+    if isinstance(exc, _BrokenAnswer):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -186,7 +282,12 @@ def _limiter(per_minute: float | None) -> Any:
 
 
 class HTTPTransport:
-    """JSON over HTTP to one server, with retries. The API key never leaves the headers."""
+    """JSON over HTTP to one server, with retries. The API key never leaves the headers.
+
+    ``timeout``: seconds per read (also write and pool wait), or an ``httpx.Timeout``;
+    ``connect_timeout`` overrides its connect part. ``max_retries``: attempts after the first;
+    ``max_retry_time``: seconds all attempts of one request may take, waits included.
+    """
 
     def __init__(
         self,
@@ -194,16 +295,24 @@ class HTTPTransport:
         *,
         api_key: str | None = None,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        connect_timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retry_time: float = DEFAULT_MAX_RETRY_TIME_S,
         transport: httpx.AsyncBaseTransport | None = None,
         limits: RateLimits | None = None,
         auth_header: tuple[str, str] = ("Authorization", "Bearer {key}"),
     ) -> None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(
+                f"max_retries must be an integer >= 0 (0: no retries), got {max_retries!r}"
+            )
+        _positive_seconds("max_retry_time", max_retry_time)
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self._auth_header = auth_header
-        self.timeout = timeout
+        self.timeout = make_timeout(timeout, connect_timeout)
         self.max_retries = max_retries
+        self.max_retry_time = float(max_retry_time)
         self.limits = limits or RateLimits()
         self._transport = transport  # tests inject httpx.MockTransport
         self._client: httpx.AsyncClient | None = None
@@ -240,36 +349,69 @@ class HTTPTransport:
         return self._gate
 
     async def request_json(
-        self, method: str, path: str, payload: Any = None, *, what: str = "", tokens: int = 0
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        what: str = "",
+        tokens: int = 0,
+        parse: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Send, retrying connection errors, 408/409/429 and 5xx with backoff; return parsed JSON.
+        """Send; return the answer's JSON, or ``parse(json)`` when ``parse`` is given.
 
+        Retried (see the module's docstring): connection errors and timeouts, 408/409/429 and
+        5xx, and a 200 that is not JSON or that ``parse`` refuses with ResponseFormatError.
         ``what`` describes the request for error messages (never the key); ``tokens`` is what it
         costs against ``RateLimits.tokens_per_minute``.
         """
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         sent = f"{method} {url}" + (f" ({what})" if what else "")
+        attempts = self.max_retries + 1
+
+        def warn(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            logger.warning(
+                "%s",
+                self.redact(
+                    f"retrying {sent} in {state.upcoming_sleep:.2f} s after "
+                    f"{_describe(exc)} (attempt {state.attempt_number} of {attempts})"
+                ),
+            )
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
+            stop=_retry_stop(attempts, self.max_retry_time),
             wait=_backoff,
-            retry=retry_if_exception_type((_RetryableStatus, httpx.TransportError)),
-            before_sleep=lambda state: logger.warning(
-                "retrying %s after %s (attempt %d)",
-                sent,
-                state.outcome.exception() if state.outcome else "?",
-                state.attempt_number,
-            ),
+            retry=retry_if_exception_type((_RetryableStatus, _BrokenAnswer, httpx.TransportError)),
+            before_sleep=warn,
             reraise=True,
         )
-        attempts = self.max_retries + 1
         gate = self._gate_here()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_retry_time
+        result: Any = None
+        response: httpx.Response | None = None
+
+        def tried() -> str:
+            n = retrying.statistics.get("attempt_number", 1)
+            took = self.max_retry_time - max(0.0, deadline - loop.time())
+            return f"{n} attempt{'s' if n != 1 else ''} in {took:.1f} s"
+
         try:
             async for attempt in retrying:
                 with attempt:
-                    async with gate.slots:
-                        await gate.admit(tokens)
-                        response = await self._http().request(method, path, json=payload)
-                    if response.status_code in RETRY_STATUSES:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            async with gate.slots:
+                                await gate.admit(tokens)
+                                response = await self._http().request(method, path, json=payload)
+                    except TimeoutError:
+                        raise APITimeoutError(
+                            f"{sent}: no complete answer within max_retry_time "
+                            f"({self.max_retry_time:g} s, {tried()}). Is the server overloaded? "
+                            f"Raise the time limit if it is just slow."
+                        ) from None
+                    if retryable_status(response.status_code):
                         delay = parse_retry_after(response.headers)
                         # Past the cap we retry after our own backoff (see _backoff), so we
                         # hold the others back no longer than that either.
@@ -277,34 +419,41 @@ class HTTPTransport:
                         if response.status_code == 429 and capped:
                             gate.pause(delay)
                         raise _RetryableStatus(response)
+                    if not response.is_error:
+                        try:
+                            body = decode_json(response.content)
+                            result = parse(body) if parse is not None else body
+                        except ResponseFormatError as exc:
+                            raise _BrokenAnswer(exc) from None
         except _RetryableStatus as exc:
             response = exc.response
+        except _BrokenAnswer as exc:
+            raise ResponseFormatError(
+                self.redact(f"{sent}: {exc.error}") + f" (after {tried()})"
+            ) from None
         except httpx.TimeoutException as exc:
             raise APITimeoutError(
-                f"{sent}: no answer within the timeout after {attempts} attempts "
+                f"{sent}: no answer within the timeout after {tried()} "
                 f"({type(exc).__name__}). Is the server overloaded? Raise the timeout if slow."
             ) from None
         except httpx.TransportError as exc:
             reason = self.redact(str(exc)) or type(exc).__name__
             raise APIConnectionError(
-                f"{sent}: could not connect after {attempts} attempts ({reason}). "
+                f"{sent}: could not connect after {tried()} ({reason}). "
                 f"Is the server running, and is the base URL right?"
             ) from None
 
+        assert response is not None
         if response.is_error:
             body = self._redacted_body(response)
             message = error_message(body)
+            gave_up = f" (after {tried()})" if retryable_status(response.status_code) else ""
             raise status_error(
                 response.status_code,
-                f"{sent}: HTTP {response.status_code}: {message}",
+                f"{sent}: HTTP {response.status_code}: {message}{gave_up}",
                 body,
             )
-        try:
-            return response.json()
-        except ValueError:
-            raise ResponseFormatError(
-                f"{sent}: the answer is not JSON: {self.redact(response.text[:200])!r}"
-            ) from None
+        return result
 
     async def peek(self, url: str, timeout: float = 3.0) -> Any:
         """GET an absolute URL once (no retries); its JSON on 200, else None. For discovery."""

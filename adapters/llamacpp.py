@@ -142,6 +142,10 @@ class LlamaCppCompletion(DialectAdapter):
             )
         positions = body.get("completion_probabilities") or []
         generated = body.get("tokens") or []
+        if not isinstance(generated, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in generated
+        ):
+            raise ResponseFormatError(f"the answer's tokens are not all ids: {generated!r:.200}")
         if not generated and len(positions) == body.get("tokens_predicted"):
             generated = [position.get("id") for position in positions]  # none left out
         kept = 0  # positions before the first one the server left out

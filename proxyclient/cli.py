@@ -1,7 +1,9 @@
 """`proxyclient generate ...`: proxy-tuned text from the shell (`batch`: a JSONL file of prompts).
 
 Text streams to stdout; diagnostics go to stderr. Any problem we can name exits with code 2 and a
-one-paragraph message, no traceback; what was generated before a failure is still printed.
+one-paragraph message, no traceback (``--debug`` shows it); what was generated before a failure is
+still printed, and ``--json`` output of a failed run goes on with ``--resume FILE``. Anything
+unforeseen exits with code 1, in one line too.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from proxyclient.batch import DEFAULT_CONCURRENCY
 from proxyclient.config import (
@@ -25,7 +29,7 @@ from proxyclient.config import (
     default_top_logprobs,
 )
 from proxyclient.errors import ConfigError, ProxyClientError
-from proxyclient.result import Generation
+from proxyclient.result import Alternative, Generation, TokenTrace, Usage
 
 if TYPE_CHECKING:
     from proxyclient.adapters.base import BaseModel
@@ -65,8 +69,21 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"default: ${API_KEY_ENV}, else the provider's usual variable ($OPENAI_API_KEY, ...)",
     )
-    base.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    base.add_argument("--max-retries", type=int, default=3)
+    from proxyclient.adapters.http import DEFAULT_MAX_RETRY_TIME_S
+
+    base.add_argument("--timeout", type=float, default=30.0, help="seconds per read")
+    base.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect")
+    base.add_argument("--max-retries", type=int, default=3, help="attempts after the first")
+    base.add_argument(
+        "--max-retry-time",
+        type=float,
+        default=DEFAULT_MAX_RETRY_TIME_S,
+        metavar="S",
+        help="seconds all attempts of one request may take, waits included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="log everything, and show tracebacks of errors"
+    )
     limits = parser.add_argument_group("client-side limits for the base (default: none)")
     limits.add_argument("--max-concurrency", type=_at_least_one, default=None, metavar="N")
     limits.add_argument("--requests-per-minute", type=float, default=None, metavar="N")
@@ -133,8 +150,15 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, not the whole usage (subcommands' parsers are of this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="proxyclient",
         description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
     )
@@ -145,9 +169,53 @@ def _parser() -> argparse.ArgumentParser:
         description="scores = base + alpha * (expert - anti_expert), token by token.",
     )
     _base_options(gen)
-    _proxy_and_decoding_options(gen)
+    _proxy_and_decoding_options(gen, prompt=False)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt; - reads it from stdin")
+    source.add_argument(
+        "--messages",
+        metavar="FILE",
+        help='a chat: a JSON array of {"role": "system"|"user"|"assistant", "content": ...} '
+        "(- reads stdin)",
+    )
+    source.add_argument(
+        "--resume",
+        metavar="FILE",
+        help="go on with a failed run: FILE holds its --json output (its prompt and decoding "
+        "options are used; the text printed is the whole text)",
+    )
     _generation_options(gen)
+    chat = gen.add_argument_group("chat (the prompt as messages, rendered per side)")
+    chat.add_argument(
+        "--system", metavar="TEXT", help="a system message; --prompt becomes the user turn"
+    )
+    chat.add_argument(
+        "--response-prefix",
+        default="",
+        metavar="TEXT",
+        help="text after the generation prompt on every side (the paper's chat_response_prefix)",
+    )
+    chat.add_argument(
+        "--base-chat-template",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the base and anti-expert read the base's chat template (auto: when it has one) "
+        "or plain text (off)",
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write one JSON line per output token: its tuned, base, expert and anti-expert "
+        "log-probs and the best alternatives",
+    )
+    gen.add_argument(
+        "--trace-top",
+        type=int,
+        default=5,
+        metavar="N",
+        help="alternatives per token in --trace (0-20, default: 5)",
+    )
 
     batch = commands.add_parser(
         "batch",
@@ -209,6 +277,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     _base_options(inspect)
     inspect.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+    from proxyclient.server.main import add_server_options
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the proxy-tuned model behind an OpenAI-compatible API (needs [serve])",
+        description="POST /v1/completions and /v1/chat/completions (streaming or not), GET "
+        "/v1/models, /health, /metrics. The decoding flags are every request's defaults.",
+    )
+    _base_options(serve)
+    _proxy_and_decoding_options(serve, prompt=False)
+    _generation_options(serve)
+    add_server_options(serve)
     return parser
 
 
@@ -237,18 +318,25 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="proxyclient: %(levelname)s: %(message)s",
-    )
-    commands = {"generate": _generate, "choose": _choose, "inspect": _inspect, "batch": _batch}
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="proxyclient: %(levelname)s: %(message)s")
+    commands = {
+        "generate": _generate,
+        "choose": _choose,
+        "inspect": _inspect,
+        "batch": _batch,
+        "serve": _serve,
+    }
     try:
         return commands[args.command](args)
     except ProxyClientError as exc:
-        _fail(str(exc))
+        _fail(str(exc), debug=args.debug)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, or a failure we did not foresee: one line, no traceback
+        _fail(f"{type(exc).__name__}: {exc} (--debug shows where)", debug=args.debug)
+        return 1
 
 
 def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseModel:
@@ -267,7 +355,9 @@ def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseMod
         api_key=args.api_key or os.environ.get(API_KEY_ENV),
         tokenizer=tokenizer,
         timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
         max_retries=args.max_retries,
+        max_retry_time=args.max_retry_time,
         limits=RateLimits(args.max_concurrency, args.requests_per_minute, args.tokens_per_minute),
         **options,
     )
@@ -295,8 +385,33 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
     )
 
 
-def _prompt(args: argparse.Namespace) -> str:
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+def _prompt(args: argparse.Namespace) -> str | list[dict[str, Any]]:
+    """The prompt the flags give: text, or chat messages (--messages, or --system with --prompt,
+    or --response-prefix / --base-chat-template on with --prompt)."""
+    if getattr(args, "messages", None) is not None:
+        source = args.messages
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+            messages = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(
+                f"--messages {source}: cannot read a JSON array of messages from it ({exc})"
+            ) from None
+        if args.system is not None:
+            messages = [{"role": "system", "content": args.system}, *messages]
+        return messages
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    chat = getattr(args, "system", None) is not None or _chat_options_given(args)
+    if not chat:
+        return prompt
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def _chat_options_given(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "response_prefix", "")) or (
+        getattr(args, "base_chat_template", "auto") == "on"
+    )
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
@@ -315,28 +430,74 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
         expert_chat_template=args.expert_chat_template,
         speculate=args.speculate,
         draft_tokens=args.draft_tokens,
+        trace=args.trace_top if getattr(args, "trace", None) else None,
+        base_chat_template={"auto": None, "on": True, "off": False}[
+            getattr(args, "base_chat_template", "auto")
+        ],
+        response_prefix=getattr(args, "response_prefix", ""),
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    config = _config(args)
-    prompt = _prompt(args)
+    if args.resume is not None:
+        prompt, config, partial, prompt_ids = _read_resume(args.resume)
+    else:
+        prompt, config, partial, prompt_ids = _prompt(args), _config(args), None, None
     with _tuner(args) as tuner:
-        stream = tuner.stream(prompt, config)
+
+        def encoded() -> list[int]:
+            if not isinstance(prompt, str):
+                _, chat = tuner.tokens.encode_chat(
+                    prompt,
+                    base_chat_template=config.base_chat_template,
+                    response_prefix=config.response_prefix,
+                )
+                return list(chat.base)
+            ids = tuner.tokens.encode_prompt(
+                prompt, expert_chat_template=config.expert_chat_template
+            )
+            return list(ids.base)
+
+        if prompt_ids is not None and prompt_ids != encoded():
+            raise ConfigError(
+                f"--resume {args.resume}: this base tokenizer splits the prompt differently from "
+                f"the failed run's; resume with the same models and --base-tokenizer"
+            )
+        stream = tuner.stream(prompt, config, resume=partial)
         try:
+            if partial is not None and not args.json:
+                sys.stdout.write(partial.text)
             for piece in stream:
                 if not args.json:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
         except ProxyClientError as exc:
-            _print_result(args, stream.generation.to_dict() | {"error": str(exc)})
-            _fail(str(exc))
+            # What `--resume` needs to go on: the prompt (and its ids, to check), the options.
+            state = {"prompt": prompt, "prompt_token_ids": encoded(), "config": asdict(config)}
+            _print_result(args, stream.generation.to_dict() | {"error": str(exc), "resume": state})
+            _write_trace(args, stream.generation)
+            _fail(str(exc), debug=args.debug)
             return EXIT_USAGE
         finally:
             if args.verbose:
                 print(f"proxyclient: {cost_summary(stream.generation)}", file=sys.stderr)
         _print_result(args, stream.generation.to_dict())
+        _write_trace(args, stream.generation)
     return 0
+
+
+def _write_trace(args: argparse.Namespace, generation: Generation) -> None:
+    """--trace FILE: one JSON line per output token."""
+    if not args.trace or generation.steps is None:
+        return
+    try:
+        with open(args.trace, "w", encoding="utf-8") as file:
+            for step in generation.steps:
+                file.write(json.dumps(asdict(step), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"--trace {args.trace}: cannot write it ({exc.strerror or exc})"
+        ) from None
 
 
 def cost_summary(generation: Generation) -> str:
@@ -465,6 +626,12 @@ def _run_on_ray(
     )
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from proxyclient.server.main import serve
+
+    return serve(args, _tuner, _config(args))
+
+
 def _choose(args: argparse.Namespace) -> int:
     options = [o for o in args.options.split(",") if o]
     prompt = _prompt(args)
@@ -487,7 +654,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import dataclasses
 
     from proxyclient.adapters.base import Prompt
-    from proxyclient.adapters.discovery import probe
+    from proxyclient.adapters.discovery import probe, steering_summary
 
     base = _connect(args, None)
     tokenizer = getattr(base, "tokenizer", None)
@@ -495,9 +662,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
     async def run() -> dict:
         try:
-            return dataclasses.asdict(await probe(base, Prompt(ids, len(ids))))
+            found = await probe(base, Prompt(ids, len(ids)))
         finally:
             await base.aclose()
+        return {**dataclasses.asdict(found), "steering": steering_summary(found)}
 
     capabilities = asyncio.run(run())
     default_k = default_top_logprobs(capabilities["max_k"])
@@ -516,7 +684,51 @@ def _print_result(args: argparse.Namespace, result: dict) -> None:
         print()
 
 
-def _fail(message: str) -> None:
+def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int]]:
+    """What `--resume FILE` goes on with: the failed run's prompt, options, partial generation and
+    prompt ids, from its --json output (the last line of FILE; - reads stdin)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--resume {path}: cannot read it ({exc})") from None
+    what = f"--resume {path}: not the --json output of a failed `proxyclient generate` run"
+    try:
+        record = json.loads(text.strip().splitlines()[-1])
+        if record.get("finish_reason") != "error":
+            raise ConfigError(
+                f"--resume {path}: that run finished ({record.get('finish_reason')!r}); there is "
+                f"nothing to resume"
+            )
+        state = record["resume"]
+        steps = record.get("steps")
+        partial = Generation(
+            record["text"],
+            list(record["token_ids"]),
+            "error",
+            usage=Usage(**record["usage"]),
+            error=record.get("error"),
+            steps=[_token_trace(s) for s in steps] if steps is not None else None,
+        )
+        prompt = state["prompt"] if isinstance(state["prompt"], list) else str(state["prompt"])
+        prompt_ids = list(state["prompt_token_ids"])
+        options = dict(state["config"])
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ConfigError(f"{what} (it needs text, token_ids, usage and resume)") from None
+    try:
+        return prompt, GenerationConfig(**options), partial, prompt_ids
+    except TypeError as exc:
+        raise ConfigError(f"{what}: its options do not fit ({exc})") from None
+
+
+def _token_trace(record: dict[str, Any]) -> TokenTrace:
+    return TokenTrace(**{**record, "top": [Alternative(**a) for a in record["top"]]})
+
+
+def _fail(message: str, *, debug: bool = False) -> None:
+    if debug:
+        traceback.print_exc()
     print(f"proxyclient: error: {message}", file=sys.stderr)
 
 

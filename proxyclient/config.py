@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -123,8 +125,11 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif isinstance(self.stop, Iterable):
             object.__setattr__(self, "stop", tuple(self.stop))
+        else:
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        _check_types(self)
         for name, choices in (
             ("unseen", UnseenPolicy),
             ("untwinned", UntwinnedRule),
@@ -172,6 +177,33 @@ class GenerationConfig:
             )
         if not isinstance(self.response_prefix, str):
             raise ConfigError(f"response_prefix must be a string, got {self.response_prefix!r}")
+
+
+def _check_types(config: GenerationConfig) -> None:
+    """Wrong types fail with the option's name, before any comparison trips over them."""
+    for name in ("top_k", "top_logprobs", "seed"):
+        value = getattr(config, name)
+        if not (_integer(value) or (name != "top_k" and value is None)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    for name in ("max_new_tokens", "draft_tokens"):  # other types: checked with their range
+        if isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be an integer, got {getattr(config, name)!r}")
+    for name in ("alpha", "temperature", "top_p"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+    if config.seed is not None and not 0 <= config.seed < 2**63:
+        raise ConfigError(f"seed must be >= 0 and < 2**63, got {config.seed!r}")
+    if not isinstance(config.expert_chat_template, bool):
+        raise ConfigError(
+            f"expert_chat_template must be True or False, got {config.expert_chat_template!r}"
+        )
+    if not all(isinstance(s, str) for s in config.stop):
+        raise ConfigError(f"stop sequences must be strings, got {config.stop!r}")
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _one_of(choices: type[StrEnum], name: str, value: object) -> StrEnum:

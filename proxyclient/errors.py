@@ -5,8 +5,8 @@
     ├── ModelLoadError         a local expert/anti-expert could not be loaded or does not fit
     ├── UnsupportedError       the base's API cannot do what was asked (e.g. score given text)
     └── BaseModelError         the remote base model failed
-        ├── APIConnectionError     no answer (refused, DNS, timeout) after retries
-        │   └── APITimeoutError
+        ├── APIConnectionError     no answer (refused, reset, DNS) after retries
+        │   └── APITimeoutError        no answer within the timeouts, or within max_retry_time
         ├── APIStatusError         an HTTP error status; .status_code, .body
         │   ├── BadRequestError        400/422
         │   │   ├── TopKTooLargeError      k over the server's cap; .server_max
@@ -15,10 +15,12 @@
         │   ├── NotFoundError          404 (wrong model name, wrong path)
         │   ├── RateLimitError         429
         │   └── ServerError            5xx
-        └── ResponseFormatError    a 200 answer that lacks what we asked for (e.g. no logprobs)
+        └── ResponseFormatError    a 200 answer that lacks what we asked for (e.g. no logprobs),
+                                   is not JSON, or holds NaN; retried like a 503 first
 
 Every error raised while generating carries ``partial``: the :class:`~proxyclient.Generation`
-of the tokens chosen before the failure (finish_reason ``"error"``), so nothing generated is lost.
+of the tokens chosen before the failure (finish_reason ``"error"``), so nothing generated is lost;
+``ProxyTuner.generate(prompt, config, resume=error.partial)`` goes on from there.
 """
 
 from __future__ import annotations
@@ -102,4 +104,4 @@ class ServerError(APIStatusError):
 
 
 class ResponseFormatError(BaseModelError):
-    """The server answered 200 but without the log-probabilities we asked for."""
+    """The server answered 200 but without usable log-probabilities (after retries)."""

@@ -139,6 +139,11 @@ class LocalModel:
         from transformers import AutoModelForCausalLM
 
         source = check_model_source(path, role)
+        if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+            raise ModelLoadError(
+                f"{role} model {source!r} has no config.json (a tokenizer alone?). Pass the folder "
+                f"that holds the model's config.json and weights (a save_pretrained() output)."
+            )
         resolved_device = resolve_device(device)
         resolved_dtype = resolve_dtype(dtype, resolved_device)
         try:

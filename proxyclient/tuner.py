@@ -138,15 +138,27 @@ class ProxyTuner:
     # -- generate -----------------------------------------------------------------------------
 
     def generate(
-        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        resume: Generation | None = None,
+        **options: Any,
     ) -> Generation:
-        """Generate from ``prompt``. ``options`` override fields of ``config``."""
-        return self._runner.run(self.agenerate(prompt, config, **options))
+        """Generate from ``prompt``. ``options`` override fields of ``config``. ``resume``: the
+        ``partial`` of an error a generation of this prompt and config raised; it goes on from
+        there (greedy: exactly as if it had never failed) and returns the whole generation."""
+        return self._runner.run(self.agenerate(prompt, config, resume=resume, **options))
 
     async def agenerate(
-        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        resume: Generation | None = None,
+        **options: Any,
     ) -> Generation:
-        stream = self.astream(prompt, config, **options)
+        stream = self.astream(prompt, config, resume=resume, **options)
         async for _ in stream:
             pass
         return stream.generation
@@ -193,19 +205,47 @@ class ProxyTuner:
         return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
 
     def stream(
-        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        resume: Generation | None = None,
+        **options: Any,
     ) -> GenerationStream:
-        """Text pieces as tokens are chosen; ``.generation`` holds the result afterwards."""
-        return GenerationStream(self.astream(prompt, config, **options), self._runner)
+        """Text pieces as tokens are chosen; ``.generation`` holds the result afterwards. On an
+        error every piece of ``error.partial.text`` has been yielded before it is raised. With
+        ``resume`` (see ``generate``) only the text after the partial's is yielded."""
+        return GenerationStream(
+            self.astream(prompt, config, resume=resume, **options), self._runner
+        )
 
     def astream(
-        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+        self,
+        prompt: str,
+        config: GenerationConfig | None = None,
+        *,
+        resume: Generation | None = None,
+        **options: Any,
     ) -> AsyncGenerationStream:
         seq = self._start(prompt, config, options)
+        released = _replay(seq, resume, self.tokens.bridge.base_size) if resume is not None else 0
         step = self._step_for(seq.config.speculate)
-        return AsyncGenerationStream(self._pieces(seq, step), seq.result)
+        return AsyncGenerationStream(self._pieces(seq, step, released), seq.result)
 
-    async def _pieces(self, seq: Sequence, step: OneTokenStep) -> AsyncIterator[str]:
+    async def _pieces(
+        self, seq: Sequence, step: OneTokenStep, released: int = 0
+    ) -> AsyncIterator[str]:
+        # ``released``: characters of the text the assembler has handed out; ``delivered``: those
+        # the caller has (a resumed generation's caller has its partial's text already).
+        delivered = len(seq.assembler.text) if seq.appended else 0
+
+        def new(piece: str) -> str:
+            nonlocal released, delivered
+            fresh = piece[max(0, delivered - released) :]
+            released += len(piece)
+            delivered += len(fresh)
+            return fresh
+
         started = time.perf_counter()
         try:
             await self.tokens.check_server(self.base, seq.prompt, seq.prompt_ids.base)
@@ -217,7 +257,7 @@ class ProxyTuner:
                         f"max_new_tokens=1 or ProxyTuner.choose(), or a server that can continue"
                     )
                 for token in await step(seq):
-                    piece = seq.accept(token)
+                    piece = new(seq.accept(token))
                     if piece:
                         yield piece
                     if seq.finished:
@@ -226,11 +266,14 @@ class ProxyTuner:
                     seq.rollback(len(seq.token_ids))  # drafted tokens that were not accepted
         except ProxyClientError as exc:
             exc.partial = seq.fail(str(exc))
+            rest = exc.partial.text[delivered:]  # held back for a stop sequence that may follow
+            if rest:
+                yield rest
             raise
         finally:
             seq.timings.wall_s = time.perf_counter() - started
             seq.release()
-        piece = seq.assembler.finish()
+        piece = new(seq.assembler.finish())
         if piece:
             yield piece
 
@@ -403,8 +446,50 @@ class ProxyTuner:
         await self.aclose()
 
 
+def _replay(seq: Sequence, partial: Generation, vocab: int) -> int:
+    """Put a failed generation's tokens on ``seq`` as if it had chosen them; the characters of
+    text that released."""
+    if not isinstance(partial, Generation):
+        raise ConfigError(
+            f"resume takes the Generation a failed generation left (error.partial), "
+            f"got {type(partial).__name__}"
+        )
+    if partial.finish_reason != "error":
+        raise ConfigError(
+            f"resume takes a failed generation (finish_reason 'error'); this one finished "
+            f"({partial.finish_reason!r}) and has nothing left to do"
+        )
+    ids = partial.token_ids
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise ConfigError(f"resume: its token_ids are not all ids of the base's {vocab} tokens")
+    released = 0
+    for token in ids:
+        if seq.finished:
+            break
+        released += len(seq.accept(token))
+    if seq.assembler.text != partial.text:
+        raise ConfigError(
+            "resume: its token ids do not spell its text after this prompt; resume with the "
+            "prompt, config and tokenizers it was generated with"
+        )
+    seq.usage = dataclasses.replace(partial.usage, completion_tokens=seq.usage.completion_tokens)
+    if seq.config.trace is not None:
+        if partial.steps is None or len(partial.steps) != len(ids):
+            raise ConfigError(
+                "resume: the config asks for a trace but the failed generation has none for "
+                "its tokens; resume with the config it was generated with"
+            )
+        seq.traces = list(partial.steps)
+    return released
+
+
 def _with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
-    config = config or GenerationConfig()
+    config = GenerationConfig() if config is None else config
+    if not isinstance(config, GenerationConfig):
+        raise ConfigError(
+            f"config must be a GenerationConfig (options go as keywords), got "
+            f"{type(config).__name__}"
+        )
     if not options:
         return config
     unknown = set(options) - {f.name for f in dataclasses.fields(GenerationConfig)}

@@ -91,14 +91,17 @@ def api_choices(parser) -> dict[str, list[str]]:
 
 
 def test_builtin_adapters_are_registered_under_their_dialect():
-    assert list(BUILTIN) == ["vllm", "openai", "openai-chat", "tgi", "llamacpp"]
+    assert list(BUILTIN) == [
+        "vllm", "openai", "openai-chat", "tgi", "llamacpp",
+        "together", "fireworks", "sglang", "ollama", "gemini", "deepseek",
+    ]  # fmt: skip
     assert all(name == adapter.dialect for name, adapter in BUILTIN.items())
     assert dict(available(), **BUILTIN) == available()
 
 
 def test_the_cli_offers_exactly_the_registered_dialects():
     choices = api_choices(_parser())
-    assert set(choices) == {"generate", "choose", "inspect", "batch"}
+    assert set(choices) == {"generate", "choose", "inspect", "batch", "serve"}
     assert all(c == list(available()) for c in choices.values())
 
 
@@ -184,7 +187,7 @@ def test_a_factory_function_gets_a_tokenizer_only_when_there_is_one(monkeypatch,
 
 
 def test_unknown_dialects_and_urls_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown api 'nope'; available: llamacpp, openai"):
+    with pytest.raises(ConfigError, match="unknown api 'nope'; available: deepseek, fireworks"):
         connect("nope", "http://server", "m")
     with pytest.raises(ConfigError, match="unknown api 'nope'"):
         tokenizer_needed("nope", "m")

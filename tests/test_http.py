@@ -9,6 +9,7 @@ from proxyclient.adapters import http as http_module
 from proxyclient.adapters.http import HTTPTransport, error_message, parse_retry_after
 from proxyclient.errors import (
     APIConnectionError,
+    APITimeoutError,
     AuthenticationError,
     BadRequestError,
     NotFoundError,
@@ -90,7 +91,7 @@ def test_retries_429_honouring_retry_after_then_succeeds():
 
 def test_gives_up_after_max_retries_with_the_right_error():
     transport, seen = transport_of(*[httpx.Response(500, json={"message": "boom"})] * 3)
-    with pytest.raises(ServerError, match=r"HTTP 500: boom") as info:
+    with pytest.raises(ServerError, match=r"HTTP 500: boom \(after 3 attempts in ") as info:
         post(transport, max_retries=2)
     assert len(seen) == 3
     assert info.value.status_code == 500
@@ -126,10 +127,81 @@ def test_connection_errors_are_retried_then_reported():
     assert len(seen) == 4
 
 
-def test_a_non_json_answer_is_a_format_error():
-    transport, _ = transport_of(httpx.Response(200, text="<html>hello</html>"))
-    with pytest.raises(ResponseFormatError, match="not JSON"):
+def test_a_non_json_answer_is_a_format_error_after_retries():
+    transport, seen = transport_of(*[httpx.Response(200, text="<html>hello</html>")] * 3)
+    with pytest.raises(ResponseFormatError, match=r"not JSON.*after 3 attempts"):
+        post(transport, max_retries=2)
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        httpx.Response(200, text='{"choices": [{"logprobs": {"top_logprobs": [{"a": -0.1'),
+        httpx.Response(200, text="not json at all"),
+        httpx.Response(200, text=""),
+        httpx.Response(200, text='{"logprob": NaN}'),
+        httpx.Response(200, text='{"logprob": Infinity}'),
+        httpx.Response(200, content=b"\xff\xfe{"),
+    ],
+    ids=["truncated", "malformed", "empty", "nan", "infinity", "not-utf8"],
+)
+def test_a_broken_200_is_retried_like_a_503(broken):
+    transport, seen = transport_of(broken, httpx.Response(200, json={"ok": True}))
+    assert post(transport) == {"ok": True}
+    assert len(seen) == 2
+
+
+def test_minus_infinity_is_a_logprob_not_a_broken_answer():
+    transport, _ = transport_of(httpx.Response(200, text='{"logprob": -Infinity}'))
+    assert post(transport) == {"logprob": float("-inf")}
+
+
+def test_an_answer_the_parser_refuses_is_retried_then_reported():
+    def parse(body):
+        if "logprobs" not in body:
+            raise ResponseFormatError("no logprobs in the answer")
+        return body["logprobs"]
+
+    async def ask(transport):
+        client = HTTPTransport("http://server/v1", transport=transport, max_retries=2)
+        return await client.request_json("POST", "/completions", {}, what="t", parse=parse)
+
+    transport, seen = transport_of(
+        httpx.Response(200, json={"choices": []}), httpx.Response(200, json={"logprobs": [1]})
+    )
+    assert asyncio.run(ask(transport)) == [1]
+    assert len(seen) == 2
+    transport, seen = transport_of(*[httpx.Response(200, json={"choices": []})] * 3)
+    with pytest.raises(ResponseFormatError, match=r"\(t\): no logprobs.*after 3 attempts"):
+        asyncio.run(ask(transport))
+    assert len(seen) == 3
+
+
+def test_other_parser_errors_are_not_retried():
+    def parse(body):
+        raise LookupError("a bug, not a broken answer")
+
+    transport, seen = transport_of(httpx.Response(200, json={}), httpx.Response(200, json={}))
+    client = HTTPTransport("http://server/v1", transport=transport)
+    with pytest.raises(LookupError):
+        asyncio.run(client.request_json("POST", "/x", {}, parse=parse))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 520, 529])
+def test_5xx_are_retried(status):
+    transport, seen = transport_of(httpx.Response(status), httpx.Response(200, json={"ok": 1}))
+    assert post(transport) == {"ok": 1}
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("status", [501, 505])
+def test_5xx_that_will_never_work_are_not_retried(status):
+    transport, seen = transport_of(httpx.Response(status, json={"message": "never"}))
+    with pytest.raises(ServerError, match=f"HTTP {status}: never$"):
         post(transport)
+    assert len(seen) == 1
 
 
 def test_api_key_is_sent_but_never_shown(caplog):
@@ -399,3 +471,119 @@ def test_408_and_409_give_up_after_max_retries(status):
     with pytest.raises(http_module.APIStatusError, match=f"HTTP {status}: again"):
         post(transport, max_retries=2)
     assert len(seen) == 3
+
+
+# -- a hung or trickling server: bounded by the timeouts, by attempts and by total time ---------
+
+
+class _SlowServer:
+    """A TCP server that reads each request and then never answers (``trickle=False``) or sends
+    one byte of a never-ending header every 0.1 s (``trickle=True``)."""
+
+    def __init__(self, trickle: bool) -> None:
+        self.trickle = trickle
+        self.connections = 0
+
+    async def handle(self, reader, writer) -> None:
+        self.connections += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if self.trickle:
+                writer.write(b"HTTP/1.1 200 OK\r\n")
+                while True:
+                    writer.write(b"X")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(3600)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+def against_slow_server(trickle: bool, **options):
+    server = _SlowServer(trickle)
+
+    async def run():
+        listening = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        port = listening.sockets[0].getsockname()[1]
+        client = HTTPTransport(f"http://127.0.0.1:{port}/v1", **options)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await client.request_json("POST", "/completions", {"x": 1})
+        except Exception as exc:
+            return exc, loop.time() - started, server.connections
+        finally:
+            await client.aclose()
+            listening.close()
+        raise AssertionError("a server that never answers answered")
+
+    return asyncio.run(run())
+
+
+def test_a_hung_server_is_given_up_after_the_read_timeouts():
+    exc, took, connections = against_slow_server(False, timeout=0.3, max_retries=2)
+    assert isinstance(exc, APITimeoutError)
+    assert "no answer within the timeout after 3 attempts" in str(exc)
+    assert connections == 3 and 0.9 <= took < 2.0
+
+
+def test_a_trickling_server_is_cut_off_by_the_total_time():
+    # Each byte arrives well within the read timeout: only max_retry_time ends it.
+    exc, took, _ = against_slow_server(True, timeout=5.0, max_retries=5, max_retry_time=0.8)
+    assert isinstance(exc, APITimeoutError)
+    assert "no complete answer within max_retry_time (0.8 s" in str(exc)
+    assert 0.7 <= took < 1.5
+
+
+def test_no_retry_begins_that_could_not_end_in_time(monkeypatch, real_backoff):
+    transport, seen = transport_of(
+        httpx.Response(503, headers={"retry-after": "5"}, json={"error": "later"}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    client = HTTPTransport("http://server/v1", transport=transport, max_retry_time=2.0)
+    with pytest.raises(ServerError, match=r"HTTP 503: later \(after 1 attempt in "):
+        asyncio.run(client.request_json("POST", "/completions", {}))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, "timeout must be a number of seconds > 0, got 0"),
+        ({"timeout": -1.0}, "timeout must be a number of seconds > 0"),
+        ({"timeout": float("nan")}, "timeout must be a number of seconds > 0, got nan"),
+        ({"timeout": None}, "timeout must be a number of seconds > 0, got None"),
+        ({"timeout": "30"}, "timeout must be a number of seconds > 0, got '30'"),
+        ({"timeout": httpx.Timeout(5.0, read=None)}, "timeout.read must be"),
+        ({"connect_timeout": 0}, "connect_timeout must be a number of seconds > 0"),
+        ({"max_retries": -1}, "max_retries must be an integer >= 0"),
+        ({"max_retries": True}, "max_retries must be an integer >= 0"),
+        ({"max_retry_time": float("inf")}, "max_retry_time must be a number of seconds > 0"),
+    ],
+)
+def test_bad_timeouts_and_retry_bounds_are_refused(options, message):
+    from proxyclient.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        HTTPTransport("http://server/v1", **options)
+    assert message in str(info.value)
+
+
+def test_timeouts_are_per_read_and_connect():
+    client = HTTPTransport("http://server/v1", timeout=12, connect_timeout=2.5)
+    assert (client.timeout.read, client.timeout.connect, client.timeout.pool) == (12, 2.5, 12)
+    assert HTTPTransport("http://server/v1").timeout == http_module.DEFAULT_TIMEOUT
+
+
+def test_the_retry_warning_says_what_went_wrong_and_what_comes_next(caplog):
+    transport, _ = transport_of(
+        httpx.Response(503, json={"error": {"message": "overloaded"}}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    with caplog.at_level(logging.WARNING):
+        post(transport)
+    (record,) = caplog.records
+    assert "retrying POST http://server/v1/completions (test) in " in record.getMessage()
+    assert "after HTTP 503: overloaded (attempt 1 of 4)" in record.getMessage()

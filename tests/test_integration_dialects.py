@@ -217,6 +217,7 @@ def test_cli_inspect_prints_the_capabilities(dialect_servers, tiny_models):
     assert report["max_k"] == 5 and report["logprobs"] == "processed"
     assert report["default_k"] == 5  # what a generation asks for when not told
     assert report["token_id_prompts"] is False and report["ids_in_response"] is True
+    assert report["steering"] == "multi-token steering; speculation: base drafts"
 
 
 def test_tgi_conditions_on_the_text_whatever_our_split(dialect_servers, base_tokenizer):

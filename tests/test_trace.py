@@ -70,3 +70,21 @@ def test_a_restricted_step_normalizes_over_the_candidates(tuner):
     for step in generation.steps:
         assert len(step.top) == 5
         assert math.fsum(math.exp(a.logprob) for a in step.top) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_resumed_generation_keeps_one_trace_per_token(tiny_models, hf_models, tuner):
+    from proxyclient import ProxyClientError
+
+    config = GenerationConfig(max_new_tokens=8, trace=2, speculate="off")
+    whole = tuner.generate(PROMPT, config)
+    failing = LocalBase(hf_models["base"], fail_at_request=4)
+    with ProxyTuner(failing, tiny_models["expert"], tiny_models["anti_expert"]) as flaky:
+        with pytest.raises(ProxyClientError) as failure:
+            flaky.generate(PROMPT, config)
+        partial = failure.value.partial
+        assert partial.steps is not None and len(partial.steps) == len(partial.token_ids) == 3
+        resumed = flaky.generate(PROMPT, config, resume=partial)
+    assert resumed.token_ids == whole.token_ids
+    assert [s.token_id for s in resumed.steps] == whole.token_ids
+    want = [s.logprob for s in whole.steps]
+    assert [s.logprob for s in resumed.steps] == pytest.approx(want, abs=1e-5)  # fp32 forwards

@@ -1,0 +1,236 @@
+"""DeepSeek's chat prefix completion (beta): ``POST {base}/chat/completions`` with
+``logprobs: true, top_logprobs: k`` (k <= 20), the answer so far as a last message
+``{"role": "assistant", "content": ..., "prefix": true}``, which the model continues.
+
+Sources, read 2026-11-30: https://api-docs.deepseek.com/guides/chat_prefix_completion (the last
+message is the assistant's with ``prefix`` true; base URL ``https://api.deepseek.com/beta``),
+https://api-docs.deepseek.com/api/create-chat-completion (``top_logprobs`` "between 0 and 20";
+answers in OpenAI's chat shape, ``bytes`` with each token; ``usage.prompt_cache_hit_tokens``),
+https://api-docs.deepseek.com/guides/thinking_mode (current models think by default;
+``thinking: {"type": "disabled"}`` turns it off) and
+https://api-docs.deepseek.com/guides/reasoning_model (deepseek-reasoner: "Setting logprobs,
+top_logprobs will trigger an error").
+
+Every step sends the prompt as the user's message and the tokens so far as the assistant's prefix,
+so generation is multi-step, and one request can draft several tokens with the top-k at each
+(``drafts``; greedy is temperature 0; DeepSeek takes no seed, so a sampled draft is not
+reproducible). Tokens come back with their ``bytes``, mapped to ids with the base tokenizer given
+(DeepSeek's is on Hugging Face). Thinking is turned off (``thinking="disabled"``), since a model
+that thinks gives no logprobs for the token after the prefix: deepseek-reasoner, a refusal that
+names its parameter, or an answer with ``reasoning_content`` is an error that says to use
+deepseek-chat. DeepSeek has been seen to answer top logprobs that carry no information (only 0
+and -9999): such an answer is an error (retried, like any broken answer), never steered on.
+
+Not used: the beta FIM ``/completions`` (``echo``, ``logprobs`` <= 20), which could score a given
+continuation (``prompt_scoring``). It conditions on the raw text, not on the chat conversation
+that prefix completion conditions on, so its numbers are those of another context than the
+steps'; its top logprobs are keyed by token text (OpenAI's legacy shape), which loses partial
+characters and tokens that read alike; and the docs do not say that ``echo`` returns logprobs for
+the prompt's own positions, which scoring needs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from proxyclient.adapters.base import (
+    SENTINEL_LOGPROB,
+    Capabilities,
+    Continuation,
+    Prompt,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import (
+    DialectAdapter,
+    chat_logprobs_content,
+    chat_token_id,
+    server_usage,
+)
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    BaseModelError,
+    NotFoundError,
+    ProxyClientError,
+    ResponseFormatError,
+    TopKTooLargeError,
+)
+from proxyclient.tokenizer import BaseTokenizer
+
+DEEPSEEK_MAX_TOP_LOGPROBS = 20
+
+# "deepseek-reasoner does not support the parameter `presence_penalty`" is DeepSeek's recorded
+# wording for a parameter a thinking model refuses.
+_THINKING_REFUSAL = re.compile(r"does not support the parameter `?(?:top_)?logprobs", re.I)
+# As DeepSeek words ranges: "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]".
+_K_RANGE = re.compile(r"valid range of top_logprobs is \[\s*-?\d+\s*,\s*(\d+)\s*\]", re.I)
+_NO_MODEL = re.compile(r"Model Not Exist", re.IGNORECASE)
+
+
+def degenerate(entries: list[dict[str, Any]]) -> bool:
+    """Whether one position's top logprobs say nothing: two or more entries, each 0 or at the
+    -9999 floor. No distribution gives two tokens probability 1, and a model's softmax leaves its
+    runners-up far above the floor."""
+    logprobs = [e.get("logprob") for e in entries]
+    return len(logprobs) >= 2 and all(
+        isinstance(lp, int | float) and (lp == 0 or lp <= SENTINEL_LOGPROB) for lp in logprobs
+    )
+
+
+class DeepSeekChat(DialectAdapter):
+    dialect = "deepseek"
+    default_base_url = "https://api.deepseek.com/beta"
+    api_key_env = "DEEPSEEK_API_KEY"
+    needs_tokenizer = True
+    tokenizer: BaseTokenizer
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer,
+        max_k: int | None = DEEPSEEK_MAX_TOP_LOGPROBS,
+        thinking: str | None = "disabled",
+    ) -> None:
+        super().__init__(transport, model, tokenizer=tokenizer)
+        self.thinking = thinking  # sent as {"thinking": {"type": thinking}}; None: not sent
+        self.capabilities = Capabilities(
+            max_k=max_k,
+            token_id_prompts=False,
+            ids_in_response=False,
+            prompt_scoring=False,  # see the module's docstring: FIM scores another context
+            logprobs="processed",  # not documented either way; we send temperature 1
+            multi_step=True,
+            drafts=True,
+        )
+
+    def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
+        decode = self.tokenizer.decode
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}
+        ]
+        if prompt.generated:
+            prefix = {"role": "assistant", "content": decode(prompt.generated), "prefix": True}
+            messages.append(prefix)
+        payload: dict[str, Any] = {
+            "model": self.name,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "logprobs": True,
+            "top_logprobs": k,
+        }
+        if self.thinking is not None:
+            payload["thinking"] = {"type": self.thinking}
+        return "/chat/completions", payload
+
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens of the answer, greedy (temperature 0) or sampled at temperature 1
+        (``seed`` is not sent: DeepSeek takes none)."""
+        path, payload = self.build_request(prompt, k)
+        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
+        return path, payload
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        content = self._content(body)
+        if not content:
+            raise ResponseFormatError(
+                "the DeepSeek answer ended before its first token, so it holds no logprobs"
+            )
+        return self._top(content[0], k)
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position: the token, its logprob, the top-k before it. The final stop
+        token is left out (OpenAI's shape), so a stop leaves fewer positions, maybe none."""
+        content = self._content(body)
+        return Continuation(
+            tuple(chat_token_id(self.tokenizer, position) for position in content),
+            tuple(self._top(position, k) for position in content),
+            tuple(position.get("logprob") for position in content),
+            server_usage(body),
+        )
+
+    def _content(self, body: Any) -> list[dict[str, Any]]:
+        """``logprobs.content``, checked: no thinking, top logprobs present and informative."""
+        try:
+            message = body["choices"][0].get("message") or {}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            message = {}
+        if isinstance(message, dict) and message.get("reasoning_content"):
+            raise BaseModelError(
+                f"DeepSeek model {self.name!r} answered in thinking mode (reasoning_content), "
+                f"so its logprobs are not those of the token after the prefix: "
+                f"{self._thinking_fix()}"
+            )
+        content = chat_logprobs_content(body)
+        if content is None or (content and not content[0].get("top_logprobs")):
+            raise ResponseFormatError(
+                f"the DeepSeek answer has no logprobs.content[0].top_logprobs; does model "
+                f"{self.name!r} give logprobs? (deepseek-reasoner does not; deepseek-chat does)"
+            )
+        for position in content:
+            entries = position.get("top_logprobs") or []
+            if degenerate(entries):
+                shown = ", ".join(f"{e.get('token')!r}: {e.get('logprob')}" for e in entries[:4])
+                raise ResponseFormatError(
+                    f"DeepSeek's top logprobs carry no information (every entry is 0 or -9999: "
+                    f"{shown}, ...), and steering on them would steer on noise; DeepSeek has "
+                    f"been seen to answer so: try again later, or use another base model"
+                )
+        return content
+
+    def _top(self, position: dict[str, Any], k: int) -> TopLogprobs:
+        entries = position.get("top_logprobs") or []
+        pairs = ((chat_token_id(self.tokenizer, e), e.get("logprob")) for e in entries)
+        return TopLogprobs.from_pairs(pairs, k=k)
+
+    @staticmethod
+    def _thinking_fix() -> str:
+        return (
+            "use deepseek-chat (not deepseek-reasoner), or a model whose thinking can be turned "
+            'off (this adapter sends thinking {"type": "disabled"} unless given thinking=...)'
+        )
+
+    async def explain(self, exc: APIStatusError, prompt: Prompt, k: int) -> ProxyClientError:
+        """DeepSeek's errors (OpenAI's shape, its own wording) with what to do."""
+        text = str(exc)
+        fields = {"status_code": exc.status_code, "body": exc.body}
+        if isinstance(exc, BadRequestError):
+            if match := _K_RANGE.search(text):
+                cap = int(match.group(1))
+                return TopKTooLargeError(
+                    f"{text} — DeepSeek gives at most {cap} top logprobs and {k} were asked "
+                    f"for: pass --top-logprobs {cap} or less.",
+                    server_max=cap,
+                    **fields,
+                )
+            if _THINKING_REFUSAL.search(text):
+                return BadRequestError(
+                    f"{text} — model {self.name!r} thinks before it answers, and DeepSeek gives "
+                    f"no logprobs then: {self._thinking_fix()}.",
+                    **fields,
+                )
+            if _NO_MODEL.search(text):
+                hint = await self._served_models_hint()
+                return NotFoundError(
+                    f"{text} — DeepSeek has no model {self.name!r}: {hint}", **fields
+                )
+        if exc.status_code == 401:
+            return AuthenticationError(
+                f"{text} — check the API key: pass --api-key, or set DEEPSEEK_API_KEY to a key "
+                f"from https://platform.deepseek.com/api_keys.",
+                **fields,
+            )
+        if exc.status_code == 402:
+            return APIStatusError(
+                f"{text} — the DeepSeek account has no balance left: top it up at "
+                f"https://platform.deepseek.com/top_up.",
+                **fields,
+            )
+        return await super().explain(exc, prompt, k)

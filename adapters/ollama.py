@@ -1,0 +1,173 @@
+"""Ollama's native ``POST /api/generate`` (the server root, default ``http://127.0.0.1:11434``).
+
+Documentation: https://docs.ollama.com/api/generate (``GenerateRequest``: ``raw``, ``stream``,
+``logprobs``, ``top_logprobs``, ``options``; ``GenerateResponse.logprobs[]``: ``token``,
+``logprob``, ``bytes``, ``top_logprobs[]``) and https://docs.ollama.com/api/errors. Log
+probabilities need Ollama 0.12.11 or later; ``top_logprobs`` is limited to 0..20 ("top_logprobs
+must be between 0 and 20", server/routes.go).
+
+The prompt goes as text with ``raw: true`` (no prompt template) and Ollama tokenizes it again:
+where its split differs from our ids the step is marked ``retokenized`` (as for TGI). Tokens come
+back as text, so the base's tokenizer maps them to ids; a token that is part of a character comes
+back as U+FFFD (its ``bytes`` are those of U+FFFD too) and counts as unresolved. The logprobs are
+the model's own (a softmax of the logits, before any sampler), but Ollama's defaults sample at
+temperature 0.8 with top-k 40, top-p 0.9 and a repeat penalty of 1.1, so every option that would
+change which token is generated is sent. An answer whose only token was the end of the text may
+carry no logprobs at all; it is asked again with another seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
+from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.errors import ConfigError, ResponseFormatError
+from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.vocab import bytes_of_token_string
+
+GENERATE_PATH = "/api/generate"
+OLLAMA_MAX_TOP_LOGPROBS = 20
+RESAMPLE_ATTEMPTS = 8
+# Ollama's defaults are 40, 0.9, 0.0 and 1.1: these turn every warper and the penalty off.
+_NO_WARPERS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+class _NoLogprobs(Exception):
+    """Ollama answered without a single logprob (it generated only the end of the text)."""
+
+
+class OllamaGenerate(DialectAdapter):
+    dialect = "ollama"
+    default_base_url = "http://127.0.0.1:11434"
+    needs_tokenizer = True
+    tokenizer: BaseTokenizer
+
+    def __init__(
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer,
+        max_k: int | None = OLLAMA_MAX_TOP_LOGPROBS,
+    ) -> None:
+        super().__init__(transport, model, tokenizer=tokenizer)
+        self.capabilities = Capabilities(
+            max_k=max_k,
+            token_id_prompts=False,
+            ids_in_response=False,
+            prompt_scoring=False,  # /api/generate scores generated tokens only
+            logprobs="raw",
+            drafts=True,
+        )
+
+    def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
+        if k < 0:
+            raise ConfigError("Ollama has no whole-vocabulary mode: pass a top-logprobs k >= 0")
+        return GENERATE_PATH, {
+            "model": self.name,
+            "prompt": self.tokenizer.decode(prompt.ids),
+            "raw": True,
+            "stream": False,
+            "logprobs": True,
+            "top_logprobs": k,
+            "options": {"num_predict": 1, "temperature": 1.0, **_NO_WARPERS},
+        }
+
+    async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
+        path, payload = self.build_request(prompt, k)
+        for seed in range(RESAMPLE_ATTEMPTS):
+            options = payload["options"] | {"seed": seed}
+            try:
+                return await self.send(path, payload | {"options": options}, prompt, k)
+            except _NoLogprobs:
+                continue
+        raise ResponseFormatError(
+            f"Ollama sent no logprobs {RESAMPLE_ATTEMPTS} times: each time the token it sampled "
+            f"ended the text (or the prompt was empty)"
+        )
+
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens, greedy (temperature 0) or sampled at temperature 1 with no warper
+        and no penalty, so from the model's own distribution."""
+        path, payload = self.build_request(prompt, k)
+        options = payload["options"] | {"num_predict": n, "temperature": 0.0 if greedy else 1.0}
+        if seed is not None and not greedy:
+            options["seed"] = seed
+        return path, payload | {"options": options}
+
+    async def generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> Continuation:
+        try:
+            return await super().generate(prompt, k, n, greedy=greedy, seed=seed)
+        except _NoLogprobs:
+            return Continuation((), (), ())  # it ended at once: the engine asks for one position
+
+    def _retokenized(self, prompt: Prompt) -> bool:
+        """Whether Ollama, tokenizing the prompt's text, splits it differently from our ids."""
+        return self.tokenizer.encode(self.tokenizer.decode(prompt.ids)) != list(prompt.ids)
+
+    def _token_id(self, entry: dict[str, Any]) -> int | None:
+        """The id of a ``{token, logprob, bytes}`` entry: by its bytes where they are the token's
+        own (not valid UTF-8 alone), else by its text; U+FFFD and "" cannot be mapped."""
+        raw = entry.get("bytes")
+        if isinstance(raw, list) and raw and all(isinstance(b, int) for b in raw):
+            data = bytes(b & 0xFF for b in raw)
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return self.tokenizer.token_id(data)
+        text = entry.get("token")
+        if not isinstance(text, str):
+            return None
+        return self.tokenizer.token_id(bytes_of_token_string(text))
+
+    def _top(self, entry: dict[str, Any], k: int, retokenized: bool) -> TopLogprobs:
+        alternatives = [e for e in entry.get("top_logprobs") or [] if isinstance(e, dict)]
+        pairs = [(self._token_id(e), e.get("logprob")) for e in alternatives]
+        result = TopLogprobs.from_pairs(pairs, k=k)
+        return TopLogprobs(
+            result.token_ids,
+            result.logprobs,
+            unresolved=result.unresolved,
+            retokenized=retokenized,
+        )
+
+    def _positions(self, body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, dict) or "response" not in body:
+            raise ResponseFormatError(
+                f"the answer is not an Ollama /api/generate response: {str(body)[:200]!r}; is "
+                f"this Ollama (--api ollama, the server root without /api)?"
+            )
+        positions = body.get("logprobs")
+        if positions is None:
+            raise ResponseFormatError(
+                "Ollama sent no logprobs: log probabilities need Ollama 0.12.11 or later"
+            )
+        if not positions:
+            raise _NoLogprobs
+        if not positions[0].get("top_logprobs"):
+            raise ResponseFormatError("Ollama sent logprobs without top_logprobs; was k > 0?")
+        return positions
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        return self._top(self._positions(body)[0], k, self._retokenized(prompt))
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every position Ollama gave logprobs for: the token (by its text), its logprob and the
+        top-k before it; all share the prompt's ``retokenized``."""
+        positions = self._positions(body)
+        retokenized = self._retokenized(prompt)
+        return Continuation(
+            tuple(self._token_id(p) for p in positions),
+            tuple(self._top(p, k, retokenized) for p in positions),
+            tuple(p.get("logprob") for p in positions),
+            ServerUsage(body.get("prompt_eval_count"), body.get("eval_count")),
+        )
+
+    async def _served_models_hint(self) -> str:
+        return "`ollama list` shows the models this Ollama has; `ollama pull NAME` adds one."

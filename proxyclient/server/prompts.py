@@ -1,0 +1,84 @@
+"""Prompts as the base tokenizes them: token-id prompts mapped to text, token counts, and the
+tokenizer endpoints (``/tokenize``, ``/detokenize``, ``/tokenizer_info``) lm-eval's remote
+tokenizer reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from proxyclient.config import GenerationConfig
+from proxyclient.server.protocol import APIError
+from proxyclient.tokenizer import BaseTokenizer
+
+
+class PromptTokens:
+    """The base's tokenizer as the server uses it."""
+
+    def __init__(self, tuner: Any) -> None:
+        self.tuner = tuner
+        given = tuner.tokens.base_tokenizer
+        self.tokenizer: BaseTokenizer = (
+            given if given is not None else BaseTokenizer(tuner.tokenizer)
+        )
+        self.vocab_size: int = tuner.tokens.bridge.base_size
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        """Base ids of ``text``; with ``special`` the tokenizer's own additions (BOS) too."""
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def text_of(self, ids: Sequence[int], param: str = "prompt") -> str:
+        """The text a token-id prompt spells, if the base tokenizer splits that text into exactly
+        these ids (with or without its BOS); a 400 otherwise."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"{param}: token id {bad[0]} is outside the base's vocabulary (0 to "
+                f"{self.vocab_size - 1})",
+                param=param,
+            )
+        text = self.decode(ids)
+        if text and list(ids) in (self.encode(text), self.encode(text, special=True)):
+            return text
+        raise APIError(
+            400,
+            f"{param}: these token ids do not spell a text that the base tokenizer splits the "
+            f"same way (proxy-tuning re-reads prompts as text for the local models); send the "
+            f"prompt as text",
+            param=param,
+            code="token_ids_not_canonical",
+        )
+
+    def count(self, prompt: str | list[dict[str, str]], config: GenerationConfig) -> int:
+        """Tokens the base reads for ``prompt`` (chat: rendered as the tuner renders it)."""
+        tokens = self.tuner.tokens
+        if isinstance(prompt, str):
+            ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
+        else:
+            _, ids = tokens.encode_chat(
+                prompt,
+                base_chat_template=config.base_chat_template,
+                response_prefix=config.response_prefix,
+            )
+        return len(ids.base)
+
+    def info(self) -> dict[str, Any]:
+        """What lm-eval's RemoteTokenizer reads from ``/tokenizer_info``."""
+        inner = self.tokenizer.inner
+        eos_id = self.tokenizer.eos_token_id
+        eos = getattr(inner, "eos_token", None)
+        if eos is None and eos_id is not None:
+            named = {i: b for b, i in self.tokenizer.special_tokens.items()}
+            eos = named[eos_id].decode("utf-8", "replace") if eos_id in named else None
+        return {
+            "tokenizer_class": type(inner).__name__,
+            "eos_token": eos,
+            "bos_token": getattr(inner, "bos_token", None),
+            "pad_token": getattr(inner, "pad_token", None),
+            "chat_template": getattr(inner, "chat_template", None),
+            "model_max_length": getattr(inner, "model_max_length", None),
+        }

@@ -1,0 +1,374 @@
+"""The OpenAI wire format: request validation, error bodies and response shapes.
+
+Requests are validated strictly (a string where a number belongs is a 400 naming the field);
+unknown fields are ignored, as OpenAI's and vLLM's servers do, but OpenAI options this server
+cannot honour (penalties, logit bias, suffix, tools) are refused unless left at their neutral
+values. Proxy-tuning knobs are extra body fields: ``alpha``, ``base_top_logprobs`` (k, the
+logprobs asked of the base per step; not OpenAI's ``top_logprobs``), ``unseen``, ``speculate``,
+``draft_tokens``, ``top_k`` and, for chat, ``response_prefix``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from proxyclient.result import Generation
+
+# Generations one request may ask for (n), prompts one completions request may hold, and the
+# logprob alternatives each endpoint lists (OpenAI's caps).
+MAX_N = 8
+MAX_PROMPTS = 32
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+# JSON has no -inf: a token outside the candidates gets OpenAI's and vLLM's sentinel.
+SENTINEL_LOGPROB = -9999.0
+
+
+class APIError(Exception):
+    """An error the client gets as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # OpenAI options this server cannot honour: accepted only at their neutral values.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # Proxy-tuning (extension fields).
+    alpha: float | None = None
+    base_top_logprobs: int | None = None
+    unseen: str | None = None
+    speculate: str | None = None
+    draft_tokens: int | None = None
+    top_k: int | None = None
+
+    def check_common(self) -> None:
+        if not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options")
+
+    def options(self, max_tokens: int | None) -> dict[str, Any]:
+        """The GenerationConfig fields this request sets (the server's defaults fill the rest)."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        given = {
+            "max_new_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": tuple(stop) if stop is not None else None,
+            "alpha": self.alpha,
+            "top_logprobs": self.base_top_logprobs,
+            "unseen": self.unseen,
+            "speculate": self.speculate,
+            "draft_tokens": self.draft_tokens,
+            "top_k": self.top_k,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Request):
+    prompt: Prompt
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise APIError(
+                400,
+                f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
+                param="logprobs",
+            )
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of is not supported by this server", param="best_of")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise APIError(
+                400, f"max_tokens must be positive, got {self.max_tokens}", param="max_tokens"
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400,
+                "max_tokens must be at least 1 (0 is only for echo: true, which scores the prompt)",
+                param="max_tokens",
+            )
+        if self.echo and self.stream:
+            raise APIError(400, "echo is not supported with stream: true", param="echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            count = len(prompts)
+            raise APIError(
+                400, f"at most {MAX_PROMPTS} prompts per request, got {count}", param="prompt"
+            )
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt is empty: give the text to continue", param="prompt")
+        return prompts
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_prefix: str | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} are not supported by this server", param=name)
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(
+                400, "response_format other than text is not supported", param="response_format"
+            )
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
+                raise APIError(
+                    400,
+                    f"top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, got "
+                    f"{self.top_logprobs}",
+                    param="top_logprobs",
+                )
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise APIError(400, f"{name} must be at least 1, got {value}", param=name)
+        if not any(m.role == "user" for m in self.messages):
+            raise APIError(400, "messages must contain at least one user message", param="messages")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages]
+
+
+def parse(body: bytes, kind: type[_Request]) -> Any:
+    """The request in ``body`` as ``kind``, checked; an APIError (400) saying what is wrong."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        request = kind.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = [str(part) for part in error["loc"] if not _is_union_member(part)]
+        param = where[0] if where else None
+        path = ".".join(where) or "body"
+        given = f" (got {json.dumps(error.get('input'))[:80]})" if "input" in error else ""
+        raise APIError(400, f"{path}: {error['msg']}{given}", param=param) from None
+    request.check()
+    return request
+
+
+def _is_union_member(part: object) -> bool:
+    """Pydantic names the union member it tried ("str", "list[int]") in an error's location."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+def finite(logprob: float | None) -> float | None:
+    """A logprob JSON can carry: -inf becomes the sentinel."""
+    if logprob is None:
+        return None
+    return logprob if math.isfinite(logprob) else SENTINEL_LOGPROB
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """proxyclient's reasons in OpenAI's words (EOS is a natural stop)."""
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "")
+
+
+def completion(
+    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def completion_choice(
+    index: int, text: str, logprobs: dict | None, finish: str | None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_completion(
+    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish,
+    }
+
+
+def chat_chunk(
+    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def chat_chunk_choice(
+    index: int, delta: dict[str, Any], logprobs: dict | None = None, finish: str | None = None
+) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def usage(prompt_tokens: int, generations: list[Generation]) -> dict[str, Any]:
+    """OpenAI's usage, plus ``base``: what the base was asked for (requests, prompt tokens sent
+    over all requests, tokens it generated or scored, prompt tokens it served from its cache)."""
+    completion = sum(g.usage.completion_tokens for g in generations)
+    cached = [g.usage.cached_prompt_tokens for g in generations]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "base": {
+            "requests": sum(g.usage.requests for g in generations),
+            "prompt_tokens": sum(g.usage.prompt_tokens for g in generations),
+            "completion_tokens": sum(g.usage.base_completion_tokens for g in generations),
+            "cached_prompt_tokens": (
+                sum(c for c in cached if c is not None)
+                if any(c is not None for c in cached)
+                else None
+            ),
+        },
+    }

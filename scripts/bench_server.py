@@ -1,0 +1,221 @@
+"""The OpenAI-compatible server under load: N concurrent streaming clients over loopback.
+
+The miniature's base-large on a real vLLM CPU server behind the latency relay of
+scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / base-small in a
+`proxyclient serve` process (torch 1 thread, the default speculation `auto`, k = 20); N clients
+(asyncio + httpx in this process) each stream R completions one after another (greedy, 64
+tokens, held-out questions of the miniature as in bench_throughput.py). Per N: generated
+tokens/s over the run, time to first token (request sent to first text chunk), inter-token
+latency (gap between successive text chunks of a stream; speculation delivers an accepted draft
+as several chunks at once, so its gaps are near 0), and errors (non-200, error events,
+exceptions: must be 0).
+
+    .venv/bin/python scripts/bench_server.py                   # N = 1, 8, 32: about 3 min
+    .venv/bin/python scripts/bench_server.py --clients 1 8 --requests 1 --rtt 20
+
+Bounded: at most 64 clients, 8 requests each, 256 tokens; every request has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_speed import LatencyRelay, candidate_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "scripts" / "miniature_models"
+MAX_CLIENTS, MAX_REQUESTS, MAX_TOKENS = 64, 8, 256
+REQUEST_DEADLINE_S = 300.0
+
+
+@dataclass
+class Stream:
+    """One streamed completion, as its client saw it."""
+
+    sent: float
+    first: float | None = None
+    chunks: list[float] = field(default_factory=list)  # arrival of each text chunk
+    tokens: int = 0
+    error: str | None = None
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Stream:
+    record = Stream(sent=time.perf_counter())
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[len("data: ") :])
+                if "error" in data:
+                    record.error = data["error"]["message"]
+                    continue
+                if data.get("usage"):
+                    record.tokens = data["usage"]["completion_tokens"]
+                for choice in data["choices"]:
+                    if choice.get("text"):
+                        now = time.perf_counter()
+                        record.first = record.first or now
+                        record.chunks.append(now)
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+async def load(url: str, name: str, prompts: list[str], clients: int, requests: int, tokens: int):
+    """``clients`` clients, each streaming ``requests`` completions in turn."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    timeout = httpx.Timeout(REQUEST_DEADLINE_S, connect=10)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+        async def one_client(c: int) -> list[Stream]:
+            done = []
+            for r in range(requests):
+                body = {
+                    "model": name,
+                    "prompt": prompts[(c * requests + r) % len(prompts)],
+                    "max_tokens": tokens,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                done.append(await stream_one(client, url, body))
+            return done
+
+        started = time.perf_counter()
+        per_client = await asyncio.wait_for(
+            asyncio.gather(*(one_client(c) for c in range(clients))),
+            timeout=REQUEST_DEADLINE_S * requests,
+        )
+        wall = time.perf_counter() - started
+    return [s for streams in per_client for s in streams], wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def start_server(base_url: str, name: str, models: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "proxyclient", "serve", "--api", "vllm", "--base-url", base_url,
+        "--base-model", name, "--expert", str(models / "expert-small"),
+        "--anti-expert", str(models / "base-small"), "--threads", "1", "--device", "cpu",
+        "--top-logprobs", "20", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"proxyclient serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"proxyclient serve did not come up:\n{log.read_text()[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=2, help="streams per client, in turn")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rtt", type=float, default=50.0, help="added round trip, ms")
+    parser.add_argument("--models", type=Path, default=MODELS)
+    args = parser.parse_args(argv)
+    if not all(1 <= n <= MAX_CLIENTS for n in args.clients):
+        parser.error(f"--clients: 1 to {MAX_CLIENTS}")
+    if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.tokens <= MAX_TOKENS:
+        parser.error(f"--requests: 1 to {MAX_REQUESTS}; --tokens: 1 to {MAX_TOKENS}")
+
+    from miniature import BASE_NAME, load_eval
+    from vllm_server import VLLMServer, free_port
+
+    prompts = candidate_prompts(load_eval(args.models, quick=False))
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_server.log"
+    server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
+    rows = []
+    try:
+        with LatencyRelay(server.port) as relay:
+            relay.set_rtt(args.rtt)
+            port = free_port()
+            proxy = start_server(f"{relay.root_url}/v1", BASE_NAME, args.models, port, log)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_healthy(url, proxy, log)
+                completions = f"{url}/v1/completions"
+                asyncio.run(load(completions, BASE_NAME, prompts, 2, 1, 8))  # warm-up
+                for clients in args.clients:
+                    streams, wall = asyncio.run(
+                        load(completions, BASE_NAME, prompts, clients, args.requests, args.tokens)
+                    )
+                    rows.append((clients, streams, wall))
+                    print(f"{clients} clients done in {wall:.1f} s", file=sys.stderr)
+            finally:
+                proxy.terminate()
+                proxy.wait(timeout=30)
+    finally:
+        server.stop()
+
+    print(
+        f"\n{args.requests} streamed completions per client, in turn; {args.tokens} tokens each "
+        f"(fewer where one ends at EOS), greedy, k = 20, speculate auto, {args.rtt:g} ms added "
+        f"round trip; base-large on vLLM (CPU), expert-small / base-small in `proxyclient serve` "
+        f"(torch 1 thread); clients, server and vLLM share this machine's "
+        f"{os.cpu_count()} cores\n"
+    )
+    print(
+        "| clients | streams | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms "
+        "| ITL p50 ms | ITL p99 ms | ms/token per stream | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for clients, streams, wall in rows:
+        ok = [s for s in streams if s.error is None and s.first is not None]
+        errors = len(streams) - len(ok)
+        tokens = sum(s.tokens for s in ok)
+        ttft = [(s.first - s.sent) * 1e3 for s in ok if s.first is not None]
+        gaps = [(b - a) * 1e3 for s in ok for a, b in zip(s.chunks, s.chunks[1:], strict=False)]
+        per_token = [
+            (s.chunks[-1] - s.first) * 1e3 / (s.tokens - 1)
+            for s in ok
+            if s.first is not None and s.tokens > 1
+        ]
+        print(
+            f"| {clients} | {len(streams)} | {tokens} | {wall:.1f} | {tokens / wall:.0f} "
+            f"| {percentile(ttft, 50):.0f} | {percentile(ttft, 99):.0f} "
+            f"| {percentile(gaps, 50):.1f} | {percentile(gaps, 99):.0f} "
+            f"| {statistics.mean(per_token) if per_token else float('nan'):.1f} | {errors} |"
+        )
+    failed = [s.error for _, streams, _ in rows for s in streams if s.error]
+    if failed:
+        print(f"\n{len(failed)} streams failed, e.g. {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
