@@ -13,14 +13,17 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, server_usage
+from proxyclient.adapters.dialect import (
+    DialectAdapter,
+    chat_logprobs_content,
+    chat_token_id,
+    server_usage,
+)
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
-from proxyclient.vocab import bytes_of_token_string
 
 OPENAI_MAX_TOP_LOGPROBS = 20
-REPLACEMENT = "\ufffd".encode()
 
 
 class OpenAIChat(DialectAdapter):
@@ -87,29 +90,12 @@ class OpenAIChat(DialectAdapter):
 
     def _token_id(self, entry: dict[str, Any]) -> int | None:
         """The id of a token the answer names by its ``bytes`` (else its text)."""
-        raw = entry.get("bytes")
-        data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
-        if data is not None and REPLACEMENT in data:
-            data = None  # vLLM sends U+FFFD's bytes for a partial UTF-8 token, not its own
-        return self.tokenizer.token_id(data)
+        return chat_token_id(self.tokenizer, entry)
 
     def _top(self, position: dict[str, Any], k: int) -> TopLogprobs:
         """One ``logprobs.content`` entry's top logprobs, as ids."""
         entries = position.get("top_logprobs") or []
         return TopLogprobs.from_pairs(((self._token_id(e), e.get("logprob")) for e in entries), k=k)
-
-    @staticmethod
-    def _content(body: Any) -> list[dict[str, Any]] | None:
-        """``choices[0].logprobs.content`` ([] for an answer without tokens), or None when the
-        answer has no logprobs."""
-        try:
-            logprobs = body["choices"][0]["logprobs"]
-        except (KeyError, IndexError, TypeError):
-            return None
-        if not isinstance(logprobs, dict):
-            return None
-        content = logprobs.get("content") or []
-        return content if isinstance(content, list) else None
 
     @staticmethod
     def _no_logprobs() -> ResponseFormatError:
@@ -119,7 +105,7 @@ class OpenAIChat(DialectAdapter):
         )
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        content = self._content(body)
+        content = chat_logprobs_content(body)
         if not content or not content[0].get("top_logprobs"):
             raise self._no_logprobs()
         return self._top(content[0], k)
@@ -127,7 +113,7 @@ class OpenAIChat(DialectAdapter):
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every generated position: the token, its logprob, the top-k before it. The final stop
         token is left out (OpenAI's shape), so a stop leaves fewer positions, maybe none."""
-        content = self._content(body)
+        content = chat_logprobs_content(body)
         if content is None or (content and not content[0].get("top_logprobs")):
             raise self._no_logprobs()
         return Continuation(

@@ -446,17 +446,7 @@ def _generate(args: argparse.Namespace) -> int:
     with _tuner(args) as tuner:
 
         def encoded() -> list[int]:
-            if not isinstance(prompt, str):
-                _, chat = tuner.tokens.encode_chat(
-                    prompt,
-                    base_chat_template=config.base_chat_template,
-                    response_prefix=config.response_prefix,
-                )
-                return list(chat.base)
-            ids = tuner.tokens.encode_prompt(
-                prompt, expert_chat_template=config.expert_chat_template
-            )
-            return list(ids.base)
+            return list(tuner.tokens.encode(prompt, config)[1].base)
 
         if prompt_ids is not None and prompt_ids != encoded():
             raise ConfigError(

@@ -67,14 +67,7 @@ class Sequence:
         cls, prompt: str | list[dict[str, Any]], config: GenerationConfig, tokens: TokenSpace
     ) -> Sequence:
         """A new generation of ``prompt``: a string, or chat messages (rendered per side)."""
-        if isinstance(prompt, str):
-            ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
-        else:
-            prompt, ids = tokens.encode_chat(
-                prompt,
-                base_chat_template=config.base_chat_template,
-                response_prefix=config.response_prefix,
-            )
+        prompt, ids = tokens.encode(prompt, config)
         seed = config.seed
         return cls(
             config=config,

@@ -19,6 +19,7 @@ from proxyclient.adapters.base import BaseModel, TopLogprobs
 from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
 from proxyclient.chat import check_messages, has_template, plain_text, templated_text
+from proxyclient.config import GenerationConfig
 from proxyclient.errors import ConfigError
 from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer
 from proxyclient.vocab import ByteVocab, from_hf
@@ -93,6 +94,18 @@ class TokenSpace:
         base = self.base_tokenizer.encode(prompt) if self.base_tokenizer is not None else proxy
         expert = self._encode_for_expert(prompt) if expert_chat_template else proxy
         return PromptIds(base=base, proxy=proxy, expert=expert)
+
+    def encode(self, prompt: Any, config: GenerationConfig) -> tuple[str, PromptIds]:
+        """A prompt as ``config`` has it read: text (the expert's chat template if asked), or
+        chat messages rendered per side. Returns the base's text and the ids of every side."""
+        if isinstance(prompt, str):
+            ids = self.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
+            return prompt, ids
+        return self.encode_chat(
+            prompt,
+            base_chat_template=config.base_chat_template,
+            response_prefix=config.response_prefix,
+        )
 
     def encode_chat(
         self,

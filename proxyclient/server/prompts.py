@@ -55,15 +55,7 @@ class PromptTokens:
 
     def count(self, prompt: str | list[dict[str, str]], config: GenerationConfig) -> int:
         """Tokens the base reads for ``prompt`` (chat: rendered as the tuner renders it)."""
-        tokens = self.tuner.tokens
-        if isinstance(prompt, str):
-            ids = tokens.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
-        else:
-            _, ids = tokens.encode_chat(
-                prompt,
-                base_chat_template=config.base_chat_template,
-                response_prefix=config.response_prefix,
-            )
+        _, ids = self.tuner.tokens.encode(prompt, config)
         return len(ids.base)
 
     def info(self) -> dict[str, Any]:
