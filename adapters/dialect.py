@@ -68,14 +68,19 @@ def server_usage(body: Any) -> ServerUsage:
     return ServerUsage(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
 
 
-def completion_top_logprobs(body: Any) -> dict[str, Any]:
-    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
+def choice_logprobs(body: Any) -> Any:
+    """``choices[0].logprobs`` of an OpenAI-style answer (possibly null), or a clear error."""
     try:
-        logprobs = body["choices"][0]["logprobs"]
+        return body["choices"][0]["logprobs"]
     except (KeyError, IndexError, TypeError):
         raise ResponseFormatError(
             f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
         ) from None
+
+
+def completion_top_logprobs(body: Any) -> dict[str, Any]:
+    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
+    logprobs = choice_logprobs(body)
     top = (logprobs or {}).get("top_logprobs") or []
     if not top or not top[0]:
         raise ResponseFormatError(

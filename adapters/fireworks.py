@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, server_usage
+from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
@@ -63,12 +63,7 @@ def build_request(
 
 
 def _content(body: Any) -> list[dict[str, Any]]:
-    try:
-        logprobs = body["choices"][0]["logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise ResponseFormatError(
-            f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
-        ) from None
+    logprobs = choice_logprobs(body)
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(content, list):
         raise ResponseFormatError(

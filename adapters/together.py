@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, server_usage
+from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
@@ -114,12 +114,7 @@ class TogetherCompletions(DialectAdapter):
         )
 
     def _positions(self, body: Any) -> dict[str, Any]:
-        try:
-            logprobs = body["choices"][0]["logprobs"]
-        except (KeyError, IndexError, TypeError):
-            raise ResponseFormatError(
-                f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
-            ) from None
+        logprobs = choice_logprobs(body)
         if not isinstance(logprobs, dict) or not logprobs.get("top_logprobs"):
             raise ResponseFormatError(
                 "Together sent no top_logprobs; was logprobs > 0, and is this Together's "

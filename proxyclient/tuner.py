@@ -357,7 +357,7 @@ class ProxyTuner:
     async def ascore(
         self, prompt: str, continuation: str, config: GenerationConfig | None = None, **options: Any
     ) -> Score:
-        config = _with_options(config, options)
+        config = self._with_k(_with_options(config, options))
         if not isinstance(prompt, str) or not isinstance(continuation, str) or not continuation:
             raise ConfigError("score() takes a prompt string and a non-empty continuation string")
         if not self.base.capabilities.prompt_scoring:
@@ -370,9 +370,6 @@ class ProxyTuner:
                 "score() needs the base and the proxies to share a tokenizer: a continuation "
                 "split differently on each side has no common token positions to score"
             )
-        k = config.top_logprobs
-        if k is None:
-            k = default_top_logprobs(self.base.capabilities.max_k)
         head = self.tokens.encode_prompt(prompt) if prompt else None
         whole = self.tokens.encode_prompt(prompt + continuation).base
         context = head.base if head is not None else whole[:1]
@@ -382,7 +379,7 @@ class ProxyTuner:
             )
         tokens = whole[len(context) :]
         scored = await cast(DraftingBaseModel, self.base).score(
-            Prompt(tuple(context), len(context)), tokens, k
+            Prompt(tuple(context), len(context)), tokens, cast(int, config.top_logprobs)
         )
         state = PairState()
         local = await self.proxies.logprobs(state, whole, whole, positions=len(tokens) + 1)
@@ -417,11 +414,14 @@ class ProxyTuner:
             )
         if not prompt:
             raise ConfigError("the prompt is empty: give the text to continue")
-        config = _with_options(config, options)
-        if config.top_logprobs is None:
-            k = default_top_logprobs(self.base.capabilities.max_k)
-            config = dataclasses.replace(config, top_logprobs=k)
-        return Sequence.start(prompt, config, self.tokens)
+        return Sequence.start(prompt, self._with_k(_with_options(config, options)), self.tokens)
+
+    def _with_k(self, config: GenerationConfig) -> GenerationConfig:
+        """``config`` with k resolved against this base's cap where it does not say."""
+        if config.top_logprobs is not None:
+            return config
+        k = default_top_logprobs(self.base.capabilities.max_k)
+        return dataclasses.replace(config, top_logprobs=k)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

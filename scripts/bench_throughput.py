@@ -4,7 +4,8 @@ The miniature's base-large on a real vLLM CPU server behind the latency relay of
 scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / base-small on this
 CPU through ``ProxyTuner.generate_many(prompts, concurrency=N)``: N prompts (held-out questions
 followed by the start of the next, as in bench_speed.py), 64 tokens each, greedy, k = 20, the
-default speculation (``auto``). Columns: wall time, ratio to one prompt's, generated tokens/s,
+default speculation (``auto``). Columns: wall time, ratio to one prompt's, this process's CPU
+time (client and latency relay; the vLLM server is another process), generated tokens/s,
 requests, the local forwards by batch size (how many sequences each held), and the process's
 peak resident memory during the run.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import statistics
 import sys
 import threading
@@ -60,6 +62,12 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (the client and the in-process latency relay), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def local_step_ms(pair, batch: int, rounds: int = 20) -> float:
@@ -109,17 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
         for count in args.counts:
             tuner.proxies.batch_sizes.clear()
-            started = time.perf_counter()
+            started, cpu_before = time.perf_counter(), _cpu_seconds()
             with PeakMemory() as memory:
                 results = tuner.generate_many(prompts[:count], config, concurrency=count)
-            wall = time.perf_counter() - started
+            wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
             errors = [r.error for r in results if r.error]
             if errors:
                 raise SystemExit(f"{len(errors)} generations failed, e.g. {errors[0]}")
             tokens = sum(len(r.token_ids) for r in results)
             requests = sum(r.usage.requests for r in results)
             sizes = dict(sorted(tuner.proxies.batch_sizes.items()))
-            rows.append((count, wall, tokens, requests, sizes, memory.peak_mb))
+            rows.append((count, wall, cpu, tokens, requests, sizes, memory.peak_mb))
             print(f"{count} prompts done in {wall:.1f} s", file=sys.stderr)
         steps = {b: local_step_ms(tuner.proxies, b) for b in (1, 4, 16, 64)}
 
@@ -130,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         f"expert-small / base-small local (torch 1 thread)\n"
     )
     print(
-        "| prompts | wall s | vs 1 prompt | tokens | tokens/s | requests "
+        "| prompts | wall s | vs 1 prompt | client CPU s | tokens | tokens/s | requests "
         "| local forwards by batch size | peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for count, wall, tokens, requests, sizes, peak in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for count, wall, cpu, tokens, requests, sizes, peak in rows:
         spread = ", ".join(f"{b}: {n}" for b, n in sizes.items())
         print(
-            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {tokens} | {tokens / wall:.0f} "
-            f"| {requests} | {spread} | {peak:.0f} |"
+            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {cpu:.1f} | {tokens} "
+            f"| {tokens / wall:.0f} | {requests} | {spread} | {peak:.0f} |"
         )
     print("\n| sequences in one local step | ms (both proxies) | vs 1 |")
     print("|---|---|---|")

@@ -212,11 +212,15 @@ async def _completions(state: ServerState, request: Request) -> Response:
                 else None
             )
             choice = protocol.completion_choice(event.index, text, block, finish)
-            return protocol.completion(rid, created, state.served_model_name, [choice], None)
+            return protocol.envelope(
+                "text_completion", rid, created, state.served_model_name, [choice], None
+            )
 
         def usage_chunk(generations: list[Generation]) -> dict[str, Any]:
             usage = protocol.usage(prompt_tokens, generations)
-            return protocol.completion(rid, created, state.served_model_name, [], usage)
+            return protocol.envelope(
+                "text_completion", rid, created, state.served_model_name, [], usage
+            )
 
         return await _stream(state, request, run, "/v1/completions", chunk, usage_chunk, req)
     ends = await _finished(state, request, run, "/v1/completions")
@@ -228,7 +232,9 @@ async def _completions(state: ServerState, request: Request) -> Response:
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.completion_choice(end.index, end.generation.text, block, finish))
     usage = protocol.usage(prompt_tokens, [end.generation for end in ends])
-    body = protocol.completion(rid, created, state.served_model_name, choices, usage)
+    body = protocol.envelope(
+        "text_completion", rid, created, state.served_model_name, choices, usage
+    )
     return JSONResponse(body)
 
 
@@ -282,7 +288,9 @@ async def _echo(
                 block = CompletionLogprobs(top).block(traces, scores[i] or [], tail)
             choices.append(protocol.completion_choice(index, text, block, finish))
     usage = protocol.usage(prompt_tokens, generations)
-    return JSONResponse(protocol.completion(rid, created, state.served_model_name, choices, usage))
+    return JSONResponse(
+        protocol.envelope("text_completion", rid, created, state.served_model_name, choices, usage)
+    )
 
 
 # -- chat -------------------------------------------------------------------------------------
@@ -320,11 +328,15 @@ async def _chat(state: ServerState, request: Request) -> Response:
                 else None
             )
             choice = protocol.chat_chunk_choice(event.index, delta, block, finish)
-            return protocol.chat_chunk(rid, created, state.served_model_name, [choice])
+            return protocol.envelope(
+                "chat.completion.chunk", rid, created, state.served_model_name, [choice]
+            )
 
         def usage_chunk(generations: list[Generation]) -> dict[str, Any]:
             usage = protocol.usage(prompt_tokens, generations)
-            return protocol.chat_chunk(rid, created, state.served_model_name, [], usage)
+            return protocol.envelope(
+                "chat.completion.chunk", rid, created, state.served_model_name, [], usage
+            )
 
         return await _stream(state, request, run, "/v1/chat/completions", chunk, usage_chunk, req)
     ends = await _finished(state, request, run, "/v1/chat/completions")
@@ -334,7 +346,9 @@ async def _chat(state: ServerState, request: Request) -> Response:
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.chat_choice(end.index, end.generation.text, block, finish))
     usage = protocol.usage(prompt_tokens, [end.generation for end in ends])
-    body = protocol.chat_completion(rid, created, state.served_model_name, choices, usage)
+    body = protocol.envelope(
+        "chat.completion", rid, created, state.served_model_name, choices, usage
+    )
     return JSONResponse(body)
 
 

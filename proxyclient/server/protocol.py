@@ -288,12 +288,19 @@ def finish_reason(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason or "")
 
 
-def completion(
-    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict | None
+def envelope(
+    object_name: str,
+    id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage: dict | None = None,
 ) -> dict[str, Any]:
+    """An answer or a stream chunk: ``text_completion``, ``chat.completion`` or
+    ``chat.completion.chunk`` (``usage`` left out when None, as OpenAI's chunks do)."""
     body: dict[str, Any] = {
         "id": id,
-        "object": "text_completion",
+        "object": object_name,
         "created": created,
         "model": model,
         "choices": choices,
@@ -309,19 +316,6 @@ def completion_choice(
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def chat_completion(
-    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict
-) -> dict[str, Any]:
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
-
-
 def chat_choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
     return {
         "index": index,
@@ -329,21 +323,6 @@ def chat_choice(index: int, text: str, logprobs: dict | None, finish: str | None
         "logprobs": logprobs,
         "finish_reason": finish,
     }
-
-
-def chat_chunk(
-    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict | None = None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
 
 
 def chat_chunk_choice(
