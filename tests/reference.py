@@ -113,3 +113,20 @@ def assert_same_tokens(
             )
             return
     assert len(got) == len(reference), f"got {got}, expected {expected}"
+
+
+def chat_server_sees(hf_tokenizer, prompt: str) -> Callable[[list[int]], list[int]]:
+    """``base_ids_for`` of a chat server that continues a partial answer (a trailing assistant
+    or model turn): the ids it conditions on, the chat template with the answer so far."""
+
+    def ids(generated: list[int]) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        if generated:
+            messages.append({"role": "assistant", "content": hf_tokenizer.decode(generated)})
+        text = hf_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not generated,
+            continue_final_message=bool(generated),
+        )  # fmt: skip
+        return hf_tokenizer(text, add_special_tokens=False).input_ids
+
+    return ids

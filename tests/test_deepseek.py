@@ -19,7 +19,7 @@ import torch
 from dialect_deepseek import DEGENERATE, REASONER, THINKING
 from dialect_servers import DialectServer
 from openai.types.chat import ChatCompletion
-from reference import assert_same_tokens, proxy_tuned_greedy
+from reference import assert_same_tokens, chat_server_sees, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, ServerUsage
@@ -252,22 +252,6 @@ def tuner_for(server, tiny_models, tokenizer, model=MODEL, **options):
     return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
 
 
-def deepseek_sees(hf_tokenizer, prompt: str):
-    """The ids the server conditions on: the chat template, the prefix continued."""
-
-    def ids(generated: list[int]) -> list[int]:
-        messages = [{"role": "user", "content": prompt}]
-        if generated:
-            messages.append({"role": "assistant", "content": hf_tokenizer.decode(generated)})
-        text = hf_tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not generated,
-            continue_final_message=bool(generated),
-        )  # fmt: skip
-        return hf_tokenizer(text, add_special_tokens=False).input_ids
-
-    return ids
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_deepseek_equals_the_formula_on_its_top_20(
     deepseek, tiny_models, hf_models, tokenizer, prompt
@@ -278,7 +262,7 @@ def test_deepseek_equals_the_formula_on_its_top_20(
     reference = proxy_tuned_greedy(
         hf_models["base"], hf_models["expert"], hf_models["anti_expert"], ids, alpha=1.0,
         max_new_tokens=N_TOKENS, eos_ids=EOS, restrict_to_top_k=K,
-        base_ids_for=deepseek_sees(hf_models["tokenizer"], prompt),
+        base_ids_for=chat_server_sees(hf_models["tokenizer"], prompt),
     )  # fmt: skip
     assert_same_tokens(got.token_ids, reference, EOS)
     # Tokens come with their bytes, so even part of a character is identified.
@@ -347,7 +331,7 @@ def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
     ids = tuple(tokenizer.encode(PROMPTS[1]))
     with connect_deepseek(deepseek, tokenizer) as base:
         got = asyncio.run(base.generate(Prompt(ids, len(ids)), K, 6, greedy=True))
-    context = deepseek_sees(hf_models["tokenizer"], PROMPTS[1])([])
+    context = chat_server_sees(hf_models["tokenizer"], PROMPTS[1])([])
     model = hf_models["base"]
     expected = []
     with torch.inference_mode():

@@ -20,7 +20,7 @@ import pytest
 import torch
 from dialect_gemini import MODEL_TURN_REFUSED, NO_LOGPROBS, NO_PREFILL
 from dialect_servers import DialectServer, token_bytes
-from reference import assert_same_tokens, proxy_tuned_greedy
+from reference import assert_same_tokens, chat_server_sees, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, ServerUsage
@@ -320,22 +320,6 @@ def tuner_for(server, tiny_models, tokenizer, model=MODEL, **options):
     return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
 
 
-def gemini_sees(hf_tokenizer, prompt: str):
-    """The ids the server conditions on: the chat template, a partial answer continued."""
-
-    def ids(generated: list[int]) -> list[int]:
-        messages = [{"role": "user", "content": prompt}]
-        if generated:
-            messages.append({"role": "assistant", "content": hf_tokenizer.decode(generated)})
-        text = hf_tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not generated,
-            continue_final_message=bool(generated),
-        )  # fmt: skip
-        return hf_tokenizer(text, add_special_tokens=False).input_ids
-
-    return ids
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_gemini_equals_the_formula_on_its_top_20(gemini, tiny_models, hf_models, tokenizer, prompt):
     with tuner_for(gemini, tiny_models, tokenizer) as tuner:
@@ -344,7 +328,7 @@ def test_gemini_equals_the_formula_on_its_top_20(gemini, tiny_models, hf_models,
     reference = proxy_tuned_greedy(
         hf_models["base"], hf_models["expert"], hf_models["anti_expert"], ids, alpha=1.0,
         max_new_tokens=N_TOKENS, eos_ids=EOS, restrict_to_top_k=K,
-        base_ids_for=gemini_sees(hf_models["tokenizer"], prompt),
+        base_ids_for=chat_server_sees(hf_models["tokenizer"], prompt),
         unidentifiable=partial_characters(hf_models["tokenizer"]),
     )  # fmt: skip
     assert_same_tokens(got.token_ids, reference, EOS)
@@ -418,7 +402,7 @@ def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
     ids = tuple(tokenizer.encode(PROMPTS[1]))
     with connect_gemini(gemini, tokenizer) as base:
         got = asyncio.run(base.generate(Prompt(ids, len(ids)), K, 6, greedy=True))
-    context = gemini_sees(hf_models["tokenizer"], PROMPTS[1])([])
+    context = chat_server_sees(hf_models["tokenizer"], PROMPTS[1])([])
     model = hf_models["base"]
     partial = partial_characters(hf_models["tokenizer"])
     expected = []
