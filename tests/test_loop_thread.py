@@ -157,14 +157,16 @@ def test_calling_run_from_the_loop_thread_fails_instead_of_deadlocking():
 
 
 def test_calls_from_several_threads_share_the_loop_and_overlap(runner):
-    async def nap():
-        await asyncio.sleep(0.3)
+    # Each call waits until all four are in the loop: that completes only if they overlap (one
+    # after another, the first would time out waiting for the others).
+    everyone = asyncio.Barrier(4)
+
+    async def meet():
+        await asyncio.wait_for(everyone.wait(), timeout=10)
         return asyncio.get_running_loop()
 
-    start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        loops = list(pool.map(lambda _: runner.run(nap()), range(4)))
-    assert time.perf_counter() - start < 1.0  # 4 x 0.3 s one after another would be 1.2 s
+        loops = list(pool.map(lambda _: runner.run(meet()), range(4)))
     assert len(set(loops)) == 1
 
 
