@@ -5,14 +5,15 @@ scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / 
 CPU through ``ProxyTuner.generate_many(prompts, concurrency=N)``: N prompts (held-out questions
 followed by the start of the next, as in bench_speed.py), 64 tokens each, greedy, k = 20, the
 default speculation (``auto``). Columns: wall time, ratio to one prompt's, this process's CPU
-time (client and latency relay; the vLLM server is another process), generated tokens/s,
-requests, the local forwards by batch size (how many sequences each held), and the process's
-peak resident memory during the run.
+time (the client; the relay and the vLLM server are other processes), how busy the whole
+machine's cores were (client, relay and server together: near 100% means the hardware, not the
+client's scheduling, sets the pace), generated tokens/s, requests, the local forwards by batch
+size (how many sequences each held), and the process's peak resident memory during the run.
 
 Then the local step alone: one forward of both proxies for B sequences at once (``feed_many``;
 each with a 48-token cache, one new token), median of 20, against B = 1.
 
-    .venv/bin/python scripts/bench_throughput.py                  # 1, 4, 16, 64 prompts: ~5 min
+    .venv/bin/python scripts/bench_throughput.py                  # 1, 4, 16, 64 prompts: ~2 min
     .venv/bin/python scripts/bench_throughput.py --counts 1 16 --rtt 50
 
 torch uses 1 thread: client and server share this machine's 2 cores (see scripts/bench_step.py).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import sys
@@ -62,6 +64,14 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / tick, sum(fields) / tick
 
 
 def _cpu_seconds() -> float:
@@ -118,16 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.counts:
             tuner.proxies.batch_sizes.clear()
             started, cpu_before = time.perf_counter(), _cpu_seconds()
+            busy_before, total_before = _machine_busy_seconds()
             with PeakMemory() as memory:
                 results = tuner.generate_many(prompts[:count], config, concurrency=count)
             wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
+            busy_after, total_after = _machine_busy_seconds()
+            busy = (busy_after - busy_before) / (total_after - total_before)
             errors = [r.error for r in results if r.error]
             if errors:
                 raise SystemExit(f"{len(errors)} generations failed, e.g. {errors[0]}")
             tokens = sum(len(r.token_ids) for r in results)
             requests = sum(r.usage.requests for r in results)
             sizes = dict(sorted(tuner.proxies.batch_sizes.items()))
-            rows.append((count, wall, cpu, tokens, requests, sizes, memory.peak_mb))
+            rows.append((count, wall, cpu, busy, tokens, requests, sizes, memory.peak_mb))
             print(f"{count} prompts done in {wall:.1f} s", file=sys.stderr)
         steps = {b: local_step_ms(tuner.proxies, b) for b in (1, 4, 16, 64)}
 
@@ -138,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         f"expert-small / base-small local (torch 1 thread)\n"
     )
     print(
-        "| prompts | wall s | vs 1 prompt | client CPU s | tokens | tokens/s | requests "
-        "| local forwards by batch size | peak RSS MB |"
+        "| prompts | wall s | vs 1 prompt | client CPU s | machine busy | tokens "
+        "| tokens/s | requests | local forwards by batch size | peak RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for count, wall, cpu, tokens, requests, sizes, peak in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for count, wall, cpu, busy, tokens, requests, sizes, peak in rows:
         spread = ", ".join(f"{b}: {n}" for b, n in sizes.items())
         print(
-            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {cpu:.1f} | {tokens} "
+            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {cpu:.1f} | {busy:.0%} "
+            f"| {tokens} "
             f"| {tokens / wall:.0f} | {requests} | {spread} | {peak:.0f} |"
         )
     print("\n| sequences in one local step | ms (both proxies) | vs 1 |")
