@@ -53,6 +53,7 @@ class Alternative:
     token_id: int  # base id
     text: str
     logprob: float
+    token_bytes: list[int] = field(default_factory=list)  # as ``TokenTrace.token_bytes``
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class TokenTrace:
     ``logprob`` is the proxy-tuned distribution's at temperature 1, over the step's candidates;
     ``base_logprob`` the base's returned one (None: outside its top-k); ``expert_logprob`` and
     ``anti_logprob`` the proxies' at the token's twin (None: no twin, or alpha = 0). ``top``: the
-    best candidates by tuned log-prob, as many as the trace asked for.
+    best candidates by tuned log-prob, as many as the trace asked for. ``token_bytes``: the
+    token's own bytes (OpenAI's ``bytes``): a part of a character is its raw bytes where ``text``
+    shows U+FFFD, so the steps' bytes joined decode to the generation's text.
     """
 
     token_id: int  # base id
@@ -72,6 +75,7 @@ class TokenTrace:
     expert_logprob: float | None
     anti_logprob: float | None
     top: list[Alternative]
+    token_bytes: list[int] = field(default_factory=list)
 
 
 @dataclass

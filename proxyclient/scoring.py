@@ -49,9 +49,11 @@ def score_tokens(
     config: GenerationConfig,
     twin: torch.Tensor,
     text_of: Callable[[int], str],
+    bytes_of: Callable[[int], bytes],
 ) -> Score:
     """``continuation``'s score from the base's top-k before each of its tokens (``tops``) and
-    the proxies' log-probs there (``expert``, ``anti``: [len(continuation), V])."""
+    the proxies' log-probs there (``expert``, ``anti``: [len(continuation), V]); ``text_of`` and
+    ``bytes_of`` a base id's text and bytes."""
     steps, greedy = [], True
     for i, token in enumerate(continuation):
         top = tops[i]
@@ -65,7 +67,7 @@ def score_tokens(
             twin=twin,
         )
         step = trace_token(
-            token, candidates, top, expert[i], anti[i], twin, config.trace or 0, text_of
+            token, candidates, top, expert[i], anti[i], twin, config.trace or 0, text_of, bytes_of
         )
         if candidates.ids.numel():
             greedy &= int(candidates.ids[torch.argmax(candidates.scores)]) == token

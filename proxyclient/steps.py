@@ -162,6 +162,7 @@ class OneTokenStep:
                 self.twin(seq),
                 seq.config.trace,
                 lambda token_id: self.tokens.decode([token_id]),
+                self.tokens.token_bytes,
             )
         )
 

@@ -155,6 +155,13 @@ class TokenSpace:
         """Text of base ids, without special tokens."""
         return self._base_text.decode(list(base_ids))
 
+    def token_bytes(self, base_id: int) -> bytes:
+        """One base token's bytes: for a part of a character, the raw bytes its decoded text
+        shows as U+FFFD; for a special token, those of its decoded text (none)."""
+        vocab = self._base_text.vocab
+        data = vocab.token_bytes[base_id] if 0 <= base_id < len(vocab) else None
+        return data if data is not None else self.decode([base_id]).encode()
+
     def single_token(self, option: str) -> int:
         """The base id of ``option``, which must be exactly one token."""
         if self.base_tokenizer is not None:

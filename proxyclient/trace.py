@@ -27,11 +27,13 @@ def trace_token(
     twin: torch.Tensor,
     alternatives: int,
     text_of: Callable[[int], str],
+    bytes_of: Callable[[int], bytes],
 ) -> TokenTrace:
     """The trace of ``token`` chosen among ``candidates`` (base ids, tuned scores); ``top`` the
     base's answer, ``expert``/``anti`` the proxies' log-probs ([V]; None when alpha = 0: no
     forward ran), ``twin`` the base-to-proxy id map the step combined with, ``alternatives``
-    the number of best tuned candidates to list, ``text_of`` a base id's text."""
+    the number of best tuned candidates to list, ``text_of`` and ``bytes_of`` a base id's text and
+    bytes."""
     tuned = torch.log_softmax(candidates.scores, dim=-1)
     where = torch.nonzero(candidates.ids == token).flatten()
     logprob = float(tuned[where[0]]) if where.numel() else float("-inf")
@@ -40,6 +42,7 @@ def trace_token(
     expert_lp = float(expert[proxy]) if expert is not None and proxy >= 0 else None
     anti_lp = float(anti[proxy]) if anti is not None and proxy >= 0 else None
     best = torch.topk(tuned, min(alternatives, tuned.numel()))
+    alternative_ids = [int(candidates.ids[i]) for i in best.indices]
     return TokenTrace(
         token_id=token,
         text=text_of(token),
@@ -48,7 +51,8 @@ def trace_token(
         expert_logprob=expert_lp,
         anti_logprob=anti_lp,
         top=[
-            Alternative(int(candidates.ids[i]), text_of(int(candidates.ids[i])), float(lp))
-            for lp, i in zip(best.values, best.indices, strict=True)
+            Alternative(i, text_of(i), float(lp), list(bytes_of(i)))
+            for lp, i in zip(best.values, alternative_ids, strict=True)
         ],
+        token_bytes=list(bytes_of(token)),
     )

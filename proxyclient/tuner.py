@@ -391,6 +391,7 @@ class ProxyTuner:
             config,
             self.step.twin_for(config),
             lambda token: self.tokens.decode([token]),
+            self.tokens.token_bytes,
         )
         result.usage = Usage(
             requests=1,

@@ -69,8 +69,10 @@ def test_system_and_prompt_make_a_chat_and_trace_writes_a_line_per_token(
         assert line["logprob"] == pytest.approx(step.logprob, abs=1e-6)
         assert len(line["top"]) == 2
         assert set(line) == {
-            "token_id", "text", "logprob", "base_logprob", "expert_logprob", "anti_logprob", "top"
+            "token_id", "text", "logprob", "base_logprob", "expert_logprob", "anti_logprob", "top",
+            "token_bytes",
         }  # fmt: skip
+        assert line["token_bytes"] == step.token_bytes
 
 
 def test_messages_file_with_plain_base_text(server, tiny_models, expected, tmp_path):

@@ -33,15 +33,17 @@ def check_score(tuner: ProxyTuner, hf_models) -> None:
     tokenizer = hf_models["tokenizer"]
     prompt_ids = tokenizer(PROMPT).input_ids
     greedy = tuner.generate(PROMPT, max_new_tokens=6, alpha=ALPHA, top_logprobs=-1)
-    for continuation in (greedy.text, " return a - b"):
+    # " naïve 😀": characters of several tokens each, every one of which reads as U+FFFD.
+    for continuation in (greedy.text, " naïve 😀", " return a - b"):
         score = tuner.score(PROMPT, continuation, alpha=ALPHA, top_logprobs=-1, unseen="restrict")
         assert score.tokens == tokenizer(PROMPT + continuation).input_ids[len(prompt_ids) :]
         expected, is_greedy = reference(hf_models, prompt_ids, score.tokens)
         assert score.token_logprobs == pytest.approx(expected, abs=1e-4)
         assert score.logprob == pytest.approx(sum(expected), abs=1e-3)
         assert score.is_greedy == is_greedy
-        if "\ufffd" not in continuation:  # a token that is part of a character reads as U+FFFD
+        if continuation.isascii():  # a token that is part of a character reads as U+FFFD
             assert "".join(score.token_texts) == continuation
+        assert b"".join(bytes(s.token_bytes) for s in score.steps) == continuation.encode()
         assert score.usage.requests == 1
     assert not score.is_greedy  # " return a - b" is not what the tiny models would write
 

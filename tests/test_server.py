@@ -285,7 +285,8 @@ def test_chat_equals_the_tuner_on_the_messages(app, reference):
     assert [c["token"] for c in content] == [s.text for s in expected.steps]
     assert [c["logprob"] for c in content] == pytest.approx([s.logprob for s in expected.steps])
     for entry, step in zip(content, expected.steps, strict=True):
-        assert entry["bytes"] == list(step.text.encode())
+        assert entry["bytes"] == step.token_bytes and entry["bytes"]
+        assert [t["bytes"] for t in entry["top_logprobs"]] == [a.token_bytes for a in step.top]
         assert [t["token"] for t in entry["top_logprobs"]] == [a.text for a in step.top]
         assert entry["base_logprob"] == pytest.approx(step.base_logprob)
         assert entry["expert_logprob"] == pytest.approx(step.expert_logprob)

@@ -37,6 +37,10 @@ def test_each_step_holds_what_the_three_models_say(tuner, hf_models, speculate):
     assert generation.steps is not None
     assert [s.token_id for s in generation.steps] == generation.token_ids
     assert "".join(s.text for s in generation.steps) == generation.text
+    # The tiny models write bytes that are not UTF-8: the text shows them as U+FFFD, the bytes keep
+    # them.
+    generated = b"".join(bytes(s.token_bytes) for s in generation.steps)
+    assert generated.decode(errors="replace") == generation.text
     ids = hf_models["tokenizer"](PROMPT).input_ids
     for step in generation.steps:
         base = next_logprobs(hf_models["base"], ids)
@@ -50,6 +54,7 @@ def test_each_step_holds_what_the_three_models_say(tuner, hf_models, speculate):
         assert step.anti_logprob == pytest.approx(float(anti[token]), abs=1e-4)
         best = torch.topk(tuned, 3)
         assert [a.token_id for a in step.top] == best.indices.tolist()
+        assert all(a.token_bytes for a in step.top)
         assert [a.logprob for a in step.top] == pytest.approx(best.values.tolist(), abs=1e-4)
         assert step.top[0].token_id == token  # greedy
         ids.append(token)

@@ -81,9 +81,9 @@ def _chat_entry(trace: Any, top: int) -> dict[str, Any]:
     return {
         "token": trace.text,
         "logprob": finite(trace.logprob),
-        "bytes": list(trace.text.encode("utf-8")),
+        "bytes": trace.token_bytes,
         "top_logprobs": [
-            {"token": a.text, "logprob": finite(a.logprob), "bytes": list(a.text.encode("utf-8"))}
+            {"token": a.text, "logprob": finite(a.logprob), "bytes": a.token_bytes}
             for a in trace.top[:top]
         ],
         "base_logprob": finite(trace.base_logprob),
