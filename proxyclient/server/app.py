@@ -14,6 +14,7 @@ share the local models through its batched forwards. Nothing is kept between req
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -190,14 +191,10 @@ async def _completions(state: ServerState, request: Request) -> Response:
     prompt_tokens = sum(
         _check_context(state, state.tokens.count(p, config), max_tokens) for p in prompts
     )
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if req.echo:
         return await _echo(state, request, req, prompts, config, max_tokens, prompt_tokens)
-    jobs = [
-        Job(i * req.n + j, prompt, _seeded(config, j))
-        for i, prompt in enumerate(prompts)
-        for j in range(req.n)
-    ]
+    wrap = _envelope(state, "text_completion", "cmpl")
+    jobs = _completion_jobs(prompts, config, req.n)
     run = Run(state.tuner, jobs, state.metrics)
     top = req.logprobs or 0
     if req.stream:
@@ -206,23 +203,11 @@ async def _completions(state: ServerState, request: Request) -> Response:
         def chunk(event: Piece | End) -> dict[str, Any]:
             block = logprobs[event.index].block(event.traces) if req.logprobs is not None else None
             text = event.text if isinstance(event, Piece) else ""
-            finish = (
-                protocol.finish_reason(event.generation.finish_reason)
-                if isinstance(event, End)
-                else None
-            )
-            choice = protocol.completion_choice(event.index, text, block, finish)
-            return protocol.envelope(
-                "text_completion", rid, created, state.served_model_name, [choice], None
-            )
+            return wrap([protocol.completion_choice(event.index, text, block, _finish(event))])
 
-        def usage_chunk(generations: list[Generation]) -> dict[str, Any]:
-            usage = protocol.usage(prompt_tokens, generations)
-            return protocol.envelope(
-                "text_completion", rid, created, state.served_model_name, [], usage
-            )
-
-        return await _stream(state, request, run, "/v1/completions", chunk, usage_chunk, req)
+        return await _stream(
+            state, request, run, "/v1/completions", chunk, wrap, prompt_tokens, req
+        )
     ends = await _finished(state, request, run, "/v1/completions")
     choices = []
     for end in ends:
@@ -231,11 +216,7 @@ async def _completions(state: ServerState, request: Request) -> Response:
             block = CompletionLogprobs(top).block(_steps(end.generation))
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.completion_choice(end.index, end.generation.text, block, finish))
-    usage = protocol.usage(prompt_tokens, [end.generation for end in ends])
-    body = protocol.envelope(
-        "text_completion", rid, created, state.served_model_name, choices, usage
-    )
-    return JSONResponse(body)
+    return JSONResponse(wrap(choices, protocol.usage(prompt_tokens, [e.generation for e in ends])))
 
 
 async def _echo(
@@ -249,7 +230,6 @@ async def _echo(
 ) -> Response:
     """Completions with ``echo``: each choice's text starts with its prompt; with ``logprobs``
     the prompt's tokens come scored (see echo.py), then the generated ones."""
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     top = req.logprobs or 0
     raw = req.prompts()
     scores, generations = [], []
@@ -263,12 +243,7 @@ async def _echo(
         scores.append(scored)
     ends: list[End] = []
     if max_tokens > 0:
-        jobs = [
-            Job(i * req.n + j, prompt, _seeded(config, j))
-            for i, prompt in enumerate(prompts)
-            for j in range(req.n)
-        ]
-        run = Run(state.tuner, jobs, state.metrics)
+        run = Run(state.tuner, _completion_jobs(prompts, config, req.n), state.metrics)
         ends = await _finished(state, request, run, "/v1/completions")
     choices = []
     for i, prompt in enumerate(prompts):
@@ -287,10 +262,17 @@ async def _echo(
                 tail = _eos_entry(state, end.generation) if end is not None else []
                 block = CompletionLogprobs(top).block(traces, scores[i] or [], tail)
             choices.append(protocol.completion_choice(index, text, block, finish))
-    usage = protocol.usage(prompt_tokens, generations)
-    return JSONResponse(
-        protocol.envelope("text_completion", rid, created, state.served_model_name, choices, usage)
-    )
+    wrap = _envelope(state, "text_completion", "cmpl")
+    return JSONResponse(wrap(choices, protocol.usage(prompt_tokens, generations)))
+
+
+def _completion_jobs(prompts: list[str], config: GenerationConfig, n: int) -> list[Job]:
+    """``n`` jobs a prompt, indexed as OpenAI numbers completions' choices: prompt-major."""
+    return [
+        Job(i * n + j, prompt, _seeded(config, j))
+        for i, prompt in enumerate(prompts)
+        for j in range(n)
+    ]
 
 
 # -- chat -------------------------------------------------------------------------------------
@@ -307,7 +289,9 @@ async def _chat(state: ServerState, request: Request) -> Response:
     trace = (req.top_logprobs or 0) if req.logprobs else None
     config = _config(state, options, trace)
     prompt_tokens = _check_context(state, state.tokens.count(messages, config), max_tokens)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    wrap = _envelope(
+        state, "chat.completion.chunk" if req.stream else "chat.completion", "chatcmpl"
+    )
     jobs = [Job(j, messages, _seeded(config, j)) for j in range(req.n)]
     run = Run(state.tuner, jobs, state.metrics)
     top = req.top_logprobs or 0
@@ -322,34 +306,17 @@ async def _chat(state: ServerState, request: Request) -> Response:
             if isinstance(event, Piece):
                 delta["content"] = event.text
             block = chat_logprobs(event.traces, top) if req.logprobs else None
-            finish = (
-                protocol.finish_reason(event.generation.finish_reason)
-                if isinstance(event, End)
-                else None
-            )
-            choice = protocol.chat_chunk_choice(event.index, delta, block, finish)
-            return protocol.envelope(
-                "chat.completion.chunk", rid, created, state.served_model_name, [choice]
-            )
+            return wrap([protocol.chat_chunk_choice(event.index, delta, block, _finish(event))])
 
-        def usage_chunk(generations: list[Generation]) -> dict[str, Any]:
-            usage = protocol.usage(prompt_tokens, generations)
-            return protocol.envelope(
-                "chat.completion.chunk", rid, created, state.served_model_name, [], usage
-            )
-
-        return await _stream(state, request, run, "/v1/chat/completions", chunk, usage_chunk, req)
+        route = "/v1/chat/completions"
+        return await _stream(state, request, run, route, chunk, wrap, prompt_tokens, req)
     ends = await _finished(state, request, run, "/v1/chat/completions")
     choices = []
     for end in ends:
         block = chat_logprobs(_steps(end.generation), top) if req.logprobs else None
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.chat_choice(end.index, end.generation.text, block, finish))
-    usage = protocol.usage(prompt_tokens, [end.generation for end in ends])
-    body = protocol.envelope(
-        "chat.completion", rid, created, state.served_model_name, choices, usage
-    )
-    return JSONResponse(body)
+    return JSONResponse(wrap(choices, protocol.usage(prompt_tokens, [e.generation for e in ends])))
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -373,12 +340,14 @@ async def _stream(
     run: Run,
     route: str,
     chunk: Callable[[Piece | End], dict[str, Any]],
-    usage_chunk: Callable[[list[Generation]], dict[str, Any]],
+    wrap: Callable[..., dict[str, Any]],
+    prompt_tokens: int,
     req: Any,
 ) -> Response:
     """Server-sent events: a chunk per piece and per choice's end, an error event if one
-    fails, the usage chunk if asked for, then ``data: [DONE]``. The first event is awaited
-    before the response starts, so a request that fails at once gets its HTTP error status."""
+    fails, the usage chunk (``wrap``ped, no choices) if asked for, then ``data: [DONE]``. The
+    first event is awaited before the response starts, so a request that fails at once gets its
+    HTTP error status."""
     run.start()
     try:
         first = await run.next(request)
@@ -404,7 +373,8 @@ async def _stream(
                 event = await run.next() if run.open else None
             else:
                 if req.include_usage:
-                    yield {"data": json.dumps(usage_chunk(generations))}
+                    usage = protocol.usage(prompt_tokens, generations)
+                    yield {"data": json.dumps(wrap([], usage))}
             _observe_first(state, run, route)
             yield {"data": "[DONE]"}
         finally:
@@ -412,6 +382,21 @@ async def _stream(
                 await run.cancel()
 
     return EventSourceResponse(events(), ping=15)
+
+
+def _envelope(
+    state: ServerState, object_name: str, id_prefix: str
+) -> Callable[..., dict[str, Any]]:
+    """``wrap(choices, usage=None)``: one request's answer or chunks, under one id and time."""
+    rid, created = f"{id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    return functools.partial(protocol.envelope, object_name, rid, created, state.served_model_name)
+
+
+def _finish(event: Piece | End) -> str | None:
+    """A chunk's ``finish_reason``: set on a choice's end only."""
+    return (
+        protocol.finish_reason(event.generation.finish_reason) if isinstance(event, End) else None
+    )
 
 
 def _observe_first(state: ServerState, run: Run, route: str) -> None:
