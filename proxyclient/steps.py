@@ -122,7 +122,7 @@ class OneTokenStep:
             anti,
             alpha=config.alpha if alpha is None else alpha,
             policy=config.unseen,
-            twin=self.twin(seq),
+            twin=self.twin(seq.config),
         )
         if count:
             usage = seq.usage
@@ -138,11 +138,8 @@ class OneTokenStep:
             )
         return candidates
 
-    def twin(self, seq: Sequence) -> torch.Tensor:
+    def twin(self, config: GenerationConfig) -> torch.Tensor:
         """The base-to-proxy id map the step combines with, under the config's untwinned rule."""
-        return self.twin_for(seq.config)
-
-    def twin_for(self, config: GenerationConfig) -> torch.Tensor:
         bridge = self.tokens.bridge
         return bridge.prefix if config.untwinned is UntwinnedRule.PREFIX else bridge.twin
 
@@ -159,9 +156,9 @@ class OneTokenStep:
                 observation.top,
                 observation.expert,
                 observation.anti,
-                self.twin(seq),
+                self.twin(seq.config),
                 seq.config.trace,
-                lambda token_id: self.tokens.decode([token_id]),
+                self.tokens.token_text,
                 self.tokens.token_bytes,
             )
         )

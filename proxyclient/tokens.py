@@ -155,6 +155,10 @@ class TokenSpace:
         """Text of base ids, without special tokens."""
         return self._base_text.decode(list(base_ids))
 
+    def token_text(self, base_id: int) -> str:
+        """One base token's text (U+FFFD for a part of a character)."""
+        return self.decode([base_id])
+
     def token_bytes(self, base_id: int) -> bytes:
         """One base token's bytes: for a part of a character, the raw bytes its decoded text
         shows as U+FFFD; for a special token, those of its decoded text (none)."""

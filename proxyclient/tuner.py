@@ -389,8 +389,8 @@ class ProxyTuner:
             local.expert,
             local.anti,
             config,
-            self.step.twin_for(config),
-            lambda token: self.tokens.decode([token]),
+            self.step.twin(config),
+            self.tokens.token_text,
             self.tokens.token_bytes,
         )
         result.usage = Usage(
