@@ -32,7 +32,7 @@ the prompt's own positions, which scoring needs.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Unpack
 
 from proxyclient.adapters.base import (
     SENTINEL_LOGPROB,
@@ -43,6 +43,7 @@ from proxyclient.adapters.base import (
 )
 from proxyclient.adapters.dialect import (
     DialectAdapter,
+    DialectOptions,
     chat_logprobs_content,
     chat_token_id,
     server_usage,
@@ -87,26 +88,26 @@ class DeepSeekChat(DialectAdapter):
     needs_tokenizer = True
     tokenizer: BaseTokenizer
 
+    default_capabilities = Capabilities(
+        max_k=DEEPSEEK_MAX_TOP_LOGPROBS,
+        token_id_prompts=False,
+        ids_in_response=False,
+        prompt_scoring=False,  # see the module's docstring: FIM scores another context
+        logprobs="processed",  # not documented either way; we send temperature 1
+        multi_step=True,
+        drafts=True,
+    )
+
     def __init__(
         self,
         transport: HTTPTransport,
         model: str,
         *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = DEEPSEEK_MAX_TOP_LOGPROBS,
         thinking: str | None = "disabled",
+        **options: Unpack[DialectOptions],
     ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
+        super().__init__(transport, model, **options)
         self.thinking = thinking  # sent as {"thinking": {"type": thinking}}; None: not sent
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=False,
-            prompt_scoring=False,  # see the module's docstring: FIM scores another context
-            logprobs="processed",  # not documented either way; we send temperature 1
-            multi_step=True,
-            drafts=True,
-        )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         decode = self.tokenizer.decode

@@ -7,10 +7,12 @@ read; the flow around them — send, map errors to what the user should do — l
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.discovery import HUGE_K, dialect_hint
@@ -170,10 +172,21 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
+class _Default(enum.Enum):
+    MAX_K = "the dialect's default_capabilities.max_k"
+
+
+class DialectOptions(TypedDict, total=False):
+    """The options every DialectAdapter takes (for subclasses that add their own)."""
+
+    tokenizer: BaseTokenizer | None
+    max_k: int | None
+
+
 class DialectAdapter:
-    """Base of the HTTP adapters. Subclasses set ``dialect`` and ``capabilities``, implement
-    ``build_request`` and ``parse_response``, and override the dialect facts below where the
-    defaults do not hold."""
+    """Base of the HTTP adapters. Subclasses set ``dialect`` and ``default_capabilities``,
+    implement ``build_request`` and ``parse_response``, and override the dialect facts below where
+    the defaults do not hold; one with options of its own extends ``__init__``."""
 
     dialect: ClassVar[str] = ""  # its name in the registry and in --api
     k_option: ClassVar[str] = "--top-logprobs"  # what the user changes to lower k
@@ -190,15 +203,34 @@ class DialectAdapter:
     default_base_url: ClassVar[str | None] = None
     api_key_env: ClassVar[str | None] = None
     api_key_header: ClassVar[tuple[str, str]] = ("Authorization", "Bearer {key}")
+    # What the dialect can do, with its default max_k (None: not known until probed). Each
+    # instance gets its own copy, with the max_k it is given; None here: the subclass sets
+    # ``capabilities`` itself.
+    default_capabilities: ClassVar[Capabilities | None] = None
     capabilities: Capabilities
     tokenizer: BaseTokenizer | None  # the base's; None when none was given and none is needed
 
     def __init__(
-        self, transport: HTTPTransport, model: str, *, tokenizer: BaseTokenizer | None = None
+        self,
+        transport: HTTPTransport,
+        model: str,
+        *,
+        tokenizer: BaseTokenizer | None = None,
+        max_k: int | _Default | None = _Default.MAX_K,
     ) -> None:
+        if tokenizer is None and self.needs_tokenizer:
+            raise TypeError(
+                f"{type(self).__name__} names tokens by text, so it needs the base's tokenizer: "
+                "pass tokenizer (a BaseTokenizer)"
+            )
         self.transport = transport
         self.name = model
         self.tokenizer = tokenizer
+        if (caps := self.default_capabilities) is not None:
+            k = caps.max_k if max_k is _Default.MAX_K else max_k
+            self.capabilities = dataclasses.replace(caps, max_k=k)
+        elif max_k is not _Default.MAX_K:
+            raise TypeError(f"{type(self).__name__} has no default_capabilities to set max_k in")
 
     @classmethod
     def default_tokenizer(cls, model: str) -> str | None:

@@ -21,9 +21,7 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 
 COMPLETIONS_PATH = "/completions"
 FIREWORKS_MAX_TOP_LOGPROBS = 5  # the documented range of top_logprobs
@@ -130,23 +128,14 @@ class FireworksCompletions(DialectAdapter):
     api_key_env = "FIREWORKS_API_KEY"
     raise_k_cap = "use a Fireworks deployment that allows more top_logprobs"
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer | None = None,
-        max_k: int | None = FIREWORKS_MAX_TOP_LOGPROBS,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=True,
-            ids_in_response=True,
-            prompt_scoring=True,
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=FIREWORKS_MAX_TOP_LOGPROBS,
+        token_id_prompts=True,
+        ids_in_response=True,
+        prompt_scoring=True,
+        logprobs="raw",
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         return build_request(self.name, prompt.ids, k)

@@ -39,10 +39,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any
+from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
     APIStatusError,
@@ -94,30 +94,31 @@ class GeminiGenerateContent(DialectAdapter):
     api_key_header = ("x-goog-api-key", "{key}")
     tokenizer: BaseTokenizer
 
+    # multi_step and drafts until the model is known not to continue a model turn (_one_step).
+    default_capabilities = Capabilities(
+        max_k=GEMINI_MAX_LOGPROBS,
+        token_id_prompts=False,
+        ids_in_response=False,  # tokenId is Gemini's own vocabulary: ids come from the text
+        prompt_scoring=False,  # no echo: the prompt's own positions have no logprobs
+        logprobs="processed",
+        multi_step=True,
+        drafts=True,
+    )
+
     def __init__(
         self,
         transport: HTTPTransport,
         model: str,
         *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = GEMINI_MAX_LOGPROBS,
         continue_model_turn: bool | None = None,
         thinking_budget: int | None = None,
+        **options: Unpack[DialectOptions],
     ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
+        super().__init__(transport, model, **options)
         self.thinking_budget = thinking_budget
         # Whether the model continues a trailing model turn: None until the first request asks.
         self.continues = continue_model_turn
         self.one_step_reason: str | None = None  # why only one step works, once known
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=False,  # tokenId is Gemini's own vocabulary: ids come from the text
-            prompt_scoring=False,  # no echo: the prompt's own positions have no logprobs
-            logprobs="processed",
-            multi_step=continue_model_turn is not False,
-            drafts=continue_model_turn is not False,
-        )
         if continue_model_turn is False:
             self._one_step("continue_model_turn=False was given", warn=False)
 

@@ -18,9 +18,7 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 
 RESAMPLE_ATTEMPTS = 8
 
@@ -39,23 +37,14 @@ class LlamaCppCompletion(DialectAdapter):
 
     dialect = "llamacpp"
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer | None = None,
-        max_k: int | None = None,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=True,
-            ids_in_response=True,
-            prompt_scoring=False,
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=None,
+        token_id_prompts=True,
+        ids_in_response=True,
+        prompt_scoring=False,
+        logprobs="raw",
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         return "/completion", {

@@ -22,7 +22,6 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
@@ -44,23 +43,14 @@ class OllamaGenerate(DialectAdapter):
     needs_tokenizer = True
     tokenizer: BaseTokenizer
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = OLLAMA_MAX_TOP_LOGPROBS,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=False,
-            prompt_scoring=False,  # /api/generate scores generated tokens only
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=OLLAMA_MAX_TOP_LOGPROBS,
+        token_id_prompts=False,
+        ids_in_response=False,
+        prompt_scoring=False,  # /api/generate scores generated tokens only
+        logprobs="raw",
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         if k < 0:

@@ -9,10 +9,16 @@ counted as unresolved, never guessed.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs, server_usage
+from proxyclient.adapters.dialect import (
+    DialectAdapter,
+    DialectOptions,
+    completion_top_logprobs,
+    server_usage,
+)
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
@@ -29,23 +35,26 @@ class OpenAICompletions(DialectAdapter):
     also_served_by = frozenset({"vllm"})
     tokenizer: BaseTokenizer
 
+    default_capabilities = Capabilities(
+        max_k=OPENAI_MAX_LOGPROBS,
+        token_id_prompts=True,
+        ids_in_response=False,
+        prompt_scoring=False,  # echo + logprobs is refused by OpenAI's current models
+        logprobs="raw",
+        drafts=True,
+    )
+
     def __init__(
         self,
         transport: HTTPTransport,
         model: str,
         *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = OPENAI_MAX_LOGPROBS,
         token_id_prompts: bool = True,
+        **options: Unpack[DialectOptions],
     ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=token_id_prompts,
-            ids_in_response=False,
-            prompt_scoring=False,  # echo + logprobs is refused by OpenAI's current models
-            logprobs="raw",
-            drafts=True,
+        super().__init__(transport, model, **options)
+        self.capabilities = dataclasses.replace(
+            self.capabilities, token_id_prompts=token_id_prompts
         )
 
     @classmethod

@@ -10,11 +10,13 @@ token-by-token generation with ``continue_final_message=True``.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import (
     DialectAdapter,
+    DialectOptions,
     chat_logprobs_content,
     chat_token_id,
     server_usage,
@@ -35,23 +37,29 @@ class OpenAIChat(DialectAdapter):
     also_served_by = frozenset({"vllm", "openai"})
     tokenizer: BaseTokenizer
 
+    # multi_step and drafts: only with continue_final_message (see __init__).
+    default_capabilities = Capabilities(
+        max_k=OPENAI_MAX_TOP_LOGPROBS,
+        token_id_prompts=False,
+        ids_in_response=False,
+        prompt_scoring=False,
+        logprobs="raw",
+        multi_step=False,
+        drafts=False,
+    )
+
     def __init__(
         self,
         transport: HTTPTransport,
         model: str,
         *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = OPENAI_MAX_TOP_LOGPROBS,
         continue_final_message: bool = False,
+        **options: Unpack[DialectOptions],
     ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
+        super().__init__(transport, model, **options)
         self.continue_final_message = continue_final_message
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=False,
-            prompt_scoring=False,
-            logprobs="raw",
+        self.capabilities = dataclasses.replace(
+            self.capabilities,
             multi_step=continue_final_message,
             drafts=continue_final_message,  # a draft after the first step continues the answer
         )

@@ -31,9 +31,7 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError, TopKTooLargeError
-from proxyclient.tokenizer import BaseTokenizer
 
 GENERATE_PATH = "/generate"
 # Sent with every request: SGLang may take unset ones from the model's generation_config.json.
@@ -162,23 +160,14 @@ class SGLangGenerate(DialectAdapter):
     dialect = "sglang"
     probe_ks: tuple[int, ...] = ()  # a k over the vocabulary crashes SGLang: never probe for a cap
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer | None = None,
-        max_k: int | None = None,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=True,
-            ids_in_response=True,
-            prompt_scoring=True,
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=None,
+        token_id_prompts=True,
+        ids_in_response=True,
+        prompt_scoring=True,
+        logprobs="raw",
+        drafts=True,
+    )
 
     def _check_k(self, k: int) -> None:
         vocab = len(self.tokenizer.vocab) if self.tokenizer is not None else None

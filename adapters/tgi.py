@@ -14,7 +14,6 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 
@@ -27,23 +26,14 @@ class TGIGenerate(DialectAdapter):
     raise_k_cap = "restart TGI with a larger --max-top-n-tokens"
     tokenizer: BaseTokenizer
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = TGI_DEFAULT_MAX_TOP_N,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=True,
-            prompt_scoring=False,  # decoder_input_details gives only the chosen tokens' logprobs
-            logprobs="processed",  # after TGI's warpers; we send none, so they equal the raw ones
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=TGI_DEFAULT_MAX_TOP_N,
+        token_id_prompts=False,
+        ids_in_response=True,
+        prompt_scoring=False,  # decoder_input_details gives only the chosen tokens' logprobs
+        logprobs="processed",  # after TGI's warpers; we send none, so they equal the raw ones
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         return "/generate", {

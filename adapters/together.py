@@ -24,7 +24,6 @@ from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
@@ -40,23 +39,14 @@ class TogetherCompletions(DialectAdapter):
     needs_tokenizer = True
     tokenizer: BaseTokenizer
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer,
-        max_k: int | None = TOGETHER_MAX_LOGPROBS,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=False,
-            ids_in_response=False,  # the generated tokens' ids only: the top-k are named by text
-            prompt_scoring=False,  # echo gives the prompt tokens' own logprobs, no top-k
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=TOGETHER_MAX_LOGPROBS,
+        token_id_prompts=False,
+        ids_in_response=False,  # the generated tokens' ids only: the top-k are named by text
+        prompt_scoring=False,  # echo gives the prompt tokens' own logprobs, no top-k
+        logprobs="raw",
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         if k < 0:

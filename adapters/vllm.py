@@ -14,9 +14,7 @@ from typing import Any
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs, server_usage
 from proxyclient.adapters.discovery import HUGE_K
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ProxyClientError, ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 
 COMPLETIONS_PATH = "/completions"
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
@@ -128,23 +126,14 @@ class VLLMCompletions(DialectAdapter):
     probe_ks = (-1, HUGE_K)  # --max-logprobs -1 allows the whole vocabulary
     raise_k_cap = "restart vLLM with a larger --max-logprobs (-1 allows the whole vocabulary)"
 
-    def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer | None = None,
-        max_k: int | None = None,
-    ) -> None:
-        super().__init__(transport, model, tokenizer=tokenizer)
-        self.capabilities = Capabilities(
-            max_k=max_k,
-            token_id_prompts=True,
-            ids_in_response=True,
-            prompt_scoring=True,
-            logprobs="raw",
-            drafts=True,
-        )
+    default_capabilities = Capabilities(
+        max_k=None,
+        token_id_prompts=True,
+        ids_in_response=True,
+        prompt_scoring=True,
+        logprobs="raw",
+        drafts=True,
+    )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         return build_request(self.name, list(prompt.ids), k)
