@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 TIE_TOLERANCE = 1e-5
@@ -130,3 +131,76 @@ def chat_server_sees(hf_tokenizer, prompt: str) -> Callable[[list[int]], list[in
         return hf_tokenizer(text, add_special_tokens=False).input_ids
 
     return ids
+
+
+def assert_chat_tuner_equals_the_formula(
+    tuner,
+    hf_models,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    k: int,
+    eos_ids: frozenset[int],
+    unidentifiable: frozenset[int] = frozenset(),
+):
+    """``tuner``'s greedy output with top-k ``k`` and `restrict`, its base a chat dialect that
+    continues a trailing turn (``chat_server_sees``), equals ``proxy_tuned_greedy`` restricted to
+    that top-k; returns the generation."""
+    got = tuner.generate(prompt, max_new_tokens=max_new_tokens, unseen="restrict", top_logprobs=k)
+    reference = proxy_tuned_greedy(
+        hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
+        tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids, restrict_to_top_k=k,
+        base_ids_for=chat_server_sees(hf_models["tokenizer"], prompt),
+        unidentifiable=unidentifiable,
+    )  # fmt: skip
+    assert_same_tokens(got.token_ids, reference, eos_ids)
+    return got
+
+
+def assert_greedy_drafts(
+    got,
+    model,
+    context: list[int],
+    *,
+    n: int,
+    k: int,
+    eos_ids: frozenset[int],
+    partial: frozenset[int] = frozenset(),
+) -> None:
+    """``got``, an adapter's greedy draft of ``n`` tokens with each position's top-``k``, is
+    ``model``'s own greedy continuation of ``context`` (full forward each step) with its top-k.
+
+    ``partial`` are tokens the dialect cannot name (part of a character): left out of a top-k but
+    counted as unresolved, and a chosen one is None."""
+    expected: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([context + expected])).logits[0, -1]
+            logprobs = torch.log_softmax(logits.double(), -1)
+            expected.append(int(logprobs.argmax()))
+            if expected[-1] in eos_ids:
+                expected.pop()  # the stop token is no position of the answer
+                break
+            top = torch.topk(logprobs, k)
+            pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            named = [(t, lp) for t, lp in pairs if t not in partial]
+            position = got.tops[len(expected) - 1]
+            assert list(position.token_ids) == [t for t, _ in named]
+            assert position.logprobs == pytest.approx([lp for _, lp in named], abs=5e-5)
+            assert position.unresolved == k - len(named)
+    assert list(got.tokens) == [None if t in partial else t for t in expected]
+
+
+def valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def not_utf8_alone(base_tokenizer) -> frozenset[int]:
+    """Tokens a text dialect spells U+FFFD (or ""): they keep their rank but cannot be chosen."""
+    table = base_tokenizer.vocab.token_bytes
+    return frozenset(i for i, data in enumerate(table) if data is not None and not valid_utf8(data))

@@ -6,22 +6,27 @@ model (tests/dialect_deepseek.py), the same equivalence every adapter meets: wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import dialect_deepseek  # noqa: F401  (registers the "deepseek" fixture dialect)
 import httpx
 import pytest
-import torch
+from conftest import (
+    alpha_0_text,
+    assert_one_clear_error,
+    connected,
+    dialect_cli,
+    dialect_tuner,
+    headers_sent,
+    ids_of,
+    run_step,
+)
 from dialect_deepseek import DEGENERATE, REASONER, THINKING
 from dialect_servers import DialectServer
 from openai.types.chat import ChatCompletion
-from reference import assert_same_tokens, chat_server_sees, proxy_tuned_greedy
+from reference import assert_chat_tuner_equals_the_formula, assert_greedy_drafts, chat_server_sees
 
-from proxyclient import ProxyTuner, connect
+from proxyclient import connect
 from proxyclient.adapters.base import Prompt, ServerUsage
 from proxyclient.adapters.deepseek import DeepSeekChat, degenerate
 from proxyclient.errors import (
@@ -55,13 +60,6 @@ def deepseek(tiny_models):
 
 def adapter(tokenizer, **options) -> DeepSeekChat:
     return connect("deepseek", None, "deepseek-chat", tokenizer=tokenizer, **options)
-
-
-def ids_of(tokenizer, *texts: str) -> list[int]:
-    """Ids from the HF tokenizer's own token strings (byte-level: a space is "Ġ")."""
-    ids = [tokenizer.inner.convert_tokens_to_ids(t) for t in texts]
-    assert None not in ids and tokenizer.inner.unk_token_id not in ids, texts
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,16 +198,6 @@ def failing(tokenizer, status: int, message: str, type_: str = "invalid_request_
     )
 
 
-def run_step(base, prompt: Prompt, k: int = 5):
-    async def go():
-        try:
-            return await base.top_logprobs(prompt, k)
-        finally:
-            await base.aclose()
-
-    return asyncio.run(go())
-
-
 @pytest.mark.parametrize(
     ("status", "message", "kind", "advice"),
     [
@@ -237,19 +225,13 @@ def test_errors_say_what_to_do(tokenizer, status, message, kind, advice):
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def connect_deepseek(server, tokenizer, model=MODEL, **options):
     options.setdefault("api_key", KEY)
-    base = connect("deepseek", server.base_url, model, tokenizer=tokenizer, **options)
-    try:
-        yield base
-    finally:
-        asyncio.run(base.aclose())
+    return connected("deepseek", server, tokenizer, model, **options)
 
 
 def tuner_for(server, tiny_models, tokenizer, model=MODEL, **options):
-    base = connect("deepseek", server.base_url, model, api_key=KEY, tokenizer=tokenizer, **options)
-    return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
+    return dialect_tuner("deepseek", server, tiny_models, tokenizer, model, api_key=KEY, **options)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -257,14 +239,9 @@ def test_deepseek_equals_the_formula_on_its_top_20(
     deepseek, tiny_models, hf_models, tokenizer, prompt
 ):
     with tuner_for(deepseek, tiny_models, tokenizer) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
-        ids = tuner.tokenizer(prompt).input_ids
-    reference = proxy_tuned_greedy(
-        hf_models["base"], hf_models["expert"], hf_models["anti_expert"], ids, alpha=1.0,
-        max_new_tokens=N_TOKENS, eos_ids=EOS, restrict_to_top_k=K,
-        base_ids_for=chat_server_sees(hf_models["tokenizer"], prompt),
-    )  # fmt: skip
-    assert_same_tokens(got.token_ids, reference, EOS)
+        got = assert_chat_tuner_equals_the_formula(
+            tuner, hf_models, prompt, max_new_tokens=N_TOKENS, k=K, eos_ids=EOS
+        )
     # Tokens come with their bytes, so even part of a character is identified.
     assert got.usage.dropped_candidates == 0
 
@@ -304,19 +281,13 @@ def test_the_fixture_answers_in_openais_chat_shape_with_deepseeks_usage(deepseek
 
 @pytest.mark.parametrize("speculate", ["off", "base"])
 def test_alpha_0_greedy_is_the_servers_own_greedy_text(deepseek, tiny_models, tokenizer, speculate):
-    with tuner_for(deepseek, tiny_models, tokenizer) as tuner:
-        got = tuner.generate(
-            PROMPTS[0], max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict", top_logprobs=K,
-            speculate=speculate,
-        )  # fmt: skip
-    assert got.text == fixture_greedy_text(deepseek, PROMPTS[0], N_TOKENS)
+    tuner = tuner_for(deepseek, tiny_models, tokenizer)
+    got = alpha_0_text(tuner, PROMPTS[0], N_TOKENS, K, speculate)
+    assert got == fixture_greedy_text(deepseek, PROMPTS[0], N_TOKENS)
 
 
 def test_the_key_travels_as_a_bearer_token(deepseek, tiny_models, tokenizer):
-    deepseek.requests.clear()
-    with tuner_for(deepseek, tiny_models, tokenizer) as tuner:
-        tuner.generate(PROMPTS[0], max_new_tokens=2, top_logprobs=K)
-    headers = [h for _, h, _ in deepseek.requests]
+    headers = headers_sent(deepseek, tuner_for(deepseek, tiny_models, tokenizer), PROMPTS[0], K)
     assert headers and all(h.get("authorization") == f"Bearer {KEY}" for h in headers)
     with (
         connect_deepseek(deepseek, tokenizer, api_key="sk-wrong-key-1234") as base,
@@ -332,21 +303,7 @@ def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
     with connect_deepseek(deepseek, tokenizer) as base:
         got = asyncio.run(base.generate(Prompt(ids, len(ids)), K, 6, greedy=True))
     context = chat_server_sees(hf_models["tokenizer"], PROMPTS[1])([])
-    model = hf_models["base"]
-    expected = []
-    with torch.inference_mode():
-        for _ in range(6):
-            logits = model(torch.tensor([context + expected])).logits[0, -1]
-            logprobs = torch.log_softmax(logits.double(), -1)
-            expected.append(int(logprobs.argmax()))
-            if expected[-1] in EOS:
-                expected.pop()  # OpenAI's shape leaves the stop token out
-                break
-            top = torch.topk(logprobs, K)
-            position = got.tops[len(expected) - 1]
-            assert list(position.token_ids) == top.indices.tolist()
-            assert position.logprobs == pytest.approx(top.values.tolist(), abs=5e-5)
-    assert list(got.tokens) == expected
+    assert_greedy_drafts(got, hf_models["base"], context, n=6, k=K, eos_ids=EOS)
     assert got.usage.prompt_tokens == len(context)
 
 
@@ -404,13 +361,7 @@ def test_thinking_left_on_is_refused(deepseek, tokenizer):
 
 
 def cli(tiny_models, *args):
-    env = dict(os.environ, DEEPSEEK_API_KEY=KEY)
-    env.pop("PROXYCLIENT_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "proxyclient.cli", *args, "--api", "deepseek",
-         "--base-tokenizer", str(tiny_models["base"])],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    return dialect_cli("deepseek", "DEEPSEEK_API_KEY", KEY, tiny_models, *args)
 
 
 def test_cli_inspect_reports_what_deepseek_can_do(deepseek, tiny_models):
@@ -431,7 +382,4 @@ def test_cli_inspect_reports_what_deepseek_can_do(deepseek, tiny_models):
 )
 def test_cli_bad_models_exit_2_with_one_clear_message(deepseek, tiny_models, model, expected):
     run = cli(tiny_models, "inspect", "--base-url", deepseek.base_url, "--base-model", model)
-    assert run.returncode == 2, run.stdout
-    lines = [line for line in run.stderr.splitlines() if line.startswith("proxyclient: error:")]
-    assert len(lines) == 1 and expected in lines[0], run.stderr
-    assert "Traceback" not in run.stderr
+    assert_one_clear_error(run, expected)

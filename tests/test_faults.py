@@ -20,7 +20,6 @@ import httpx
 import pytest
 from conftest import BASE_NAME
 from fault_proxy import PASS, Fault, FaultProxy
-from local_base import LocalBase
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.errors import (
@@ -36,14 +35,6 @@ from proxyclient.result import Generation
 
 PROMPT = "def main():"
 N = 12
-
-
-@pytest.fixture(scope="module")
-def local(tiny_models, hf_models):
-    """A tuner on an in-process base that fails at the request numbered ``fail_at_request``."""
-    base = LocalBase(hf_models["base"], drafts=True)
-    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
-        yield t
 
 
 def fail_at(tuner: ProxyTuner, request: int | None) -> None:
@@ -62,83 +53,83 @@ def failed(tuner: ProxyTuner, config: GenerationConfig, at: int) -> Generation:
 
 @pytest.mark.parametrize("speculate", ["off", "base", "expert"])
 @pytest.mark.parametrize("at", [1, 2, 5])
-def test_a_resumed_generation_equals_an_uninterrupted_one(local, speculate, at):
+def test_a_resumed_generation_equals_an_uninterrupted_one(local_tuner, speculate, at):
     config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate=speculate)
-    fail_at(local, None)
-    whole = local.generate(PROMPT, config)
-    partial = failed(local, config, at)
+    fail_at(local_tuner, None)
+    whole = local_tuner.generate(PROMPT, config)
+    partial = failed(local_tuner, config, at)
     assert whole.token_ids[: len(partial.token_ids)] == partial.token_ids
     assert whole.text.startswith(partial.text)
-    resumed = local.generate(PROMPT, config, resume=partial)
+    resumed = local_tuner.generate(PROMPT, config, resume=partial)
     assert resumed.token_ids == whole.token_ids
     assert resumed.text == whole.text
     assert resumed.finish_reason == whole.finish_reason
     assert resumed.error is None
     # The cost of both runs together: nothing the failed run paid for is forgotten.
-    assert resumed.usage.requests == partial.usage.requests + len(local.base.requests) - at
+    assert resumed.usage.requests == partial.usage.requests + len(local_tuner.base.requests) - at
     assert resumed.usage.completion_tokens == len(whole.token_ids)
 
 
-def test_resume_twice_and_asynchronously(local):
+def test_resume_twice_and_asynchronously(local_tuner):
     config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate="off")
-    fail_at(local, None)
-    whole = local.generate(PROMPT, config)
-    first = failed(local, config, 3)
-    fail_at(local, 4)
+    fail_at(local_tuner, None)
+    whole = local_tuner.generate(PROMPT, config)
+    first = failed(local_tuner, config, 3)
+    fail_at(local_tuner, 4)
     with pytest.raises(ServerError) as info:
-        local.generate(PROMPT, config, resume=first)
+        local_tuner.generate(PROMPT, config, resume=first)
     second = info.value.partial
     assert len(first.token_ids) < len(second.token_ids) < N
-    fail_at(local, None)
+    fail_at(local_tuner, None)
 
     async def run() -> tuple[Generation, list[str]]:
-        stream = local.astream(PROMPT, config, resume=second)
+        stream = local_tuner.astream(PROMPT, config, resume=second)
         pieces = [piece async for piece in stream]
-        return await local.agenerate(PROMPT, config, resume=second), pieces
+        return await local_tuner.agenerate(PROMPT, config, resume=second), pieces
 
-    resumed, pieces = local._runner.run(run())
+    resumed, pieces = local_tuner._runner.run(run())
     assert resumed.token_ids == whole.token_ids
     assert second.text + "".join(pieces) == whole.text
 
 
-def test_the_stream_yields_everything_before_it_raises(local):
+def test_the_stream_yields_everything_before_it_raises(local_tuner):
     # A stop sequence that never completes makes the assembler hold text back: on the error the
     # stream hands it out, so what was streamed is the partial's text.
     config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate="off")
-    fail_at(local, None)
-    whole = local.generate(PROMPT, config)
-    held = whole.text[len(local.generate(PROMPT, config, max_new_tokens=5).text) :][:1]
+    fail_at(local_tuner, None)
+    whole = local_tuner.generate(PROMPT, config)
+    held = whole.text[len(local_tuner.generate(PROMPT, config, max_new_tokens=5).text) :][:1]
     stopping = GenerationConfig(
         max_new_tokens=N, top_logprobs=20, speculate="off", stop=(held + "\x00",)
     )
     for at in range(2, 9):
-        fail_at(local, at)
-        stream = local.stream(PROMPT, stopping)
+        fail_at(local_tuner, at)
+        stream = local_tuner.stream(PROMPT, stopping)
         pieces = []
         with pytest.raises(ServerError) as info:
             for piece in stream:
                 pieces.append(piece)
         assert "".join(pieces) == info.value.partial.text
-        fail_at(local, None)
-        rest = list(local.stream(PROMPT, stopping, resume=info.value.partial))
+        fail_at(local_tuner, None)
+        rest = list(local_tuner.stream(PROMPT, stopping, resume=info.value.partial))
         assert info.value.partial.text + "".join(rest) == whole.text
 
 
-def test_resume_refuses_what_it_cannot_continue(local):
+def test_resume_refuses_what_it_cannot_continue(local_tuner):
     config = GenerationConfig(max_new_tokens=N, top_logprobs=20)
-    fail_at(local, None)
-    done = local.generate(PROMPT, config)
+    fail_at(local_tuner, None)
+    done = local_tuner.generate(PROMPT, config)
     with pytest.raises(ConfigError, match="finished \\('length'\\) and has nothing left to do"):
-        local.generate(PROMPT, config, resume=done)
-    partial = failed(local, config, 3)
+        local_tuner.generate(PROMPT, config, resume=done)
+    partial = failed(local_tuner, config, 3)
     edited = Generation(partial.text + "!", partial.token_ids, "error")
     with pytest.raises(ConfigError, match="do not spell its text after this prompt"):
-        local.generate(PROMPT, config, resume=edited)
+        local_tuner.generate(PROMPT, config, resume=edited)
     with pytest.raises(ConfigError, match="takes the Generation a failed generation left"):
-        local.generate(PROMPT, config, resume=partial.to_dict())
+        local_tuner.generate(PROMPT, config, resume=partial.to_dict())
     bad = Generation("x", [-1], "error")
     with pytest.raises(ConfigError, match="token_ids are not all ids"):
-        local.generate(PROMPT, config, resume=bad)
+        local_tuner.generate(PROMPT, config, resume=bad)
 
 
 # -- against a real vLLM server, through the fault proxy ---------------------------------------

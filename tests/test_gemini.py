@@ -6,23 +6,33 @@ proxy-tuned greedy output equals the local reference restricted to that top-k.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import dialect_gemini  # noqa: F401  (registers the "gemini" fixture dialect)
 import httpx
 import pytest
-import torch
+from conftest import (
+    alpha_0_text,
+    assert_one_clear_error,
+    connected,
+    dialect_cli,
+    dialect_tuner,
+    headers_sent,
+    ids_of,
+    run_step,
+)
 from dialect_gemini import MODEL_TURN_REFUSED, NO_LOGPROBS, NO_PREFILL
 from dialect_servers import DialectServer, token_bytes
-from reference import assert_same_tokens, chat_server_sees, proxy_tuned_greedy
+from reference import (
+    assert_chat_tuner_equals_the_formula,
+    assert_greedy_drafts,
+    chat_server_sees,
+    valid_utf8,
+)
 
-from proxyclient import ProxyTuner, connect
+from proxyclient import connect
 from proxyclient.adapters.base import Prompt, ServerUsage
 from proxyclient.adapters.gemini import GeminiGenerateContent
 from proxyclient.errors import (
@@ -93,13 +103,6 @@ def mock(tokenizer, answer, **options) -> tuple[GeminiGenerateContent, list]:
 
 def error(code: int, message: str, status: str) -> dict:
     return {"error": {"code": code, "message": message, "status": status}}
-
-
-def ids_of(tokenizer, *texts: str) -> list[int]:
-    """Ids from the HF tokenizer's own token strings (byte-level: a space is "Ġ")."""
-    ids = [tokenizer.inner.convert_tokens_to_ids(t) for t in texts]
-    assert None not in ids and tokenizer.inner.unk_token_id not in ids, texts
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,16 +239,6 @@ def test_an_answer_after_thoughts_is_refused(tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_step(base, prompt: Prompt, k: int = 5):
-    async def go():
-        try:
-            return await base.top_logprobs(prompt, k)
-        finally:
-            await base.aclose()
-
-    return asyncio.run(go())
-
-
 def test_k_over_the_cap_names_it(tokenizer):
     message = (
         "Unable to submit request because it has a logprobs value of 25 but the supported range "
@@ -316,22 +309,16 @@ def test_whether_a_model_continues_is_asked_once(tokenizer):
 
 
 def tuner_for(server, tiny_models, tokenizer, model=MODEL, **options):
-    base = connect("gemini", server.base_url, model, api_key=KEY, tokenizer=tokenizer, **options)
-    return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
+    return dialect_tuner("gemini", server, tiny_models, tokenizer, model, api_key=KEY, **options)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_gemini_equals_the_formula_on_its_top_20(gemini, tiny_models, hf_models, tokenizer, prompt):
     with tuner_for(gemini, tiny_models, tokenizer) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
-        ids = tuner.tokenizer(prompt).input_ids
-    reference = proxy_tuned_greedy(
-        hf_models["base"], hf_models["expert"], hf_models["anti_expert"], ids, alpha=1.0,
-        max_new_tokens=N_TOKENS, eos_ids=EOS, restrict_to_top_k=K,
-        base_ids_for=chat_server_sees(hf_models["tokenizer"], prompt),
-        unidentifiable=partial_characters(hf_models["tokenizer"]),
-    )  # fmt: skip
-    assert_same_tokens(got.token_ids, reference, EOS)
+        assert_chat_tuner_equals_the_formula(
+            tuner, hf_models, prompt, max_new_tokens=N_TOKENS, k=K, eos_ids=EOS,
+            unidentifiable=partial_characters(hf_models["tokenizer"]),
+        )  # fmt: skip
 
 
 @functools.cache
@@ -339,14 +326,6 @@ def partial_characters(hf_tokenizer) -> frozenset[int]:
     """Tokens that are part of a character: Gemini names them U+FFFD, so they cannot be chosen."""
     ids = range(len(hf_tokenizer))
     return frozenset(i for i in ids if not valid_utf8(token_bytes(hf_tokenizer, i)))
-
-
-def valid_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def fixture_greedy_text(server, prompt: str, n: int) -> str:
@@ -364,19 +343,13 @@ def fixture_greedy_text(server, prompt: str, n: int) -> str:
 
 @pytest.mark.parametrize("speculate", ["off", "base"])
 def test_alpha_0_greedy_is_the_servers_own_greedy_text(gemini, tiny_models, tokenizer, speculate):
-    with tuner_for(gemini, tiny_models, tokenizer) as tuner:
-        got = tuner.generate(
-            PROMPTS[0], max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict", top_logprobs=K,
-            speculate=speculate,
-        )  # fmt: skip
-    assert got.text == fixture_greedy_text(gemini, PROMPTS[0], N_TOKENS)
+    tuner = tuner_for(gemini, tiny_models, tokenizer)
+    got = alpha_0_text(tuner, PROMPTS[0], N_TOKENS, K, speculate)
+    assert got == fixture_greedy_text(gemini, PROMPTS[0], N_TOKENS)
 
 
 def test_the_key_travels_as_google_sends_it(gemini, tiny_models, tokenizer):
-    gemini.requests.clear()
-    with tuner_for(gemini, tiny_models, tokenizer) as tuner:
-        tuner.generate(PROMPTS[0], max_new_tokens=2, top_logprobs=K)
-    headers = [h for _, h, _ in gemini.requests]
+    headers = headers_sent(gemini, tuner_for(gemini, tiny_models, tokenizer), PROMPTS[0], K)
     assert headers and all(h.get("x-goog-api-key") == KEY for h in headers)
     assert not any("authorization" in h for h in headers)
     with (
@@ -386,14 +359,9 @@ def test_the_key_travels_as_google_sends_it(gemini, tiny_models, tokenizer):
         run_step(base, Prompt(tuple(tokenizer.encode("x")), 2))
 
 
-@contextlib.contextmanager
 def connect_gemini(server, tokenizer, model=MODEL, **options):
     options.setdefault("api_key", KEY)
-    base = connect("gemini", server.base_url, model, tokenizer=tokenizer, **options)
-    try:
-        yield base
-    finally:
-        asyncio.run(base.aclose())
+    return connected("gemini", server, tokenizer, model, **options)
 
 
 def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
@@ -403,26 +371,9 @@ def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
     with connect_gemini(gemini, tokenizer) as base:
         got = asyncio.run(base.generate(Prompt(ids, len(ids)), K, 6, greedy=True))
     context = chat_server_sees(hf_models["tokenizer"], PROMPTS[1])([])
-    model = hf_models["base"]
-    partial = partial_characters(hf_models["tokenizer"])
-    expected = []
-    with torch.inference_mode():
-        for _ in range(6):
-            logits = model(torch.tensor([context + expected])).logits[0, -1]
-            logprobs = torch.log_softmax(logits.double(), -1)
-            expected.append(int(logprobs.argmax()))
-            if expected[-1] in EOS:
-                expected.pop()  # the end of the answer is no position
-                break
-            top = torch.topk(logprobs, K)
-            pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-            named = [(t, lp) for t, lp in pairs if t not in partial]
-            position = got.tops[len(expected) - 1]
-            assert list(position.token_ids) == [t for t, _ in named]
-            assert position.logprobs == pytest.approx([lp for _, lp in named], abs=5e-5)
-            assert position.unresolved == K - len(named)
     # A chosen token that is part of a character is named U+FFFD: known to be there, not which.
-    assert list(got.tokens) == [None if t in partial else t for t in expected]
+    partial = partial_characters(hf_models["tokenizer"])
+    assert_greedy_drafts(got, hf_models["base"], context, n=6, k=K, eos_ids=EOS, partial=partial)
     assert got.usage.prompt_tokens == len(context)
 
 
@@ -471,13 +422,7 @@ def test_a_model_that_refuses_a_model_turn_falls_back_to_one_step(
 
 
 def cli(tiny_models, *args, key=KEY):
-    env = dict(os.environ, GEMINI_API_KEY=key)
-    env.pop("PROXYCLIENT_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "proxyclient.cli", *args, "--api", "gemini",
-         "--base-tokenizer", str(tiny_models["base"])],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    return dialect_cli("gemini", "GEMINI_API_KEY", key, tiny_models, *args)
 
 
 def test_cli_inspect_reports_what_each_model_can_do(gemini, tiny_models):
@@ -509,16 +454,13 @@ def test_cli_bad_models_exit_2_with_one_clear_message(
 ):
     url = request.getfixturevalue(server).base_url
     run = cli(tiny_models, "inspect", "--base-url", url, "--base-model", model)
-    assert run.returncode == 2, run.stdout
-    lines = [line for line in run.stderr.splitlines() if line.startswith("proxyclient: error:")]
-    assert len(lines) == 1 and expected in lines[0], run.stderr
-    assert "Traceback" not in run.stderr
+    line = assert_one_clear_error(run, expected)
     advice = {
         "HTTP 404": f"pass one of {MODEL}, {MODEL}{NO_PREFILL}, {MODEL}{NO_LOGPROBS}",
         "HTTP 400": "gives no logprobs, and proxy-tuning needs them",
         "HTTP 403": "gives no logprobs, and proxy-tuning needs them",
     }
-    assert next(v for k, v in advice.items() if k in expected) in lines[0]
+    assert next(v for k, v in advice.items() if k in expected) in line
 
 
 def test_cli_generate_on_a_model_that_refuses_a_model_turn_exits_2(gemini, tiny_models):

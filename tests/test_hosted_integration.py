@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 from dialect_servers import DialectServer
-from reference import assert_same_tokens, proxy_tuned_greedy
+from reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.adapters.base import Prompt
@@ -70,20 +70,6 @@ def base_for(api, servers, base_tokenizer, model="tiny-base", **options):
 def tuner_for(api, servers, tiny_models, base_tokenizer, **options):
     base = base_for(api, servers, base_tokenizer, **options)
     return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
-
-
-def not_utf8_alone(base_tokenizer) -> frozenset[int]:
-    """Tokens a text dialect spells U+FFFD: they keep their rank but cannot be chosen."""
-
-    def valid(data):
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return True
-
-    table = base_tokenizer.vocab.token_bytes
-    return frozenset(i for i, data in enumerate(table) if data is not None and not valid(data))
 
 
 def reference(api, hf_models, base_tokenizer, prompt_ids, k, alpha=1.0):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import API_KEY, BASE_NAME
-from reference import assert_same_tokens, proxy_tuned_greedy
+from reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 from proxyclient import ConfigError, ProxyTuner, connect
 from proxyclient.tokenizer import BaseTokenizer
@@ -36,18 +36,6 @@ def tuner_for(servers, tiny_models, base_tokenizer, api, **options):
         **options,
     )  # fmt: skip
     return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
-
-
-def not_utf8_alone(base_tokenizer) -> frozenset[int]:
-    def valid(data):
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return True
-
-    table = base_tokenizer.vocab.token_bytes
-    return frozenset(i for i, data in enumerate(table) if data is not None and not valid(data))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

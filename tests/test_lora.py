@@ -1,6 +1,7 @@
 """A LoRA expert: the anti-expert's weights with a PEFT adapter, on for the expert and off for the
 anti-expert — one model in memory, the same output as the merged expert (within fp32 noise)."""
 
+import contextlib
 import shutil
 
 import pytest
@@ -37,7 +38,9 @@ def lora_and_merged(tiny_models, tmp_path_factory):
     return root / "adapter", root / "merged"
 
 
-def test_a_lora_expert_equals_the_merged_expert(tiny_models, hf_models, lora_and_merged):
+@contextlib.contextmanager
+def lora_and_plain(tiny_models, hf_models, lora_and_merged):
+    """Two tuners on one in-process base: the expert as a LoRA on the anti-expert, and merged."""
     adapter, merged = lora_and_merged
     base = LocalBase(hf_models["base"])
     with (
@@ -46,6 +49,11 @@ def test_a_lora_expert_equals_the_merged_expert(tiny_models, hf_models, lora_and
         ) as lora,
         ProxyTuner(base, merged, tiny_models["anti_expert"], device="cpu") as plain,
     ):
+        yield lora, plain
+
+
+def test_a_lora_expert_equals_the_merged_expert(tiny_models, hf_models, lora_and_merged):
+    with lora_and_plain(tiny_models, hf_models, lora_and_merged) as (lora, plain):
         assert lora.proxies.expert.model is lora.proxies.anti_expert.model  # one model in memory
         for prompt in PROMPTS:
             ids = lora.tokenizer(prompt).input_ids
@@ -107,14 +115,7 @@ def test_cli_expert_lora_matches_the_python_api(tiny_models, hf_models, lora_and
 def test_a_lora_pair_reads_several_sequences_in_one_forward(
     tiny_models, hf_models, lora_and_merged
 ):
-    adapter, merged = lora_and_merged
-    base = LocalBase(hf_models["base"])
-    with (
-        ProxyTuner(
-            base, None, tiny_models["anti_expert"], expert_lora=adapter, device="cpu"
-        ) as lora,
-        ProxyTuner(base, merged, tiny_models["anti_expert"], device="cpu") as plain,
-    ):
+    with lora_and_plain(tiny_models, hf_models, lora_and_merged) as (lora, plain):
         forwards = []
         lora.proxies.expert.model.register_forward_hook(lambda *_: forwards.append(1))
         prompts = [*PROMPTS, "x = 1"]

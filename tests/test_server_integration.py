@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -183,6 +181,7 @@ def test_lm_eval_scores_equal_the_tuners(served, reference, monkeypatch):
 def test_the_serve_command(servers, tiny_models, reference, tmp_path):
     """The command on the capped vLLM server (which wants its own key): clients need the server's
     key; the base's key shows up in no answer and no log line."""
+    from bench_server import wait_healthy
     from openai import APIStatusError, AuthenticationError, OpenAI
     from vllm_server import free_port
 
@@ -200,7 +199,7 @@ def test_the_serve_command(servers, tiny_models, reference, tmp_path):
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, process, log)
+        wait_healthy(url, process, log)  # raises SystemExit (a failure) if it never comes up
         good = OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=120)
         answer = good.completions.create(model=NAME, prompt=PROMPTS[0])
         assert answer.choices[0].text == reference.generate(PROMPTS[0], max_new_tokens=8).text
@@ -217,20 +216,6 @@ def test_the_serve_command(servers, tiny_models, reference, tmp_path):
     assert "clients must send the server API key" in text
     assert API_KEY not in text and CLIENT_KEY not in text
     assert "Traceback" not in text
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"proxyclient serve exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"proxyclient serve did not come up: {log.read_text()[-2000:]}")
 
 
 # -- the base going away ----------------------------------------------------------------------

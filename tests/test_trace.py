@@ -20,20 +20,13 @@ PROMPT = "def add(a, b):"
 ALPHA = 0.8
 
 
-@pytest.fixture(scope="module")
-def tuner(tiny_models, hf_models):
-    base = LocalBase(hf_models["base"], drafts=True)
-    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
-        yield t
-
-
 @pytest.mark.parametrize("speculate", ["off", "base", "expert"])
-def test_each_step_holds_what_the_three_models_say(tuner, hf_models, speculate):
+def test_each_step_holds_what_the_three_models_say(local_tuner, hf_models, speculate):
     config = GenerationConfig(
         max_new_tokens=10, alpha=ALPHA, top_logprobs=-1, unseen="restrict", trace=3,
         speculate=speculate,
     )  # fmt: skip
-    generation = tuner.generate(PROMPT, config)
+    generation = local_tuner.generate(PROMPT, config)
     assert generation.steps is not None
     assert [s.token_id for s in generation.steps] == generation.token_ids
     assert "".join(s.text for s in generation.steps) == generation.text
@@ -60,28 +53,28 @@ def test_each_step_holds_what_the_three_models_say(tuner, hf_models, speculate):
         ids.append(token)
 
 
-def test_no_trace_unless_asked_and_alternatives_are_bounded(tuner):
-    assert tuner.generate(PROMPT, max_new_tokens=2).steps is None
-    steps = tuner.generate(PROMPT, max_new_tokens=2, trace=0).steps
+def test_no_trace_unless_asked_and_alternatives_are_bounded(local_tuner):
+    assert local_tuner.generate(PROMPT, max_new_tokens=2).steps is None
+    steps = local_tuner.generate(PROMPT, max_new_tokens=2, trace=0).steps
     assert steps is not None and len(steps) == 2 and all(s.top == [] for s in steps)
     for bad in (-1, 21, 2.5, True):
         with pytest.raises(ConfigError, match="trace must be None"):
             GenerationConfig(trace=bad)
 
 
-def test_a_restricted_step_normalizes_over_the_candidates(tuner):
+def test_a_restricted_step_normalizes_over_the_candidates(local_tuner):
     config = GenerationConfig(max_new_tokens=4, top_logprobs=5, unseen="restrict", trace=5)
-    generation = tuner.generate(PROMPT, config)
+    generation = local_tuner.generate(PROMPT, config)
     for step in generation.steps:
         assert len(step.top) == 5
         assert math.fsum(math.exp(a.logprob) for a in step.top) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_a_resumed_generation_keeps_one_trace_per_token(tiny_models, hf_models, tuner):
+def test_a_resumed_generation_keeps_one_trace_per_token(tiny_models, hf_models, local_tuner):
     from proxyclient import ProxyClientError
 
     config = GenerationConfig(max_new_tokens=8, trace=2, speculate="off")
-    whole = tuner.generate(PROMPT, config)
+    whole = local_tuner.generate(PROMPT, config)
     failing = LocalBase(hf_models["base"], fail_at_request=4)
     with ProxyTuner(failing, tiny_models["expert"], tiny_models["anti_expert"]) as flaky:
         with pytest.raises(ProxyClientError) as failure:
