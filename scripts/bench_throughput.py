@@ -9,6 +9,8 @@ time (the client; the relay and the vLLM server are other processes), how busy t
 machine's cores were (client, relay and server together: near 100% means the hardware, not the
 client's scheduling, sets the pace), generated tokens/s, requests, the local forwards by batch
 size (how many sequences each held), and the process's peak resident memory during the run.
+Before the runs, how busy the machine is with the server idle and in the half second after one
+request: its engine keeps cores busy after each request, which the client's runs share.
 
 Then the local step alone: one forward of both proxies for B sequences at once (``feed_many``;
 each with a 48-token cache, one new token), median of 20, against B = 1.
@@ -31,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +75,24 @@ def _machine_busy_seconds() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+def _busy_share(seconds: float) -> float:
+    """The share of the machine's cores busy over the next ``seconds``."""
+    busy_before, total_before = _machine_busy_seconds()
+    time.sleep(seconds)
+    busy_after, total_after = _machine_busy_seconds()
+    return (busy_after - busy_before) / (total_after - total_before)
+
+
+def server_busy(base_url: str, model: str) -> tuple[float, float]:
+    """How busy the machine is with the server idle (2 s) and in the 0.5 s after one request
+    (client idle): what the server's engine costs its neighbours on shared cores."""
+    time.sleep(2)
+    idle = _busy_share(2)
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 2}
+    httpx.post(f"{base_url}/completions", json=body, timeout=60).raise_for_status()
+    return idle, _busy_share(0.5)
 
 
 def _cpu_seconds() -> float:
@@ -125,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         config = GenerationConfig(max_new_tokens=args.tokens, top_logprobs=20)
         tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
+        idle_busy, after_request_busy = server_busy(server.base_url, BASE_NAME)
         for count in args.counts:
             tuner.proxies.batch_sizes.clear()
             started, cpu_before = time.perf_counter(), _cpu_seconds()
@@ -148,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{args.tokens} tokens per prompt (fewer where one ends at EOS), greedy, k = 20, "
         f"speculate auto, {args.rtt:g} ms added round trip; base-large on vLLM (CPU), "
-        f"expert-small / base-small local (torch 1 thread)\n"
+        f"expert-small / base-small local (torch 1 thread). Machine busy with the vLLM server "
+        f"idle: {idle_busy:.0%}; in the 0.5 s after one request: {after_request_busy:.0%}\n"
     )
     print(
         "| prompts | wall s | vs 1 prompt | client CPU s | machine busy | tokens "
