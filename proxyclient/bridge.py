@@ -112,6 +112,10 @@ class Realigner:
         self.proxy_bytes += self.proxy.bytes_of(ids)
         return ids
 
+    def can_feed(self, base_id: int) -> bool:
+        """Whether ``base_id`` has bytes to spell (special tokens have none)."""
+        return base_id < len(self.base) and self.base.token_bytes[base_id] is not None
+
     def rewind(self, base_len: int, proxy_len: int) -> None:
         """Back to when ``base_len`` / ``proxy_len`` bytes had been generated on each side."""
         del self.base_bytes[base_len:]

@@ -45,10 +45,10 @@ def base_scores(
     known[known.clone()] = twin[base_ids[known]] >= 0
     dropped = int((~known).sum())
     seen_ids, seen_lp = base_ids[known], base_logprobs[known]
-    if policy is UnseenPolicy.RESTRICT:
+    # With no returned candidate in the shared vocabulary there is no floor to bound the unseen
+    # by (``residual`` still spreads the leftover mass); the caller reports the empty set.
+    if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
         return Candidates(seen_ids, seen_lp, dropped)
-    if seen_ids.numel() == 0:
-        raise ValueError("the base returned no candidate inside the shared vocabulary")
 
     shared = torch.nonzero(twin >= 0).squeeze(1)  # [S] base ids with a twin
     n_unseen = shared.numel() - seen_ids.numel()

@@ -100,6 +100,11 @@ class Sequence:
         """Base tokens appended after the prompt (emitted ones and drafts)."""
         return len(self._marks)
 
+    def can_append(self, token: int) -> bool:
+        """Whether ``token`` can be put on both sides (a special token other than EOS has no
+        bytes for the proxies to spell)."""
+        return self.realigner is None or self.realigner.can_feed(token)
+
     def append(self, tokens: Ids[int]) -> None:
         """Put base tokens on both sides: the base's ids, and the proxy ids that spell them."""
         for token in tokens:

@@ -21,7 +21,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -134,7 +134,9 @@ class OneTokenStep:
         if candidates.ids.numel() == 0:
             raise ResponseFormatError(
                 f"none of the base's {len(top)} candidates is in the vocabulary it shares with "
-                f"the proxies ({bridge.shared} tokens): is --base-tokenizer right?"
+                f"the proxies ({bridge.shared} tokens) under unseen={config.unseen.value!r}, "
+                f"untwinned={config.untwinned.value!r}: check base_tokenizer, or keep more "
+                f"candidates (untwinned='prefix', unseen='residual', a larger top_logprobs)"
             )
         return candidates
 
@@ -287,14 +289,17 @@ class BaseDraftStep(_DraftStep):
             return await super().__call__(seq)
         if seq.appended == 0:
             self.tokens.check_unresolved(draft.tops[0])
-        # Positions up to the first token we cannot identify can be verified: the proxies read
-        # the drafted tokens before the last verifiable position in one forward.
-        unknown = next((i for i, t in enumerate(draft.tokens) if t is None), len(draft))
+        # Positions up to the first token we cannot identify (or cannot spell on the proxy
+        # side) can be verified: the proxies read the drafted tokens before the last verifiable
+        # position in one forward.
+        unknown = next(
+            (i for i, t in enumerate(draft.tokens) if t is None or not seq.can_append(t)),
+            len(draft),
+        )
         last = min(unknown, len(draft) - 1)
-        rows = [first]
+        rows = _DraftRows(first)
         if last and first is not None:
-            seq.append(draft.tokens[:last])  # type: ignore[arg-type]  # no None before `last`
-            rows.append(await seq.proxy_logprobs(self.pair, positions=last))
+            rows = await self.read_draft(seq, draft.tokens[:last], first)  # type: ignore[arg-type]
 
         emitted, accepted = [], 0
         for i in range(last + 1):
@@ -307,7 +312,7 @@ class BaseDraftStep(_DraftStep):
                 return alone.scores.exp()
 
             token, kept = self.verify(
-                seq, Observation(top, *_row(rows, i)), draft.tokens[i], base_p,
+                seq, Observation(top, *rows.at(i)), draft.tokens[i], base_p,
                 draft.token_logprobs[i],
             )  # fmt: skip
             emitted.append(token)
@@ -316,6 +321,26 @@ class BaseDraftStep(_DraftStep):
                 break
         self.adapt(seq, len(draft), accepted)
         return emitted
+
+    async def read_draft(
+        self, seq: Sequence, tokens: list[int], first: ProxyLogprobs
+    ) -> _DraftRows:
+        """Append the drafted ``tokens`` and read the proxies at every drafted position, in one
+        forward.
+
+        Draft position i (the base's top-k after drafted tokens 0..i-1) is read where the
+        one-token loop reads it: at the last proxy position once the proxy ids spelling tokens
+        0..i-1 are appended. With a bridge, one base token is spelled by zero, one or several
+        proxy tokens (zero while the realigner holds back part of a character), so position i
+        sits ``ends[i - 1]`` proxy tokens into the sequence, not i; where no proxy token was
+        added since position 0, the proxies' answer is ``first``'s."""
+        start = len(seq.proxy_generated)
+        ends = []  # [len(tokens)]: proxy tokens appended after drafted tokens 0..i
+        for token in tokens:
+            seq.append([token])
+            ends.append(len(seq.proxy_generated) - start)
+        block = await seq.proxy_logprobs(self.pair, positions=ends[-1]) if ends[-1] else None
+        return _DraftRows(first, block, ends)
 
 
 class ExpertDraftStep(_DraftStep):
@@ -372,14 +397,22 @@ class ExpertDraftStep(_DraftStep):
         return emitted
 
 
-def _row(
-    rows: list[ProxyLogprobs | None], i: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The proxies' log-probs at draft position i: rows[0] holds position 0, rows[1] the rest."""
-    if rows[0] is None:
-        return None, None
-    block, index = (rows[0], 0) if i == 0 else (rows[1], i - 1)
-    return block.expert[index], block.anti[index]
+@dataclass(frozen=True)
+class _DraftRows:
+    """The proxies' log-probs at the positions of a base draft (see ``read_draft``)."""
+
+    first: ProxyLogprobs | None  # at draft position 0; None when alpha = 0
+    block: ProxyLogprobs | None = None  # [ends[-1], V] at the proxy positions the draft added
+    ends: list[int] = field(default_factory=list)  # proxy tokens added by draft tokens 0..i
+
+    def at(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(expert, anti) at draft position i."""
+        if self.first is None:
+            return None, None
+        added = self.ends[i - 1] if i else 0
+        if added == 0 or self.block is None:
+            return self.first.expert[-1], self.first.anti[-1]
+        return self.block.expert[added - 1], self.block.anti[added - 1]
 
 
 async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any]:

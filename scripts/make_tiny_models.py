@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 logger = logging.getLogger(__name__)
 
 # Bump whenever anything below changes the files produced.
-BUILD_VERSION = "tiny-models-v2"
+BUILD_VERSION = "tiny-models-v3"
 
 MODEL_KEYS = (
     "base",
@@ -38,12 +38,16 @@ MODEL_KEYS = (
     "anti_expert_padded",
     "expert_sp",
     "anti_expert_sp",
+    "base_fine",
+    "expert_fine",
+    "anti_expert_fine",
 )
 
 VOCAB_SIZE = 1024
 NUM_TRAINING_FILES = 200
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 PADDED_EXTRA_ROWS = 8
+FINE_VOCAB_SIZE = 300  # asks for few merges: the trainer keeps every character it saw (~425 tokens)
 LM_HEAD_SCALE = 20.0
 EXPERT_NOISE = 0.5  # noise std, relative to each perturbed weight's std
 
@@ -307,8 +311,10 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
     """Build (or reuse) the tiny models under `out_dir`; returns {key: model dir}.
 
     Keys: base (3 layers), anti_expert (2 layers), expert (anti_expert perturbed),
-    expert_padded / anti_expert_padded (vocab padded by 8 rows, tokenizer unchanged), and
-    expert_sp / anti_expert_sp (2 layers on a different, Metaspace + byte-fallback tokenizer).
+    expert_padded / anti_expert_padded (vocab padded by 8 rows, tokenizer unchanged),
+    expert_sp / anti_expert_sp (2 layers on a different, Metaspace + byte-fallback tokenizer), and
+    base_fine / expert_fine / anti_expert_fine (3 and 2 layers on a Metaspace + byte-fallback
+    tokenizer with almost no merges: about one token per character).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +335,15 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
         metaspace = build_metaspace_tokenizer()
         anti_sp = _random_model(metaspace, num_layers=2, seed=5)
         sp_models = {"anti_expert_sp": anti_sp, "expert_sp": _perturbed(anti_sp, seed=6)}
+        # Nearly one token per character: against the byte-level base, one base token is spelled
+        # by several of these (as proxies) and one of these by part of a base token (as base).
+        fine = build_metaspace_tokenizer(vocab_size=FINE_VOCAB_SIZE)
+        anti_fine = _random_model(fine, num_layers=2, seed=7)
+        fine_models = {
+            "base_fine": _random_model(fine, num_layers=3, seed=9),
+            "anti_expert_fine": anti_fine,
+            "expert_fine": _perturbed(anti_fine, seed=8),
+        }
         models_by_key = {
             "base": base,
             "expert": expert,
@@ -341,6 +356,8 @@ def build_tiny_models(out_dir: Path, force: bool = False) -> dict[str, Path]:
                 _save(model, tokenizer, paths[key])
             for key, model in sp_models.items():
                 _save(model, metaspace, paths[key])
+            for key, model in fine_models.items():
+                _save(model, fine, paths[key])
         (out_dir / "BUILD_VERSION").write_text(BUILD_VERSION + "\n")
         logger.info("built tiny models in %s", out_dir)
     return paths

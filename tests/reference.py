@@ -204,3 +204,43 @@ def not_utf8_alone(base_tokenizer) -> frozenset[int]:
     """Tokens a text dialect spells U+FFFD (or ""): they keep their rank but cannot be chosen."""
     table = base_tokenizer.vocab.token_bytes
     return frozenset(i for i, data in enumerate(table) if data is not None and not valid_utf8(data))
+
+
+def chi_square_p_value(chi2: float, dof: int) -> float:
+    """Upper tail of the chi-square distribution (Wilson-Hilferty approximation)."""
+    z = ((chi2 / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def joint_distribution(
+    q: Callable[[tuple[int, ...]], torch.Tensor], length: int
+) -> dict[tuple[int, ...], float]:
+    """P(t_1..t_length) = q(())[t_1] * q((t_1,))[t_2] * ..., over the outcomes of non-zero
+    probability; ``q(prefix)`` is the next token's distribution after ``prefix``."""
+    joint: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, p in joint.items():
+            row = q(prefix)
+            for token in torch.nonzero(row).flatten().tolist():
+                grown[(*prefix, token)] = p * float(row[token])
+        joint = grown
+    return joint
+
+
+def assert_samples_follow(
+    tuner, prompt: str, exact: dict[tuple[int, ...], float], *, n: int, **options
+) -> None:
+    """``n`` samples of ``tuner`` (seeds 0..n-1, so the verdict is reproducible), each as many
+    tokens as ``exact``'s outcomes, pass a chi-square test against ``exact`` (a p-value under
+    1e-4 fails)."""
+    length = len(next(iter(exact)))
+    counts = dict.fromkeys(exact, 0)
+    for seed in range(n):
+        got = tuner.generate(prompt, max_new_tokens=length, seed=seed, **options)
+        outcome = tuple(got.token_ids)
+        assert outcome in exact, f"{outcome} has probability 0 (seed {seed})"
+        counts[outcome] += 1
+    chi2 = sum((counts[o] - n * p) ** 2 / (n * p) for o, p in exact.items())
+    dof = len(exact) - 1
+    assert chi_square_p_value(chi2, dof) > 1e-4, f"chi2 {chi2:.1f} with {dof} dof; counts {counts}"

@@ -2,7 +2,8 @@
 
 Deliberately independent of proxyclient (it imports nothing from it, in particular not its
 ``vocab``, ``bridge`` or ``combine``): every token's bytes are read off the tokenizers here
-(GPT-2's byte map for the byte-level base, Metaspace + ``<0xNN>`` byte fallback for the proxies),
+(GPT-2's byte map for byte-level BPE, Metaspace + ``<0xNN>`` byte fallback; either side may be
+either),
 twins are found by comparing those bytes in a dictionary built here, and every step runs full
 forwards of all three models (no KV cache) and scores the candidates with plain tensor math.
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from reference import assert_same_tokens
 
 _FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -71,9 +75,17 @@ class BridgeMaps:
     prefix: list[int]  # twin, else the longest proxy token the base token's bytes begin with
 
 
+def token_bytes(tokenizer) -> tuple[list[bytes | None], set[int]]:
+    """Bytes of every id (Metaspace + byte fallback when the tokenizer has ``<0x00>``, else
+    byte-level BPE), and the ids of byte-fallback tokens (none for byte-level BPE)."""
+    if "<0x00>" in tokenizer.get_vocab():
+        return metaspace_bytes(tokenizer)
+    return byte_level_bytes(tokenizer), set()
+
+
 def bridge_maps(base_tokenizer, proxy_tokenizer) -> BridgeMaps:
-    base_bytes = byte_level_bytes(base_tokenizer)
-    proxy_bytes, fallback = metaspace_bytes(proxy_tokenizer)
+    base_bytes, _ = token_bytes(base_tokenizer)
+    proxy_bytes, fallback = token_bytes(proxy_tokenizer)
     # Where several proxy ids spell the same bytes, the one the tokenizer emits wins: a piece
     # over a byte-fallback token, then the lowest id.
     by_bytes: dict[bytes, int] = {}
@@ -160,3 +172,83 @@ def bridged_step(
 def spelled(table: list[bytes | None], ids: list[int]) -> bytes:
     """The bytes of ``ids`` (special tokens spell nothing)."""
     return b"".join(table[i] or b"" for i in ids)
+
+
+# -- checking the loop against it ----------------------------------------------------------------
+
+
+@dataclass
+class BridgedWorld:
+    """Three models on two tokenizers, loaded with transformers (fp32, CPU), and their maps."""
+
+    base: object
+    expert: object
+    anti: object
+    base_tokenizer: object
+    proxy_tokenizer: object
+
+    def __post_init__(self) -> None:
+        self.maps = bridge_maps(self.base_tokenizer, self.proxy_tokenizer)
+
+
+@contextmanager
+def recording_proxy_ids(pair) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """While open, every (expert ids, anti ids) that ``pair`` (the loop's ProxyPair) is asked
+    to read, in order."""
+    fed: list[tuple[list[int], list[int]]] = []
+    real = pair.logprobs
+
+    async def recording(state, expert_ids, anti_ids, positions=1):
+        fed.append((list(expert_ids), list(anti_ids)))
+        return await real(state, expert_ids, anti_ids, positions)
+
+    pair.logprobs = recording
+    try:
+        yield fed
+    finally:
+        del pair.logprobs
+
+
+def check_one_token_loop(
+    tuner, world: BridgedWorld, prompt: str, *, n: int, k: int, alpha: float, unseen: str,
+    untwinned: str,
+):  # fmt: skip
+    """``tuner``'s greedy generation with one request per token equals the reference, step by
+    step: the proxy ids it fed spell exactly the base's bytes, and the reference recomputes each
+    step's scores from them with full forwards. Returns (generation, reference steps)."""
+    maps = world.maps
+    with recording_proxy_ids(tuner.proxies) as fed:
+        got = tuner.generate(
+            prompt, max_new_tokens=n, top_logprobs=k, speculate="off", alpha=alpha,
+            unseen=unseen, untwinned=untwinned,
+        )  # fmt: skip
+    assert got.error is None
+    base_prompt = world.base_tokenizer(prompt).input_ids
+    proxy_prompt = world.proxy_tokenizer(prompt).input_ids
+    # One forward per step (speculate off), the EOS step included.
+    assert len(fed) == len(got.token_ids) + (got.finish_reason == "eos")
+    steps = []
+    for i, (expert_ids, anti_ids) in enumerate(fed):
+        assert expert_ids == anti_ids  # no chat template: one prompt for both
+        assert anti_ids[: len(proxy_prompt)] == proxy_prompt
+        # Independently of the realigner: the proxies read exactly the bytes the base produced.
+        generated = got.token_ids[:i]
+        assert spelled(maps.proxy_bytes, anti_ids[len(proxy_prompt) :]) == spelled(
+            maps.base_bytes, generated
+        ), f"step {i}: proxy ids {anti_ids} spell other bytes than base ids {generated}"
+        steps.append(
+            bridged_step(
+                world.base,
+                world.expert,
+                world.anti,
+                base_prompt + generated,
+                anti_ids,
+                maps,
+                k=k,
+                alpha=alpha,
+                unseen=unseen,
+                untwinned=untwinned,
+            )
+        )
+    assert_same_tokens(got.token_ids, steps, frozenset({world.base_tokenizer.eos_token_id}))
+    return got, steps

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 from local_base import LocalBase
-from reference import assert_same_tokens
-from reference_bridged import bridge_maps, bridged_step, spelled
+from reference_bridged import BridgedWorld, check_one_token_loop
 from transformers import AutoTokenizer
 
 from proxyclient import ProxyTuner
@@ -27,89 +26,45 @@ PROMPTS = ["def main():", "import os\nclass Foo(object):\n    ", "x = '日本' #
 @pytest.fixture(scope="module")
 def world(tiny_models, hf_models):
     proxy_tokenizer = AutoTokenizer.from_pretrained(tiny_models["anti_expert_sp"])
-    maps = bridge_maps(hf_models["tokenizer"], proxy_tokenizer)
     with ProxyTuner(
         LocalBase(hf_models["base"]), tiny_models["expert_sp"], tiny_models["anti_expert_sp"],
         base_tokenizer=BaseTokenizer(hf_models["tokenizer"]), device="cpu",
     ) as tuner:  # fmt: skip
-        yield {
-            "tuner": tuner,
-            "maps": maps,
-            "proxy_tokenizer": proxy_tokenizer,
-            "base": hf_models["base"],
-            "expert": hf_models["expert_sp"],
-            "anti": hf_models["anti_expert_sp"],
-            "base_tokenizer": hf_models["tokenizer"],
-        }
-
-
-def _generate_recording(tuner, monkeypatch, prompt, **settings):
-    """The loop's generation, and the proxy ids (expert, anti) it fed at each step."""
-    fed: list[tuple[list[int], list[int]]] = []
-    pair = tuner.proxies
-    real = type(pair).logprobs
-
-    async def recording(state, expert_ids, anti_ids, positions=1):
-        fed.append((list(expert_ids), list(anti_ids)))
-        return await real(pair, state, expert_ids, anti_ids, positions)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pair, "logprobs", recording)
-        got = tuner.generate(prompt, max_new_tokens=N, top_logprobs=K, speculate="off", **settings)
-    return got, fed
-
-
-def _check(world, monkeypatch, prompt, *, alpha, unseen, untwinned):
-    """Runs the loop and the reference; the reference's steps."""
-    maps = world["maps"]
-    got, fed = _generate_recording(
-        world["tuner"], monkeypatch, prompt, alpha=alpha, unseen=unseen, untwinned=untwinned
-    )
-    assert got.error is None
-    base_prompt = world["base_tokenizer"](prompt).input_ids
-    proxy_prompt = world["proxy_tokenizer"](prompt).input_ids
-    # One forward per step (speculate off), the EOS step included.
-    assert len(fed) == len(got.token_ids) + (got.finish_reason == "eos")
-    steps, untwinned_seen, dropped = [], 0, 0
-    for i, (expert_ids, anti_ids) in enumerate(fed):
-        assert expert_ids == anti_ids  # no chat template: one prompt for both
-        assert anti_ids[: len(proxy_prompt)] == proxy_prompt
-        # Independently of the realigner: the proxies read exactly the bytes the base produced.
-        generated = got.token_ids[:i]
-        assert spelled(maps.proxy_bytes, anti_ids[len(proxy_prompt) :]) == spelled(
-            maps.base_bytes, generated
-        ), f"step {i}: proxy ids {anti_ids} spell other bytes than base ids {generated}"
-        step = bridged_step(
-            world["base"], world["expert"], world["anti"], base_prompt + generated, anti_ids,
-            maps, k=K, alpha=alpha, unseen=unseen, untwinned=untwinned,
+        yield tuner, BridgedWorld(
+            hf_models["base"], hf_models["expert_sp"], hf_models["anti_expert_sp"],
+            hf_models["tokenizer"], proxy_tokenizer,
         )  # fmt: skip
-        untwinned_seen += sum(maps.twin[t] < 0 for t in step.top_k)
-        to_proxy = maps.prefix if untwinned == "prefix" else maps.twin
-        dropped += sum(to_proxy[t] < 0 for t in step.top_k)
-        steps.append(step)
-    eos = frozenset({world["base_tokenizer"].eos_token_id})
-    assert_same_tokens(got.token_ids, steps, eos)
+
+
+def _check(world, prompt, *, alpha, unseen, untwinned):
+    """Runs the loop and the reference; the reference's steps."""
+    tuner, reference = world
+    maps = reference.maps
+    got, steps = check_one_token_loop(
+        tuner, reference, prompt, n=N, k=K, alpha=alpha, unseen=unseen, untwinned=untwinned
+    )
+    to_proxy = maps.prefix if untwinned == "prefix" else maps.twin
     if [s.token for s in steps][: len(got.token_ids)] == got.token_ids:  # no tie taken apart
-        assert got.usage.untwinned_candidates == untwinned_seen
-        assert got.usage.dropped_candidates == dropped
+        assert got.usage.untwinned_candidates == sum(
+            maps.twin[t] < 0 for s in steps for t in s.top_k
+        )
+        assert got.usage.dropped_candidates == sum(to_proxy[t] < 0 for s in steps for t in s.top_k)
     return got, steps
 
 
 @pytest.mark.parametrize("unseen", ["restrict", "residual"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
-def test_twins_only_matches_the_reference(world, monkeypatch, alpha, unseen):
+def test_twins_only_matches_the_reference(world, alpha, unseen):
     for prompt in PROMPTS:
-        _check(world, monkeypatch, prompt, alpha=alpha, unseen=unseen, untwinned="drop")
+        _check(world, prompt, alpha=alpha, unseen=unseen, untwinned="drop")
 
 
 @pytest.mark.parametrize("unseen", ["restrict", "residual"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
-def test_untwinned_candidates_under_prefix_match_the_reference(world, monkeypatch, alpha, unseen):
+def test_untwinned_candidates_under_prefix_match_the_reference(world, alpha, unseen):
     chosen_untwinned = 0
     for prompt in PROMPTS:
-        got, steps = _check(
-            world, monkeypatch, prompt, alpha=alpha, unseen=unseen, untwinned="prefix"
-        )
+        got, steps = _check(world, prompt, alpha=alpha, unseen=unseen, untwinned="prefix")
         assert got.usage.untwinned_candidates > 0
         chosen_untwinned += sum(
             s.untwinned_chosen and s.token == t for s, t in zip(steps, got.token_ids, strict=False)

@@ -16,7 +16,12 @@ import httpx
 import pytest
 from conftest import BASE_NAME, server_greedy
 from dialect_servers import DialectServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from other_tokenizers import tiktoken_twin
+from reference_bridged import BridgedWorld
+from speculation_checks import assert_drafts_give_off_tokens
+from transformers import AutoTokenizer
 
 from proxyclient import ConfigError, ProxyTuner, connect
 from proxyclient.tokenizer import BaseTokenizer
@@ -79,6 +84,47 @@ def test_a_steering_expert_moves_the_output_and_text_stays_valid(bridged):
         dropping = bridged.generate(prompt, max_new_tokens=N, alpha=2.0, untwinned="drop")
         assert dropping.usage.dropped_candidates == dropping.usage.untwinned_candidates > 0
     assert moved >= N  # at least a third of the positions over the three prompts
+
+
+@pytest.fixture(scope="module", params=["sp", "fine"])
+def drafting(request, servers, tiny_models, hf_models):
+    """The vLLM base with proxies on the Metaspace tokenizer, or on the one with about a token
+    per character (one base token spelled by several proxy tokens)."""
+    expert, anti = f"expert_{request.param}", f"anti_expert_{request.param}"
+    base = connect("vllm", servers["full"].base_url, BASE_NAME)
+    world = BridgedWorld(
+        hf_models["base"], hf_models[expert], hf_models[anti], hf_models["tokenizer"],
+        AutoTokenizer.from_pretrained(tiny_models[anti]),
+    )  # fmt: skip
+    with ProxyTuner(
+        base, tiny_models[expert], tiny_models[anti], base_tokenizer=tiny_models["base"],
+        device="cpu",
+    ) as tuner:  # fmt: skip
+        yield tuner, world
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    prompt=st.sampled_from([*PROMPTS, "You may convey", "The licensee shall"]),
+    alpha=st.sampled_from([0.5, 1.0, 2.0]),
+    draft_tokens=st.integers(1, 8),
+    unseen=st.sampled_from(["residual", "restrict", "floor"]),
+    untwinned=st.sampled_from(["prefix", "drop"]),
+)
+def test_base_drafts_through_vllm_give_off_tokens(
+    drafting, prompt, alpha, draft_tokens, unseen, untwinned
+):
+    """What auto picks on vLLM, against one request per token and the bridged reference."""
+    tuner, world = drafting
+    assert_drafts_give_off_tokens(
+        tuner, world, prompt, draft_tokens=draft_tokens, max_new_tokens=N, alpha=alpha,
+        top_logprobs=20, unseen=unseen, untwinned=untwinned,
+    )  # fmt: skip
 
 
 def test_without_the_base_tokenizer_the_mismatch_is_named(servers, tiny_models):

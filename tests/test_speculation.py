@@ -8,12 +8,16 @@ Against an in-process base (tests/local_base.py); tests/test_integration_vllm.py
 through a real vLLM server.
 """
 
-import math
-
 import pytest
 import torch
 from local_base import LocalBase
-from reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy
+from reference import (
+    assert_same_tokens,
+    assert_samples_follow,
+    joint_distribution,
+    next_logprobs,
+    proxy_tuned_greedy,
+)
 
 from proxyclient import ConfigError, GenerationConfig, ProxyTuner
 from proxyclient.sampling import verify, warp
@@ -153,13 +157,7 @@ def exact_two_token_distribution(hf_models, prompt_ids, alpha, top_k):
         )
         return warp(scores, temperature=1.0, top_k=top_k, top_p=1.0).softmax(dim=0)
 
-    first = q(prompt_ids)
-    joint = {}
-    for a in torch.nonzero(first).flatten().tolist():
-        second = q([*prompt_ids, a])
-        for b in torch.nonzero(second).flatten().tolist():
-            joint[(a, b)] = float(first[a] * second[b])
-    return joint
+    return joint_distribution(lambda prefix: q([*prompt_ids, *prefix]), 2)
 
 
 @pytest.mark.slow
@@ -170,22 +168,7 @@ def test_sampling_with_drafts_keeps_the_distribution(tuner, hf_models, mode):
     reproducible. "off" is the control: the same test on the plain sampler."""
     prompt_ids = tuner.tokenizer(PROMPTS[0]).input_ids
     exact = exact_two_token_distribution(hf_models, prompt_ids, alpha=1.0, top_k=4)
-    counts = dict.fromkeys(exact, 0)
-    n = 1500
-    for seed in range(n):
-        got = tuner.generate(
-            PROMPTS[0], max_new_tokens=2, temperature=1.0, top_k=4, top_logprobs=-1, seed=seed,
-            speculate=mode, draft_tokens=2,
-        )  # fmt: skip
-        outcome = tuple(got.token_ids)
-        assert outcome in exact, f"{outcome} has probability 0 (seed {seed})"
-        counts[outcome] += 1
-    chi2 = sum((counts[o] - n * p) ** 2 / (n * p) for o, p in exact.items())
-    dof = len(exact) - 1
-    assert p_value(chi2, dof) > 1e-4, f"chi2 {chi2:.1f} with {dof} dof; counts {counts}"
-
-
-def p_value(chi2: float, dof: int) -> float:
-    """Upper tail of the chi-square distribution (Wilson-Hilferty approximation)."""
-    z = ((chi2 / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
+    assert_samples_follow(
+        tuner, PROMPTS[0], exact, n=1500, temperature=1.0, top_k=4, top_logprobs=-1,
+        speculate=mode, draft_tokens=2,
+    )  # fmt: skip
