@@ -207,7 +207,7 @@ class DeepSeekChat(DialectAdapter):
                 cap = int(match.group(1))
                 return TopKTooLargeError(
                     f"{text} — DeepSeek gives at most {cap} top logprobs and {k} were asked "
-                    f"for: pass --top-logprobs {cap} or less.",
+                    f"for: pass --base-k {cap} or less.",
                     server_max=cap,
                     **fields,
                 )

@@ -189,7 +189,7 @@ class DialectAdapter:
     the defaults do not hold; one with options of its own extends ``__init__``."""
 
     dialect: ClassVar[str] = ""  # its name in the registry and in --api
-    k_option: ClassVar[str] = "--top-logprobs"  # what the user changes to lower k
+    k_option: ClassVar[str] = "--base-k"  # what the user changes to lower k
     # The server names tokens by text, so the adapter needs the base's tokenizer to map them to ids.
     needs_tokenizer: ClassVar[bool] = False
     # The ks ``discovery.probe`` asks for after k = 1, in order; the first one answered sets max_k.

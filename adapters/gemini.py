@@ -286,7 +286,7 @@ class GeminiGenerateContent(DialectAdapter):
             cap = int(match.group(1)) - 1
             return TopKTooLargeError(
                 f"{text} — Gemini gives at most {cap} top logprobs and {k} were asked for: "
-                f"pass --top-logprobs {cap} or less.",
+                f"pass --base-k {cap} or less.",
                 server_max=cap,
                 **fields,
             )

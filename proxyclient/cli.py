@@ -26,7 +26,7 @@ from proxyclient.config import (
     Speculate,
     UnseenPolicy,
     UntwinnedRule,
-    default_top_logprobs,
+    default_base_k,
 )
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.result import Alternative, Generation, TokenTrace, Usage
@@ -130,7 +130,7 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool
         decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
     decoding.add_argument("--alpha", type=float, default=1.0)
     decoding.add_argument(
-        "--top-logprobs",
+        "--base-k",
         type=int,
         default=None,
         help="k asked of the base; -1 = whole vocabulary (default: 20, or the server's cap)",
@@ -419,7 +419,7 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         alpha=args.alpha,
-        top_logprobs=args.top_logprobs,
+        base_k=args.base_k,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -630,7 +630,7 @@ def _choose(args: argparse.Namespace) -> int:
             prompt,
             options,
             alpha=args.alpha,
-            top_logprobs=args.top_logprobs,
+            base_k=args.base_k,
             unseen=args.unseen,
             untwinned=args.untwinned,
             expert_chat_template=args.expert_chat_template,
@@ -658,7 +658,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return {**dataclasses.asdict(found), "steering": steering_summary(found)}
 
     capabilities = asyncio.run(run())
-    default_k = default_top_logprobs(capabilities["max_k"])
+    default_k = default_base_k(capabilities["max_k"])
     print(
         json.dumps(
             {"api": args.api, "model": args.base_model, **capabilities, "default_k": default_k}

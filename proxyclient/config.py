@@ -69,7 +69,7 @@ class UntwinnedRule(StrEnum):
 # k asked of the base when the caller does not say: the server's cap where it is lower (OpenAI and
 # TGI: 5). Measured by scripts/miniature.py (README, "Does it work?"): k = 20 closes as much of the
 # gap as the whole vocabulary at about half the time per step.
-DEFAULT_TOP_LOGPROBS = 20
+DEFAULT_BASE_K = 20
 
 
 # The most alternatives a trace lists per token (OpenAI chat's top_logprobs cap).
@@ -79,20 +79,20 @@ MAX_TRACE_ALTERNATIVES = 20
 DEFAULT_DRAFT_TOKENS = 8
 
 
-def default_top_logprobs(max_k: int | None) -> int:
+def default_base_k(max_k: int | None) -> int:
     """The k a generation asks for by default from a server that allows at most ``max_k``."""
     if max_k is None or max_k == -1:
-        return DEFAULT_TOP_LOGPROBS
-    return min(DEFAULT_TOP_LOGPROBS, max_k)
+        return DEFAULT_BASE_K
+    return min(DEFAULT_BASE_K, max_k)
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding options of one generation. Validated on construction.
 
-    ``top_logprobs`` is k, the number of next-token logprobs asked of the base per step;
+    ``base_k`` is k, the number of next-token logprobs asked of the base per step;
     -1 asks for the whole vocabulary where the server allows it (vLLM ``--max-logprobs -1``);
-    None (default) asks for ``default_top_logprobs`` of the adapter's cap.
+    None (default) asks for ``default_base_k`` of the adapter's cap.
     ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1.0 mean off.
     ``expert_chat_template`` gives the expert (only) the prompt formatted with its tokenizer's chat
     template, as the paper does for chat-tuned experts; base and anti-expert get the plain prompt.
@@ -107,7 +107,7 @@ class GenerationConfig:
 
     max_new_tokens: int = 64
     alpha: float = 1.0
-    top_logprobs: int | None = None
+    base_k: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -142,10 +142,10 @@ class GenerationConfig:
             )
         if not math.isfinite(self.alpha):
             raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}")
-        if self.top_logprobs is not None and (self.top_logprobs == 0 or self.top_logprobs < -1):
+        if self.base_k is not None and (self.base_k == 0 or self.base_k < -1):
             raise ConfigError(
-                f"top_logprobs must be a positive integer, or -1 for the whole vocabulary, "
-                f"got {self.top_logprobs!r}"
+                f"base_k must be a positive integer, or -1 for the whole vocabulary, "
+                f"got {self.base_k!r}"
             )
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
@@ -181,7 +181,7 @@ class GenerationConfig:
 
 def _check_types(config: GenerationConfig) -> None:
     """Wrong types fail with the option's name, before any comparison trips over them."""
-    for name in ("top_k", "top_logprobs", "seed"):
+    for name in ("top_k", "base_k", "seed"):
         value = getattr(config, name)
         if not (_integer(value) or (name != "top_k" and value is None)):
             raise ConfigError(f"{name} must be an integer, got {value!r}")

@@ -36,7 +36,7 @@ from proxyclient.adapters.base import (
 )
 from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig, UntwinnedRule
-from proxyclient.errors import ResponseFormatError
+from proxyclient.errors import ProxyClientError, ResponseFormatError
 from proxyclient.proxies import ProxyLogprobs, ProxyPair
 from proxyclient.sampling import choose, distribution, verify
 from proxyclient.sequence import Sequence
@@ -81,7 +81,7 @@ class OneTokenStep:
         async def ask_base() -> TopLogprobs:
             started = time.perf_counter()
             try:
-                return await self.base.top_logprobs(prompt, seq.config.top_logprobs)
+                return await self.base.top_logprobs(prompt, seq.config.base_k)
             finally:
                 seq.timings.base_s += time.perf_counter() - started
 
@@ -136,7 +136,7 @@ class OneTokenStep:
                 f"none of the base's {len(top)} candidates is in the vocabulary it shares with "
                 f"the proxies ({bridge.shared} tokens) under unseen={config.unseen.value!r}, "
                 f"untwinned={config.untwinned.value!r}: check base_tokenizer, or keep more "
-                f"candidates (untwinned='prefix', unseen='residual', a larger top_logprobs)"
+                f"candidates (untwinned='prefix', unseen='residual', a larger base_k)"
             )
         return candidates
 
@@ -274,7 +274,7 @@ class BaseDraftStep(_DraftStep):
         async def ask_base() -> Continuation:
             started = time.perf_counter()
             try:
-                return await base.generate(prompt, config.top_logprobs, n, greedy=greedy, seed=seed)
+                return await base.generate(prompt, config.base_k, n, greedy=greedy, seed=seed)
             finally:
                 seq.timings.base_s += time.perf_counter() - started
 
@@ -311,10 +311,15 @@ class BaseDraftStep(_DraftStep):
                 alone = self.candidates(seq, Observation(top, None, None), alpha=0.0, count=False)
                 return alone.scores.exp()
 
-            token, kept = self.verify(
-                seq, Observation(top, *rows.at(i)), draft.tokens[i], base_p,
-                draft.token_logprobs[i],
-            )  # fmt: skip
+            try:
+                token, kept = self.verify(
+                    seq, Observation(top, *rows.at(i)), draft.tokens[i], base_p,
+                    draft.token_logprobs[i],
+                )  # fmt: skip
+            except ProxyClientError:
+                if not emitted:
+                    raise
+                break  # the positions verified stand; the next step meets the error again
             emitted.append(token)
             accepted += kept
             if not kept:
@@ -371,7 +376,7 @@ class ExpertDraftStep(_DraftStep):
         self.count_request(seq, prompt)
         started = time.perf_counter()
         try:
-            scored = await base.score(prompt, draft.tokens, config.top_logprobs)
+            scored = await base.score(prompt, draft.tokens, config.base_k)
         finally:
             seq.timings.base_s += time.perf_counter() - started
         self.count_answer(seq, scored.usage, len(draft.tokens) + 1)
@@ -388,7 +393,12 @@ class ExpertDraftStep(_DraftStep):
 
             logprob = math.log(float(probs[drafted])) if drafted is not None else None
             observation = Observation(top, draft.expert[i], draft.anti[i])
-            token, kept = self.verify(seq, observation, drafted, expert_p, logprob)
+            try:
+                token, kept = self.verify(seq, observation, drafted, expert_p, logprob)
+            except ProxyClientError:
+                if not emitted:
+                    raise
+                break
             emitted.append(token)
             accepted += kept
             if not kept:

@@ -20,7 +20,7 @@ import torch
 
 from proxyclient.adapters.base import BaseModel, DraftingBaseModel, Prompt
 from proxyclient.combine import Candidates
-from proxyclient.config import GenerationConfig, Speculate, default_top_logprobs
+from proxyclient.config import GenerationConfig, Speculate, default_base_k
 from proxyclient.errors import ConfigError, ProxyClientError, UnsupportedError
 from proxyclient.local import (
     LocalModel,
@@ -379,7 +379,7 @@ class ProxyTuner:
             )
         tokens = whole[len(context) :]
         scored = await cast(DraftingBaseModel, self.base).score(
-            Prompt(tuple(context), len(context)), tokens, cast(int, config.top_logprobs)
+            Prompt(tuple(context), len(context)), tokens, cast(int, config.base_k)
         )
         state = PairState()
         local = await self.proxies.logprobs(state, whole, whole, positions=len(tokens) + 1)
@@ -419,10 +419,10 @@ class ProxyTuner:
 
     def _with_k(self, config: GenerationConfig) -> GenerationConfig:
         """``config`` with k resolved against this base's cap where it does not say."""
-        if config.top_logprobs is not None:
+        if config.base_k is not None:
             return config
-        k = default_top_logprobs(self.base.capabilities.max_k)
-        return dataclasses.replace(config, top_logprobs=k)
+        k = default_base_k(self.base.capabilities.max_k)
+        return dataclasses.replace(config, base_k=k)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

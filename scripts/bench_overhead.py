@@ -68,7 +68,7 @@ def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
             pass
 
     with ProxyTuner(InstantBase(), tiny["expert"], tiny["anti_expert"], device="cpu") as tuner:
-        options = dict(max_new_tokens=tokens, top_logprobs=k, unseen=unseen, alpha=1.0)
+        options = dict(max_new_tokens=tokens, base_k=k, unseen=unseen, alpha=1.0)
         tuner.generate("def main():", max_new_tokens=4)  # warm-up
         per_step = []
         for _ in range(generations):

@@ -119,7 +119,7 @@ def start_server(base_url: str, name: str, models: Path, port: int, log: Path) -
         sys.executable, "-m", "proxyclient", "serve", "--api", "vllm", "--base-url", base_url,
         "--base-model", name, "--expert", str(models / "expert-small"),
         "--anti-expert", str(models / "base-small"), "--threads", "1", "--device", "cpu",
-        "--top-logprobs", "20", "--port", str(port), "--log-level", "warning",
+        "--base-k", "20", "--port", str(port), "--log-level", "warning",
     ]  # fmt: skip
     with log.open("w") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

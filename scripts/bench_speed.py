@@ -605,7 +605,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     server = VLLMServer(
         models / "base-large",
         BASE_NAME,
-        max_logprobs=args.top_logprobs,
+        max_logprobs=args.base_k,
         log_path=args.server_log,
         extra_args=["--enable-prompt-tokens-details"],
     ).start()
@@ -625,7 +625,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             return GenerationConfig(
                 max_new_tokens=tokens,
                 alpha=alpha,
-                top_logprobs=args.top_logprobs,
+                base_k=args.base_k,
                 temperature=0.0,
                 speculate=mode,
                 **extra,
@@ -708,7 +708,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "prompts": len(prompts),
             "rtts_ms": list(args.rtts),
             "modes": modes,
-            "top_logprobs": args.top_logprobs,
+            "base_k": args.base_k,
             "draft_tokens": args.draft_tokens,
             "alpha": 1.0,
             "models": str(models),
@@ -735,7 +735,7 @@ def report(result: dict[str, Any]) -> str:
         for m, t in result["tokens_by_mode"].items()
     )
     lines = [
-        f"{len(prompts)} prompts x {cfg['tokens']} tokens, greedy, k = {cfg['top_logprobs']}, "
+        f"{len(prompts)} prompts x {cfg['tokens']} tokens, greedy, k = {cfg['base_k']}, "
         f"alpha 1; base-large on vLLM (CPU), expert-small / base-small local (torch 1 thread)",
         f"prompt tokens: {', '.join(str(p['prompt_tokens']) for p in prompts)}",
         f"proxy-tuned choice differs from the base's greedy choice at "
@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         help="speculation modes to run; the base loop (1) and the floor (4) always run",
     )
     parser.add_argument("--draft-tokens", type=int, default=None, help="default: the engine's")
-    parser.add_argument("--top-logprobs", type=int, default=20, help="k asked of the base")
+    parser.add_argument("--base-k", type=int, default=20, help="k asked of the base")
     parser.add_argument("--models", type=Path, default=SCRIPTS / "miniature_models")
     parser.add_argument("--json-out", type=Path, default=None, help="everything measured, JSON")
     parser.add_argument(
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         title = (
             f"miniature base-large on vLLM (CPU) behind an added round trip\n"
             f"{cfg['prompts']} prompts x {cfg['tokens']} tokens, greedy, "
-            f"k = {cfg['top_logprobs']}, proxies expert-small / base-small"
+            f"k = {cfg['base_k']}, proxies expert-small / base-small"
         )
         plot([Row(**r) for r in result["rows"]], args.plot, title)
         logger.info("plot: %s", args.plot)

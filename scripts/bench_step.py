@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def time_overlap(server: VLLMServer, expert: Path, anti: Path, latency: float, args) -> None:
-    config = GenerationConfig(max_new_tokens=args.tokens, top_logprobs=20, unseen="restrict")
+    config = GenerationConfig(max_new_tokens=args.tokens, base_k=20, unseen="restrict")
     tuners = {}
     for overlap in (True, False):
         base = WithLatency(connect("vllm", server.base_url, "tiny-base"), latency)

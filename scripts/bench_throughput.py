@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         tuner = stack.enter_context(
             ProxyTuner(base, args.models / "expert-small", args.models / "base-small", threads=1)
         )
-        config = GenerationConfig(max_new_tokens=args.tokens, top_logprobs=20)
+        config = GenerationConfig(max_new_tokens=args.tokens, base_k=20)
         tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
         idle_busy, after_request_busy = server_busy(server.base_url, BASE_NAME)
         for count in args.counts:

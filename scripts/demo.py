@@ -34,7 +34,7 @@ from miniature import BASE_NAME, DEFAULT_DIR, greedy_answers, load_model
 from vllm_server import VLLMServer
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
-from proxyclient.config import DEFAULT_TOP_LOGPROBS
+from proxyclient.config import DEFAULT_BASE_K
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
 
     print(
-        f"base: vLLM at {base_url}; k={DEFAULT_TOP_LOGPROBS}, unseen={config.unseen} "
+        f"base: vLLM at {base_url}; k={DEFAULT_BASE_K}, unseen={config.unseen} "
         "(proxyclient's defaults); greedy, to the first newline\n"
     )
     for question, expert_text, (plain, tuned) in zip(questions, expert_alone, results, strict=True):

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             agree, total = 0, 0
             for prompt in PROMPTS:
                 for alpha in (0.5, 1.0, 2.0):
-                    got = tuner.generate(prompt, max_new_tokens=16, alpha=alpha, top_logprobs=-1)
+                    got = tuner.generate(prompt, max_new_tokens=16, alpha=alpha, base_k=-1)
                     expected = proxy_tuned_greedy(
                         ref["base"], ref["expert"], ref["anti_expert"],
                         tuner.tokenizer(prompt).input_ids, alpha=alpha, max_new_tokens=16,
@@ -137,13 +137,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.delay_ms:g} ms, 64 tokens, median of 3 (ms per step):")  # fmt: skip
         for overlap in (True, False):
             tuner = ProxyTuner(DelayedBase(delay), expert, anti, device=device, overlap=overlap)
-            tuner.generate(
-                "def main():", max_new_tokens=8, top_logprobs=20, unseen="restrict"
-            )  # warm-up
+            tuner.generate("def main():", max_new_tokens=8, base_k=20, unseen="restrict")  # warm-up
             walls, locals_ = [], []
             for _ in range(3):
                 t = tuner.generate(
-                    "def main():", max_new_tokens=64, top_logprobs=20, unseen="restrict"
+                    "def main():", max_new_tokens=64, base_k=20, unseen="restrict"
                 ).timings
                 walls.append(t.wall_s / t.steps * 1e3)
                 locals_.append(t.local_s / t.steps * 1e3)

@@ -65,7 +65,7 @@ from vllm_server import VLLMServer
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.combine import combine
-from proxyclient.config import DEFAULT_TOP_LOGPROBS, GenerationConfig, UnseenPolicy
+from proxyclient.config import DEFAULT_BASE_K, GenerationConfig, UnseenPolicy
 
 logger = logging.getLogger("miniature")
 
@@ -77,7 +77,7 @@ ALPHAS = (0.5, 1.0, 2.0)
 TOP_KS = (5, 20, -1)
 POLICIES = tuple(p.value for p in UnseenPolicy)
 # What a user gets without options: proxyclient's defaults (vLLM's default k, see config.py).
-DEFAULT_CONFIG = (DEFAULT_TOP_LOGPROBS, GenerationConfig().unseen.value, GenerationConfig().alpha)
+DEFAULT_CONFIG = (DEFAULT_BASE_K, GenerationConfig().unseen.value, GenerationConfig().alpha)
 QUICK_QUESTIONS = 36
 MAX_NEW_TOKENS = 8
 OTHER_TOKENIZER = "proxies with another tokenizer"
@@ -163,7 +163,7 @@ def _proxy_rows(
                 r["prompt"],
                 max_new_tokens=MAX_NEW_TOKENS,
                 alpha=alpha,
-                top_logprobs=k,
+                base_k=k,
                 unseen=policy,
                 temperature=0,
                 stop=["\n"],
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_analyze = sub.add_parser("analyze", help="where proxy-tuned and tuned-large diverge")
     p_analyze.add_argument("--models", type=Path, default=DEFAULT_DIR)
-    p_analyze.add_argument("--top-logprobs", type=int, default=DEFAULT_CONFIG[0])
+    p_analyze.add_argument("--base-k", type=int, default=DEFAULT_CONFIG[0])
     p_analyze.add_argument("--unseen", default=DEFAULT_CONFIG[1], choices=POLICIES)
     p_analyze.add_argument("--alpha", type=float, default=1.0)
     p_analyze.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("evaluate took %.0f s", time.perf_counter() - started)
         print(format_table(table, questions))
     elif args.command == "analyze":
-        report = analyze(args.models, args.top_logprobs, args.unseen, args.alpha, args.limit)
+        report = analyze(args.models, args.base_k, args.unseen, args.alpha, args.limit)
         print(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -134,9 +134,7 @@ async def soak(args: argparse.Namespace) -> dict:
             timeout=httpx.Timeout(5.0, connect=2.0),
             max_retries=args.max_retries,
         )
-        config = GenerationConfig(
-            max_new_tokens=args.tokens, top_logprobs=20, speculate=args.speculate
-        )
+        config = GenerationConfig(max_new_tokens=args.tokens, base_k=20, speculate=args.speculate)
         texts = prompts(args.concurrency)
         async with ProxyTuner(base, models["expert"], models["anti_expert"], device="cpu") as tuner:
             keys = [tuple(tuner.tokens.encode_prompt(p).base) for p in texts]

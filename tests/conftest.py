@@ -181,7 +181,7 @@ def alpha_0_text(tuner, prompt: str, n: int, k: int, speculate: str) -> str:
     top-k ``k`` and `restrict`."""
     with tuner:
         return tuner.generate(
-            prompt, max_new_tokens=n, alpha=0.0, unseen="restrict", top_logprobs=k,
+            prompt, max_new_tokens=n, alpha=0.0, unseen="restrict", base_k=k,
             speculate=speculate,
         ).text  # fmt: skip
 
@@ -191,5 +191,5 @@ def headers_sent(server, tuner, prompt: str, k: int) -> list[dict]:
     afterwards) generates two tokens."""
     server.requests.clear()
     with tuner:
-        tuner.generate(prompt, max_new_tokens=2, top_logprobs=k)
+        tuner.generate(prompt, max_new_tokens=2, base_k=k)
     return [h for _, h, _ in server.requests]

@@ -146,7 +146,7 @@ def assert_chat_tuner_equals_the_formula(
     """``tuner``'s greedy output with top-k ``k`` and `restrict`, its base a chat dialect that
     continues a trailing turn (``chat_server_sees``), equals ``proxy_tuned_greedy`` restricted to
     that top-k; returns the generation."""
-    got = tuner.generate(prompt, max_new_tokens=max_new_tokens, unseen="restrict", top_logprobs=k)
+    got = tuner.generate(prompt, max_new_tokens=max_new_tokens, unseen="restrict", base_k=k)
     reference = proxy_tuned_greedy(
         hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
         tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=max_new_tokens,

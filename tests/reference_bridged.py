@@ -219,7 +219,7 @@ def check_one_token_loop(
     maps = world.maps
     with recording_proxy_ids(tuner.proxies) as fed:
         got = tuner.generate(
-            prompt, max_new_tokens=n, top_logprobs=k, speculate="off", alpha=alpha,
+            prompt, max_new_tokens=n, base_k=k, speculate="off", alpha=alpha,
             unseen=unseen, untwinned=untwinned,
         )  # fmt: skip
     assert got.error is None

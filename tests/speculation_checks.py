@@ -58,7 +58,10 @@ def assert_drafts_give_off_tokens(
     assert got.error == off.error
     assert got.token_ids == off.token_ids
     assert got.text == off.text and got.finish_reason == off.finish_reason
-    # The proxies were read at the same positions: where each base token's bytes begin.
+    # The proxies were read at the same positions: where each base token's bytes begin. (A
+    # failing position is tried again by the next step: compare the positions before it.)
+    if off.error is not None:
+        draft_rows, off_rows = draft_rows[: len(off.token_ids)], off_rows[: len(off.token_ids)]
     assert len(draft_rows) == len(off_rows)
     for i, ((top, expert, anti), (off_top, off_expert, off_anti)) in enumerate(
         zip(draft_rows, off_rows, strict=True)
@@ -66,11 +69,13 @@ def assert_drafts_give_off_tokens(
         assert top == off_top, f"position {i}: another base top-k"
         torch.testing.assert_close(expert, off_expert, atol=2e-5, rtol=0, msg=f"expert at {i}")
         torch.testing.assert_close(anti, off_anti, atol=2e-5, rtol=0, msg=f"anti at {i}")
+    if off.error is not None:
+        return
     for field in ("candidates", "untwinned_candidates", "dropped_candidates"):
         assert getattr(got.usage, field) == getattr(off.usage, field), field
     assert got.usage.requests <= off.usage.requests
-    if options.get("unseen") != "floor" and off.error is None:  # the reference's policies
+    if options.get("unseen") != "floor":  # the reference's policies
         check_one_token_loop(
-            tuner, world, prompt, n=options["max_new_tokens"], k=options["top_logprobs"],
+            tuner, world, prompt, n=options["max_new_tokens"], k=options["base_k"],
             alpha=options["alpha"], unseen=options["unseen"], untwinned=options["untwinned"],
         )  # fmt: skip

@@ -60,9 +60,9 @@ def assert_one_clear_line(code, err, needle, lines_at_most=1):
 
 # (what a user typed wrong, the flags, what the one line must say)
 CLI_ROWS = [
-    ("negative k", ["--top-logprobs", "-5"], "top_logprobs must be a positive integer, or -1"),
-    ("k zero", ["--top-logprobs", "0"], "top_logprobs must be a positive integer"),
-    ("k not a number", ["--top-logprobs", "many"], "argument --top-logprobs: invalid int value"),
+    ("negative k", ["--base-k", "-5"], "base_k must be a positive integer, or -1"),
+    ("k zero", ["--base-k", "0"], "base_k must be a positive integer"),
+    ("k not a number", ["--base-k", "many"], "argument --base-k: invalid int value"),
     ("alpha NaN", ["--alpha", "nan"], "alpha must be a finite number, got nan"),
     ("alpha infinite", ["--alpha", "inf"], "alpha must be a finite number, got inf"),
     ("alpha not a number", ["--alpha", "strong"], "argument --alpha: invalid float value"),
@@ -174,9 +174,9 @@ def test_an_unforeseen_failure_is_one_line_too(capsys, tiny_models, monkeypatch)
 # -- the same mistakes through the Python API ---------------------------------------------------
 
 CONFIG_ROWS = [
-    ({"top_logprobs": -5}, "top_logprobs must be a positive integer"),
-    ({"top_logprobs": 1.5}, "top_logprobs must be an integer"),
-    ({"top_logprobs": "5"}, "top_logprobs must be an integer"),
+    ({"base_k": -5}, "base_k must be a positive integer"),
+    ({"base_k": 1.5}, "base_k must be an integer"),
+    ({"base_k": "5"}, "base_k must be an integer"),
     ({"alpha": math.nan}, "alpha must be a finite number"),
     ({"alpha": "1"}, "alpha must be a number, got '1'"),
     ({"alpha": None}, "alpha must be a number, got None"),

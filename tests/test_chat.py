@@ -71,7 +71,7 @@ def test_chat_decodes_as_the_formula_with_each_side_s_rendering(
 ):
     prefix = " def add("
     config = GenerationConfig(
-        max_new_tokens=8, top_logprobs=-1, unseen="restrict", response_prefix=prefix,
+        max_new_tokens=8, base_k=-1, unseen="restrict", response_prefix=prefix,
         base_chat_template=base_chat_template,
     )  # fmt: skip
     got = tuner.generate(MESSAGES, config)

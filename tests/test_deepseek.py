@@ -202,7 +202,7 @@ def failing(tokenizer, status: int, message: str, type_: str = "invalid_request_
     ("status", "message", "kind", "advice"),
     [
         (400, "Invalid top_logprobs value, the valid range of top_logprobs is [0, 20]",
-         TopKTooLargeError, "pass --top-logprobs 20 or less"),
+         TopKTooLargeError, "pass --base-k 20 or less"),
         (400, "deepseek-reasoner does not support the parameter `logprobs`", BadRequestError,
          "use deepseek-chat (not deepseek-reasoner)"),
         (400, "Model Not Exist", NotFoundError,

@@ -54,7 +54,7 @@ def failed(tuner: ProxyTuner, config: GenerationConfig, at: int) -> Generation:
 @pytest.mark.parametrize("speculate", ["off", "base", "expert"])
 @pytest.mark.parametrize("at", [1, 2, 5])
 def test_a_resumed_generation_equals_an_uninterrupted_one(local_tuner, speculate, at):
-    config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate=speculate)
+    config = GenerationConfig(max_new_tokens=N, base_k=20, speculate=speculate)
     fail_at(local_tuner, None)
     whole = local_tuner.generate(PROMPT, config)
     partial = failed(local_tuner, config, at)
@@ -71,7 +71,7 @@ def test_a_resumed_generation_equals_an_uninterrupted_one(local_tuner, speculate
 
 
 def test_resume_twice_and_asynchronously(local_tuner):
-    config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate="off")
+    config = GenerationConfig(max_new_tokens=N, base_k=20, speculate="off")
     fail_at(local_tuner, None)
     whole = local_tuner.generate(PROMPT, config)
     first = failed(local_tuner, config, 3)
@@ -95,13 +95,11 @@ def test_resume_twice_and_asynchronously(local_tuner):
 def test_the_stream_yields_everything_before_it_raises(local_tuner):
     # A stop sequence that never completes makes the assembler hold text back: on the error the
     # stream hands it out, so what was streamed is the partial's text.
-    config = GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate="off")
+    config = GenerationConfig(max_new_tokens=N, base_k=20, speculate="off")
     fail_at(local_tuner, None)
     whole = local_tuner.generate(PROMPT, config)
     held = whole.text[len(local_tuner.generate(PROMPT, config, max_new_tokens=5).text) :][:1]
-    stopping = GenerationConfig(
-        max_new_tokens=N, top_logprobs=20, speculate="off", stop=(held + "\x00",)
-    )
+    stopping = GenerationConfig(max_new_tokens=N, base_k=20, speculate="off", stop=(held + "\x00",))
     for at in range(2, 9):
         fail_at(local_tuner, at)
         stream = local_tuner.stream(PROMPT, stopping)
@@ -116,7 +114,7 @@ def test_the_stream_yields_everything_before_it_raises(local_tuner):
 
 
 def test_resume_refuses_what_it_cannot_continue(local_tuner):
-    config = GenerationConfig(max_new_tokens=N, top_logprobs=20)
+    config = GenerationConfig(max_new_tokens=N, base_k=20)
     fail_at(local_tuner, None)
     done = local_tuner.generate(PROMPT, config)
     with pytest.raises(ConfigError, match="finished \\('length'\\) and has nothing left to do"):
@@ -175,7 +173,7 @@ def clean(proxy, faulty):
 
 
 def config(speculate: str) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=N, top_logprobs=20, speculate=speculate)
+    return GenerationConfig(max_new_tokens=N, base_k=20, speculate=speculate)
 
 
 def status(code: int, **headers: str) -> Fault:
@@ -375,7 +373,7 @@ def test_the_cli_resumes_a_failed_run_from_its_json(proxy, tiny_models, tmp_path
     args = [
         "--api", "vllm", "--base-url", f"{proxy.url}/v1", "--base-model", BASE_NAME,
         "--expert", str(tiny_models["expert"]), "--anti-expert", str(tiny_models["anti_expert"]),
-        "--max-new-tokens", str(N), "--top-logprobs", "20", "--threads", "1",
+        "--max-new-tokens", str(N), "--base-k", "20", "--threads", "1",
         "--speculate", "off", "--max-retries", "1", "--timeout", str(READ_TIMEOUT_S),
     ]  # fmt: skip
     proxy.schedule()

@@ -245,7 +245,7 @@ def test_k_over_the_cap_names_it(tokenizer):
         "is from 0 (inclusive) to 21 (exclusive). Update the value and try again."
     )
     base, _ = mock(tokenizer, lambda r: (400, error(400, message, "INVALID_ARGUMENT")))
-    with pytest.raises(TopKTooLargeError, match="pass --top-logprobs 20 or less") as e:
+    with pytest.raises(TopKTooLargeError, match="pass --base-k 20 or less") as e:
         run_step(base, Prompt((0, 5), 2), 25)
     assert e.value.server_max == 20
 
@@ -397,11 +397,11 @@ def test_a_model_that_refuses_a_model_turn_falls_back_to_one_step(
         caplog.at_level(logging.WARNING, logger="proxyclient.adapters.gemini"),
         tuner_for(gemini, tiny_models, tokenizer, model=MODEL + NO_PREFILL) as tuner,
     ):
-        choice = tuner.choose(PROMPTS[0], ["(", ":", " def"], top_logprobs=K, unseen="floor")
+        choice = tuner.choose(PROMPTS[0], ["(", ":", " def"], base_k=K, unseen="floor")
         assert choice.option in {"(", ":", " def"}
         assert not tuner.base.capabilities.multi_step
         with pytest.raises(ConfigError, match="can score only the first token"):
-            tuner.generate(PROMPTS[0], max_new_tokens=4, top_logprobs=K, speculate="off")
+            tuner.generate(PROMPTS[0], max_new_tokens=4, base_k=K, speculate="off")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
         "cannot continue a partial answer (a trailing model turn is refused: HTTP 400: Requests "

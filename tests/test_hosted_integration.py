@@ -96,7 +96,7 @@ def test_equals_the_formula_on_the_largest_top_k(
     server = servers[api]
     server.requests.clear()
     with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=k)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=k)
         ids = tuner.tokenizer(prompt).input_ids
     assert_same_tokens(got.token_ids, reference(api, hf_models, base_tokenizer, ids, k), EOS)
     sent = [body for path, _, body in server.requests if body]
@@ -131,7 +131,7 @@ def greedy_text(api, server, prompt, n):
 def test_alpha_zero_is_the_servers_own_greedy_text(servers, tiny_models, base_tokenizer, api):
     with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
         got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict",
-                             top_logprobs=LARGEST_K[api], speculate="off")  # fmt: skip
+                             base_k=LARGEST_K[api], speculate="off")  # fmt: skip
     assert got.text == greedy_text(api, servers[api], PROMPTS[1], N_TOKENS)
     assert got.text
 
@@ -141,7 +141,7 @@ SPECULATION = [(api, "base") for api in APIS] + [(api, "expert") for api in sort
 
 @pytest.mark.parametrize(("api", "mode"), SPECULATION)
 def test_speculation_gives_the_same_greedy_output(servers, tiny_models, base_tokenizer, api, mode):
-    options = dict(max_new_tokens=12, alpha=1.5, unseen="restrict", top_logprobs=LARGEST_K[api])
+    options = dict(max_new_tokens=12, alpha=1.5, unseen="restrict", base_k=LARGEST_K[api])
     with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
         assert mode in {m.value for m in tuner.speculation_modes()}
         off = tuner.generate(PROMPTS[1], speculate="off", **options)
@@ -221,9 +221,9 @@ def test_k_over_the_cap_names_it(servers, tiny_models, base_tokenizer, api):
     cap = CAPS[api]
     with (
         tuner_for(api, servers, tiny_models, base_tokenizer, max_k=None) as tuner,
-        pytest.raises(TopKTooLargeError, match=f"pass --top-logprobs {cap} or less") as e,
+        pytest.raises(TopKTooLargeError, match=f"pass --base-k {cap} or less") as e,
     ):
-        tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", top_logprobs=cap + 1)
+        tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", base_k=cap + 1)
     assert e.value.server_max == cap
 
 
@@ -234,9 +234,9 @@ def test_sglang_k_over_the_vocabulary_is_refused_before_it_reaches_the_server(
     server.requests.clear()
     with (
         tuner_for("sglang", servers, tiny_models, base_tokenizer) as tuner,
-        pytest.raises(TopKTooLargeError, match=f"pass --top-logprobs {VOCAB} or less"),
+        pytest.raises(TopKTooLargeError, match=f"pass --base-k {VOCAB} or less"),
     ):
-        tuner.generate(PROMPTS[0], max_new_tokens=1, top_logprobs=VOCAB + 1)
+        tuner.generate(PROMPTS[0], max_new_tokens=1, base_k=VOCAB + 1)
     assert not server.requests
 
 
@@ -278,7 +278,7 @@ def test_probe_discovers_the_cap(servers, base_tokenizer, api):
 def test_retries_ride_out_429_and_503(servers, tiny_models, base_tokenizer, api):
     servers[api].fail_next(429, 503)
     with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
-        got = tuner.generate(PROMPTS[0], max_new_tokens=3, unseen="restrict", top_logprobs=5)
+        got = tuner.generate(PROMPTS[0], max_new_tokens=3, unseen="restrict", base_k=5)
     assert len(got.token_ids) == 3
 
 

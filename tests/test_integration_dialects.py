@@ -72,7 +72,7 @@ def test_openai_equals_the_formula_on_its_top_5(
 ):
     server = dialect_servers["openai"]
     with tuner_for(server, tiny_models, base_tokenizer, "openai", api_key=KEY) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=5)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=5)
         ids = tuner.tokenizer(prompt).input_ids
     # OpenAI writes partial UTF-8 tokens as bytes:\xNN, so every token is identifiable.
     assert got.usage.dropped_candidates == 0
@@ -94,7 +94,7 @@ def test_tgi_equals_the_formula_on_its_top_5(
         return tokenizer(tokenizer.decode(tokenizer(prompt).input_ids[1:] + generated)).input_ids
 
     with tuner_for(server, tiny_models, base_tokenizer, "tgi") as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=5)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=5)
         ids = tuner.tokenizer(prompt).input_ids
     assert_same_tokens(
         got.token_ids, reference(hf_models, ids, 5, base_ids_for=tgi_sees), frozenset({1})
@@ -113,7 +113,7 @@ def test_plain_chat_scores_one_step_and_chooses(
     with tuner_for(server, tiny_models, base_tokenizer, "openai-chat") as tuner:
         # After the chat prompt the base's top 20 hold the first four, not the last two.
         options = ["rror", " def", " will", " Return", "(", ":"]
-        choice = tuner.choose(PROMPTS[0], options, top_logprobs=20, unseen="restrict")
+        choice = tuner.choose(PROMPTS[0], options, base_k=20, unseen="restrict")
     chat_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
     )
@@ -140,9 +140,9 @@ def test_top_k_over_the_cap_names_it(dialect_servers, tiny_models, base_tokenize
         options = {"api_key": KEY} if api == "openai" else {}
         with (
             tuner_for(server, tiny_models, base_tokenizer, api, **options) as tuner,
-            pytest.raises(TopKTooLargeError, match=f"pass --top-logprobs {cap} or less") as e,
+            pytest.raises(TopKTooLargeError, match=f"pass --base-k {cap} or less") as e,
         ):
-            tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", top_logprobs=cap + 1)
+            tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", base_k=cap + 1)
         assert e.value.server_max == cap
 
 
@@ -153,7 +153,7 @@ def test_retries_honour_429s_with_and_without_retry_after(
         server = dialect_servers[api]
         server.fail_next(429, 503)
         with tuner_for(server, tiny_models, base_tokenizer, api, **options) as tuner:
-            got = tuner.generate(PROMPTS[0], max_new_tokens=3, unseen="restrict", top_logprobs=5)
+            got = tuner.generate(PROMPTS[0], max_new_tokens=3, unseen="restrict", base_k=5)
         assert len(got.token_ids) == 3
 
 
@@ -245,7 +245,7 @@ def test_openai_recovers_ids_with_a_tiktoken_encoding(dialect_servers, tiny_mode
     assert encoding.is_tiktoken
     server = dialect_servers["openai"]
     with tuner_for(server, tiny_models, encoding, "openai", api_key=KEY) as tuner:
-        got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=5)
+        got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, unseen="restrict", base_k=5)
         ids = tuner.tokenizer(PROMPTS[1]).input_ids
     assert got.usage.dropped_candidates == 0
     assert_same_tokens(got.token_ids, reference(hf_models, ids, 5), frozenset({1}))

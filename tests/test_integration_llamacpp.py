@@ -40,7 +40,7 @@ def llama_server(tiny_models, tmp_path_factory):
 def test_llamacpp_equals_the_formula_on_the_top_k(llama_server, tiny_models, hf_models, prompt):
     base = connect("llamacpp", llama_server.base_url, "tiny-base")
     with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
-        got = t.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
+        got = t.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=K)
         expected = proxy_tuned_greedy(
             hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
             t.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=N_TOKENS,

@@ -43,7 +43,7 @@ def test_openai_adapter_equals_the_formula_on_the_top_k(
     servers, tiny_models, hf_models, base_tokenizer, prompt
 ):
     with tuner_for(servers, tiny_models, base_tokenizer, "openai", max_k=K) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=K)
         expected = proxy_tuned_greedy(
             hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
             tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=N_TOKENS,
@@ -69,7 +69,7 @@ def test_chat_adapter_continuing_on_vllm_equals_the_formula(
     with tuner_for(
         servers, tiny_models, base_tokenizer, "openai-chat", continue_final_message=True
     ) as tuner:
-        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", top_logprobs=K)
+        got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=K)
         expected = proxy_tuned_greedy(
             hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
             tuner.tokenizer(prompt).input_ids, alpha=1.0, max_new_tokens=N_TOKENS,
@@ -85,6 +85,6 @@ def test_plain_chat_allows_one_step_and_choose(servers, tiny_models, base_tokeni
             tuner.generate(PROMPTS[0], max_new_tokens=5)
         assert len(info.value.partial.token_ids) == 1
         assert len(tuner.generate(PROMPTS[0], max_new_tokens=1).token_ids) == 1
-        choice = tuner.choose(PROMPTS[0], ["(", ":", "def"], top_logprobs=K)
+        choice = tuner.choose(PROMPTS[0], ["(", ":", "def"], base_k=K)
         assert choice.option in ("(", ":", "def") or choice.option is None
         assert set(choice.probabilities) == {"(", ":", "def"}

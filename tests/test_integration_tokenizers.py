@@ -44,7 +44,7 @@ def bridged(servers, tiny_models):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_reproduces_the_bases_greedy_text(servers, bridged, prompt):
-    got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=20)
+    got = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", base_k=20)
     base_ids = bridged.tokens.base_tokenizer.encode(prompt)
     assert got.token_ids == server_greedy(servers["full"], base_ids, N)
     assert got.text == bridged.tokens.base_tokenizer.decode(got.token_ids)
@@ -57,9 +57,7 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
         base_tokenizer=tiny_models["base"], device="cpu",
     ) as same:  # fmt: skip
         for prompt in PROMPTS:
-            got = same.generate(
-                prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=20
-            )
+            got = same.generate(prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", base_k=20)
             expected = server_greedy(servers["full"], same.tokens.base_tokenizer.encode(prompt), N)
             assert got.token_ids == expected
 
@@ -67,11 +65,9 @@ def test_expert_equal_to_anti_expert_reproduces_it_too(servers, tiny_models):
 def test_a_steering_expert_moves_the_output_and_text_stays_valid(bridged):
     moved = 0
     for prompt in PROMPTS:
-        plain = bridged.generate(
-            prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=20
-        )
+        plain = bridged.generate(prompt, max_new_tokens=N, alpha=0.0, unseen="restrict", base_k=20)
         steered = bridged.generate(
-            prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=20
+            prompt, max_new_tokens=N, alpha=2.0, unseen="restrict", base_k=20
         )
         moved += sum(a != b for a, b in zip(plain.token_ids, steered.token_ids, strict=False))
         # Whatever the token boundaries, the text is the base bytes, decoded: valid UTF-8.
@@ -123,7 +119,7 @@ def test_base_drafts_through_vllm_give_off_tokens(
     tuner, world = drafting
     assert_drafts_give_off_tokens(
         tuner, world, prompt, draft_tokens=draft_tokens, max_new_tokens=N, alpha=alpha,
-        top_logprobs=20, unseen=unseen, untwinned=untwinned,
+        base_k=20, unseen=unseen, untwinned=untwinned,
     )  # fmt: skip
 
 
@@ -144,7 +140,7 @@ def test_cli_with_a_base_tokenizer(servers, tiny_models, bridged):
          "--anti-expert", str(tiny_models["anti_expert_sp"]), "--prompt", PROMPTS[0],
          "--max-new-tokens", str(N), "--alpha", "1.0", "--temperature", "0", "--json",
          "--threads", "1", "--unseen", "residual", "--untwinned", "prefix",
-         "--top-logprobs", "20", "--speculate", "off"],
+         "--base-k", "20", "--speculate", "off"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -152,7 +148,7 @@ def test_cli_with_a_base_tokenizer(servers, tiny_models, bridged):
     # The same settings on both sides, all explicit: no default decides the comparison.
     expected = bridged.generate(
         PROMPTS[0], max_new_tokens=N, alpha=1.0, temperature=0.0, unseen="residual",
-        untwinned="prefix", top_logprobs=20, speculate="off",
+        untwinned="prefix", base_k=20, speculate="off",
     )  # fmt: skip
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
@@ -167,10 +163,10 @@ def test_a_tiktoken_base_through_the_openai_dialect(tiny_models, hf_models):
             base_tokenizer=encoding, device="cpu",
         ) as tuner:  # fmt: skip
             got = tuner.generate(
-                PROMPTS[0], max_new_tokens=N, alpha=0.0, unseen="restrict", top_logprobs=5
+                PROMPTS[0], max_new_tokens=N, alpha=0.0, unseen="restrict", base_k=5
             )
             steered = tuner.generate(
-                PROMPTS[0], max_new_tokens=N, alpha=2.0, unseen="restrict", top_logprobs=5
+                PROMPTS[0], max_new_tokens=N, alpha=2.0, unseen="restrict", base_k=5
             )
         greedy = httpx.post(
             f"{server.base_url}/completions",

@@ -56,7 +56,7 @@ def test_whole_vocabulary_through_the_api_equals_the_formula(
     # drafts) or from prompt_logprobs (expert drafts); on this CPU server they equal the one-token
     # answers bit for bit, and any rounding difference could flip only a tie within 1e-5.
     got = tuner.generate(
-        prompt, max_new_tokens=N_TOKENS, alpha=alpha, top_logprobs=-1, speculate=speculate
+        prompt, max_new_tokens=N_TOKENS, alpha=alpha, base_k=-1, speculate=speculate
     )
     if speculate == "off":
         assert got.usage.requests == len(got.token_ids) + (got.finish_reason == "eos")
@@ -69,9 +69,7 @@ def test_whole_vocabulary_through_the_api_equals_the_formula(
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_top_20_restrict_equals_the_formula_restricted(tuner, hf_models, prompt):
-    got = tuner.generate(
-        prompt, max_new_tokens=N_TOKENS, alpha=1.0, unseen="restrict", top_logprobs=20
-    )
+    got = tuner.generate(prompt, max_new_tokens=N_TOKENS, alpha=1.0, unseen="restrict", base_k=20)
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, prompt, alpha=1.0, k=20), tuner.eos_ids
     )
@@ -79,9 +77,7 @@ def test_top_20_restrict_equals_the_formula_restricted(tuner, hf_models, prompt)
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_alpha_zero_is_the_bases_own_greedy_output(servers, tuner, prompt):
-    got = tuner.generate(
-        prompt, max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict", top_logprobs=20
-    )
+    got = tuner.generate(prompt, max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict", base_k=20)
     assert got.token_ids == server_greedy(
         servers["full"], tuner.tokenizer(prompt).input_ids, N_TOKENS
     )
@@ -92,7 +88,7 @@ def test_expert_equal_to_anti_expert_is_the_bases_own_greedy_output(servers, tin
     with ProxyTuner(base, tiny_models["anti_expert"], tiny_models["anti_expert"]) as same:
         for prompt in PROMPTS:
             got = same.generate(
-                prompt, max_new_tokens=N_TOKENS, alpha=2.0, unseen="restrict", top_logprobs=20
+                prompt, max_new_tokens=N_TOKENS, alpha=2.0, unseen="restrict", base_k=20
             )
             expected = server_greedy(servers["full"], same.tokenizer(prompt).input_ids, N_TOKENS)
             assert got.token_ids == expected
@@ -100,7 +96,7 @@ def test_expert_equal_to_anti_expert_is_the_bases_own_greedy_output(servers, tin
 
 @pytest.mark.parametrize("unseen", ["floor", "residual"])
 def test_every_policy_is_exact_with_the_whole_vocabulary(tuner, hf_models, unseen):
-    got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, top_logprobs=-1, unseen=unseen)
+    got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, base_k=-1, unseen=unseen)
     assert got.unseen_policy == unseen
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, PROMPTS[1], alpha=1.0), tuner.eos_ids
@@ -111,7 +107,7 @@ def test_policies_differ_with_a_small_k(tuner):
     outputs = {
         unseen: tuple(
             tuner.generate(
-                PROMPTS[0], max_new_tokens=N_TOKENS, alpha=2.0, top_logprobs=2, unseen=unseen
+                PROMPTS[0], max_new_tokens=N_TOKENS, alpha=2.0, base_k=2, unseen=unseen
             ).token_ids
         )
         for unseen in ("restrict", "floor")
@@ -151,7 +147,7 @@ def run_logging_order(servers, tiny_models, config, *, overlap):
 
 def test_overlap_changes_timing_not_tokens(servers, tiny_models):
     # The order of events, not wall time: timing belongs in scripts/bench_overhead.py.
-    config = GenerationConfig(max_new_tokens=8, top_logprobs=20, speculate="off")
+    config = GenerationConfig(max_new_tokens=8, base_k=20, speculate="off")
     overlapped, overlapped_order = run_logging_order(servers, tiny_models, config, overlap=True)
     sequential, sequential_order = run_logging_order(servers, tiny_models, config, overlap=False)
     assert overlapped.token_ids == sequential.token_ids
@@ -190,7 +186,7 @@ def cli_args(server, tiny_models, prompt="def main():", *extra, model=BASE_NAME)
     return [
         "--api", "vllm", "--base-url", server.base_url, "--base-model", model,
         "--expert", str(tiny_models["expert"]), "--anti-expert", str(tiny_models["anti_expert"]),
-        "--prompt", prompt, "--max-new-tokens", "12", "--alpha", "1.0", "--top-logprobs", "20",
+        "--prompt", prompt, "--max-new-tokens", "12", "--alpha", "1.0", "--base-k", "20",
         "--temperature", "0", "--seed", "0", "--threads", "1", *extra,
     ]  # fmt: skip
 
@@ -199,7 +195,7 @@ def test_cli_json_matches_the_python_api(servers, tiny_models, tuner):
     run = cli(*cli_args(servers["full"], tiny_models), "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    expected = tuner.generate("def main():", max_new_tokens=12, top_logprobs=20)
+    expected = tuner.generate("def main():", max_new_tokens=12, base_k=20)
     assert result["token_ids"] == expected.token_ids
     assert result["text"] == expected.text
     assert result["finish_reason"] == "length"
@@ -215,7 +211,7 @@ def test_cli_streams_text_and_reads_the_prompt_from_stdin(servers, tiny_models, 
         env={"PROXYCLIENT_API_KEY": API_KEY},
     )
     assert run.returncode == 0, run.stderr
-    expected = tuner.generate("def main():", max_new_tokens=12, top_logprobs=20, unseen="floor")
+    expected = tuner.generate("def main():", max_new_tokens=12, base_k=20, unseen="floor")
     assert run.stdout == expected.text + ("" if expected.text.endswith("\n") else "\n")
     assert API_KEY not in run.stdout + run.stderr
 
@@ -234,8 +230,8 @@ def test_cli_wrong_model_name(servers, tiny_models):
 
 def test_cli_top_k_over_the_servers_cap(servers, tiny_models):
     args = cli_args(servers["capped"], tiny_models, "x", "--api-key", API_KEY)
-    args[args.index("--top-logprobs") + 1] = "21"
-    assert_clean_failure(cli(*args), "at most 20 top logprobs", "pass --top-logprobs 20")
+    args[args.index("--base-k") + 1] = "21"
+    assert_clean_failure(cli(*args), "at most 20 top logprobs", "pass --base-k 20")
 
 
 def test_cli_prompt_longer_than_the_context(servers, tiny_models):

@@ -62,7 +62,7 @@ def test_a_lora_expert_equals_the_merged_expert(tiny_models, hf_models, lora_and
             torch.testing.assert_close(got.expert, want.expert, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(got.anti, want.anti, atol=1e-5, rtol=1e-5)
             assert not torch.allclose(got.expert, got.anti, atol=1e-2)  # the adapter matters
-            options = dict(max_new_tokens=12, alpha=2.0, top_logprobs=-1, speculate="off")
+            options = dict(max_new_tokens=12, alpha=2.0, base_k=-1, speculate="off")
             assert (
                 lora.generate(prompt, **options).token_ids
                 == plain.generate(prompt, **options).token_ids

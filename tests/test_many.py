@@ -44,7 +44,7 @@ def sequential(tiny_models, hf_models):
     with ProxyTuner(
         LocalBase(hf_models["base"]), tiny_models["expert"], tiny_models["anti_expert"]
     ) as tuner:
-        yield {p: tuner.generate(p, max_new_tokens=12, top_logprobs=20) for p in PROMPTS}
+        yield {p: tuner.generate(p, max_new_tokens=12, base_k=20) for p in PROMPTS}
 
 
 @pytest.mark.parametrize("speculate", ["off", "base"])
@@ -54,7 +54,7 @@ def test_concurrent_batched_generations_equal_sequential_ones(
     base = SlowBase(hf_models["base"], drafts=True)
     with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"]) as tuner:
         results = tuner.generate_many(
-            PROMPTS, max_new_tokens=12, top_logprobs=20, speculate=speculate, concurrency=4
+            PROMPTS, max_new_tokens=12, base_k=20, speculate=speculate, concurrency=4
         )
         sizes = tuner.proxies.batch_sizes
     assert [r.token_ids for r in results] == [sequential[p].token_ids for p in PROMPTS]
@@ -67,7 +67,7 @@ def test_one_failure_does_not_sink_the_others(tiny_models, hf_models, sequential
     failing = PROMPTS[2]
     base = SlowBase(hf_models["base"], fail_prompt=hf_models["tokenizer"](failing).input_ids)
     with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"]) as tuner:
-        results = tuner.generate_many(PROMPTS, max_new_tokens=12, top_logprobs=20, speculate="off")
+        results = tuner.generate_many(PROMPTS, max_new_tokens=12, base_k=20, speculate="off")
     for prompt, result in zip(PROMPTS, results, strict=True):
         if prompt == failing:
             assert result.finish_reason == "error" and "injected fault" in result.error

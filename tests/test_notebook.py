@@ -36,9 +36,9 @@ KEY = "sk-notebook-test-0123456789"
 PROMPT = "def main():"
 N_TOKENS = 8
 OPTIONS = ["(", ":", " return", "def"]
-SETTINGS = {"top_logprobs": 5, "unseen": "restrict"}
+SETTINGS = {"base_k": 5, "unseen": "restrict"}
 # Under "residual" every option gets a probability, even outside the base's top 5.
-CHOOSE_SETTINGS = {"top_logprobs": 5, "unseen": "residual"}
+CHOOSE_SETTINGS = {"base_k": 5, "unseen": "residual"}
 
 
 @pytest.fixture(scope="module")

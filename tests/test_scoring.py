@@ -32,10 +32,10 @@ def reference(hf_models, prompt_ids: list[int], continuation: list[int]):
 def check_score(tuner: ProxyTuner, hf_models) -> None:
     tokenizer = hf_models["tokenizer"]
     prompt_ids = tokenizer(PROMPT).input_ids
-    greedy = tuner.generate(PROMPT, max_new_tokens=6, alpha=ALPHA, top_logprobs=-1)
+    greedy = tuner.generate(PROMPT, max_new_tokens=6, alpha=ALPHA, base_k=-1)
     # " naïve 😀": characters of several tokens each, every one of which reads as U+FFFD.
     for continuation in (greedy.text, " naïve 😀", " return a - b"):
-        score = tuner.score(PROMPT, continuation, alpha=ALPHA, top_logprobs=-1, unseen="restrict")
+        score = tuner.score(PROMPT, continuation, alpha=ALPHA, base_k=-1, unseen="restrict")
         assert score.tokens == tokenizer(PROMPT + continuation).input_ids[len(prompt_ids) :]
         expected, is_greedy = reference(hf_models, prompt_ids, score.tokens)
         assert score.token_logprobs == pytest.approx(expected, abs=1e-4)

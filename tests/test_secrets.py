@@ -23,7 +23,7 @@ from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import AuthenticationError, ProxyClientError, ServerError
 
 ECHO = "Bearer ***"  # what the echoed header must read after redaction
-CONFIG = GenerationConfig(max_new_tokens=8, top_logprobs=20, speculate="off")
+CONFIG = GenerationConfig(max_new_tokens=8, base_k=20, speculate="off")
 
 
 def everything_said_about(exc: ProxyClientError) -> str:

@@ -23,7 +23,7 @@ from proxyclient.server.main import ServerThread
 NAME = "tiny-proxy"
 PROMPT = "def main():"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-DEFAULTS = GenerationConfig(max_new_tokens=8, top_logprobs=20)
+DEFAULTS = GenerationConfig(max_new_tokens=8, base_k=20)
 SECRET = "sk-base-secret-0123456789"
 
 
@@ -204,10 +204,10 @@ def test_several_prompts_and_token_id_prompts(app, reference):
 
 
 def test_proxy_tuning_fields_reach_the_config(app, reference):
-    body = {"alpha": 0.0, "base_top_logprobs": 5, "unseen": "restrict", "speculate": "off"}
+    body = {"alpha": 0.0, "base_k": 5, "unseen": "restrict", "speculate": "off"}
     answer = completion(app, max_tokens=6, **body).json()
     expected = reference.generate(
-        PROMPT, DEFAULTS, max_new_tokens=6, alpha=0.0, top_logprobs=5, unseen="restrict",
+        PROMPT, DEFAULTS, max_new_tokens=6, alpha=0.0, base_k=5, unseen="restrict",
         speculate="off",
     )  # fmt: skip
     assert answer["choices"][0]["text"] == expected.text
@@ -343,7 +343,7 @@ def test_response_prefix_and_text_parts(app, reference):
         ({"logprobs": 6}, "logprobs"),
         ({"unseen": "sometimes"}, "unseen"),
         ({"alpha": float("inf")}, "alpha"),
-        ({"base_top_logprobs": 0}, "base_top_logprobs"),
+        ({"base_k": 0}, "base_k"),
         ({"top_p": 0}, "top_p"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [5000]}, "prompt"),

@@ -41,7 +41,7 @@ def tuner(tiny_models, hf_models):
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_whole_vocabulary_equals_the_formula(tuner, hf_models, mode, alpha, prompt):
-    got = tuner.generate(prompt, max_new_tokens=16, alpha=alpha, top_logprobs=-1, speculate=mode)
+    got = tuner.generate(prompt, max_new_tokens=16, alpha=alpha, base_k=-1, speculate=mode)
     expected = proxy_tuned_greedy(
         hf_models["base"], hf_models["expert"], hf_models["anti_expert"],
         tuner.tokenizer(prompt).input_ids, alpha=alpha, max_new_tokens=16, eos_ids=tuner.eos_ids,
@@ -55,7 +55,7 @@ def test_greedy_whole_vocabulary_equals_the_formula(tuner, hf_models, mode, alph
 @pytest.mark.parametrize("draft_tokens", [1, 3, 8])
 @pytest.mark.parametrize(("k", "unseen"), [(20, "residual"), (5, "restrict"), (5, "floor")])
 def test_greedy_equals_off_under_every_policy(tuner, mode, draft_tokens, k, unseen):
-    options = dict(max_new_tokens=20, alpha=1.5, top_logprobs=k, unseen=unseen)
+    options = dict(max_new_tokens=20, alpha=1.5, base_k=k, unseen=unseen)
     off = tuner.generate(PROMPTS[1], speculate="off", **options)
     got = tuner.generate(PROMPTS[1], speculate=mode, draft_tokens=draft_tokens, **options)
     assert got.token_ids == off.token_ids
@@ -169,6 +169,6 @@ def test_sampling_with_drafts_keeps_the_distribution(tuner, hf_models, mode):
     prompt_ids = tuner.tokenizer(PROMPTS[0]).input_ids
     exact = exact_two_token_distribution(hf_models, prompt_ids, alpha=1.0, top_k=4)
     assert_samples_follow(
-        tuner, PROMPTS[0], exact, n=1500, temperature=1.0, top_k=4, top_logprobs=-1,
+        tuner, PROMPTS[0], exact, n=1500, temperature=1.0, top_k=4, base_k=-1,
         speculate=mode, draft_tokens=2,
     )  # fmt: skip

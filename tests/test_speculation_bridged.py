@@ -104,7 +104,7 @@ def test_base_drafts_give_off_tokens(bridged, prompt, alpha, draft_tokens, k, un
         draft_tokens=draft_tokens,
         max_new_tokens=N,
         alpha=alpha,
-        top_logprobs=k,
+        base_k=k,
         unseen=unseen,
         untwinned=untwinned,
     )
@@ -113,7 +113,7 @@ def test_base_drafts_give_off_tokens(bridged, prompt, alpha, draft_tokens, k, un
 def test_auto_drafts_with_the_base_and_expert_drafts_are_refused(bridged):
     tuner, _ = bridged
     assert tuner.speculation_modes() == [Speculate.BASE]
-    options = dict(max_new_tokens=N, alpha=1.0, top_logprobs=20)
+    options = dict(max_new_tokens=N, alpha=1.0, base_k=20)
     off = tuner.generate("The licensee shall", speculate="off", **options)
     auto = tuner.generate("The licensee shall", speculate="auto", **options)
     assert auto.token_ids == off.token_ids
@@ -154,6 +154,6 @@ def test_sampling_with_base_drafts_keeps_the_bridged_distribution(tiny_models, h
     with tuner:
         exact = exact_bridged_distribution(tuner, world, prompt, top_k=3, length=3)
         assert_samples_follow(
-            tuner, prompt, exact, n=1500, temperature=1.0, top_k=3, top_logprobs=-1,
+            tuner, prompt, exact, n=1500, temperature=1.0, top_k=3, base_k=-1,
             untwinned="prefix", speculate=mode, draft_tokens=3,
         )  # fmt: skip

@@ -194,7 +194,7 @@ def test_tgi_k_over_its_cap_says_which_option_raises_it(tokenizer):
         TopKTooLargeError, match="restart TGI with a larger --max-top-n-tokens"
     ) as e:
         asyncio.run(tgi.top_logprobs(Prompt(ids, len(ids)), 6))
-    assert e.value.server_max == 5 and "pass --top-logprobs 5 or less" in str(e.value)
+    assert e.value.server_max == 5 and "pass --base-k 5 or less" in str(e.value)
 
 
 # generate: several positions from one request (speculation).

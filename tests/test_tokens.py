@@ -32,7 +32,7 @@ def test_python_api_adopts_the_adapters_tokenizer(openai_server, tiny_models):
     server, encoding = openai_server
     base = connect("openai", server.base_url, OPENAI_MODEL)  # no tokenizer named anywhere
     assert base.tokenizer.is_tiktoken
-    options = dict(max_new_tokens=N, unseen="restrict", top_logprobs=5)
+    options = dict(max_new_tokens=N, unseen="restrict", base_k=5)
     with ProxyTuner(base, tiny_models["expert_sp"], tiny_models["anti_expert_sp"]) as tuner:
         assert tuner.tokens.bridged  # SentencePiece-style proxies, a tiktoken base
         plain = tuner.generate(PROMPT, alpha=0.0, **options)

@@ -23,7 +23,7 @@ ALPHA = 0.8
 @pytest.mark.parametrize("speculate", ["off", "base", "expert"])
 def test_each_step_holds_what_the_three_models_say(local_tuner, hf_models, speculate):
     config = GenerationConfig(
-        max_new_tokens=10, alpha=ALPHA, top_logprobs=-1, unseen="restrict", trace=3,
+        max_new_tokens=10, alpha=ALPHA, base_k=-1, unseen="restrict", trace=3,
         speculate=speculate,
     )  # fmt: skip
     generation = local_tuner.generate(PROMPT, config)
@@ -63,7 +63,7 @@ def test_no_trace_unless_asked_and_alternatives_are_bounded(local_tuner):
 
 
 def test_a_restricted_step_normalizes_over_the_candidates(local_tuner):
-    config = GenerationConfig(max_new_tokens=4, top_logprobs=5, unseen="restrict", trace=5)
+    config = GenerationConfig(max_new_tokens=4, base_k=5, unseen="restrict", trace=5)
     generation = local_tuner.generate(PROMPT, config)
     for step in generation.steps:
         assert len(step.top) == 5

@@ -46,7 +46,7 @@ def reference(
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_whole_vocabulary_equals_the_formula(tuner, hf_models, prompt, alpha):
-    got = tuner.generate(prompt, max_new_tokens=12, alpha=alpha, top_logprobs=-1)
+    got = tuner.generate(prompt, max_new_tokens=12, alpha=alpha, base_k=-1)
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, prompt, alpha=alpha, n=12), tuner.eos_ids
     )
@@ -54,9 +54,7 @@ def test_whole_vocabulary_equals_the_formula(tuner, hf_models, prompt, alpha):
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_restrict_equals_the_formula_on_the_base_top_k(tuner, hf_models, k):
-    got = tuner.generate(
-        PROMPTS[1], max_new_tokens=12, alpha=1.5, unseen="restrict", top_logprobs=k
-    )
+    got = tuner.generate(PROMPTS[1], max_new_tokens=12, alpha=1.5, unseen="restrict", base_k=k)
     assert_same_tokens(
         got.token_ids, reference(hf_models, tuner, PROMPTS[1], alpha=1.5, n=12, k=k), tuner.eos_ids
     )
@@ -72,7 +70,7 @@ def test_each_unseen_policy_equals_the_formula_extended_by_it(tuner, hf_models, 
     """At a small k the three policies choose differently, and each as the formula says."""
     got = {
         unseen: tuner.generate(
-            prompt, max_new_tokens=8, alpha=alpha, top_logprobs=k, unseen=unseen, speculate="off"
+            prompt, max_new_tokens=8, alpha=alpha, base_k=k, unseen=unseen, speculate="off"
         )
         for unseen in POLICIES
     }
@@ -88,8 +86,8 @@ def test_each_unseen_policy_equals_the_formula_extended_by_it(tuner, hf_models, 
 
 
 def test_steering_changes_the_output(tuner):
-    plain = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, top_logprobs=-1)
-    steered = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, top_logprobs=-1)
+    plain = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, base_k=-1)
+    steered = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, base_k=-1)
     assert plain.token_ids != steered.token_ids
 
 
@@ -100,8 +98,8 @@ def test_expert_equal_to_anti_expert_gives_the_base_output(tiny_models, hf_model
         tiny_models["anti_expert"],
         device="cpu",
     )
-    got = same.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, top_logprobs=-1)
-    base_only = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, top_logprobs=-1)
+    got = same.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, base_k=-1)
+    base_only = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, base_k=-1)
     assert got.token_ids == base_only.token_ids
 
 
@@ -114,7 +112,7 @@ def test_padded_proxy_vocabularies_change_nothing(tiny_models, hf_models, tuner,
         device="cpu",
     )
     assert padded.vocab_size == tuner.vocab_size
-    options = dict(max_new_tokens=10, alpha=1.0, top_logprobs=20, unseen=unseen)
+    options = dict(max_new_tokens=10, alpha=1.0, base_k=20, unseen=unseen)
     assert (
         padded.generate(PROMPTS[0], **options).token_ids
         == tuner.generate(PROMPTS[0], **options).token_ids
@@ -122,7 +120,7 @@ def test_padded_proxy_vocabularies_change_nothing(tiny_models, hf_models, tuner,
 
 
 def test_stream_sync_and_async_agree(tuner):
-    config = GenerationConfig(max_new_tokens=10, top_logprobs=20)
+    config = GenerationConfig(max_new_tokens=10, base_k=20)
     whole = tuner.generate(PROMPTS[0], config)
     stream = tuner.stream(PROMPTS[0], config)
     pieces = list(stream)
@@ -140,7 +138,7 @@ def test_stream_sync_and_async_agree(tuner):
 
 def test_length_and_usage(tuner):
     prompt_len = len(tuner.tokenizer(PROMPTS[0]).input_ids)
-    got = tuner.generate(PROMPTS[0], max_new_tokens=6, unseen="restrict", top_logprobs=20)
+    got = tuner.generate(PROMPTS[0], max_new_tokens=6, unseen="restrict", base_k=20)
     assert got.finish_reason == "length"
     assert len(got.token_ids) == got.usage.completion_tokens == 6
     assert got.usage.requests == 6
@@ -149,20 +147,18 @@ def test_length_and_usage(tuner):
 
 
 def test_stop_sequence_cuts_the_text(tuner):
-    free = tuner.generate(PROMPTS[1], max_new_tokens=20, unseen="restrict", top_logprobs=20).text
+    free = tuner.generate(PROMPTS[1], max_new_tokens=20, unseen="restrict", base_k=20).text
     stop = free[len(free) // 2 : len(free) // 2 + 2]
     assert stop.strip(), f"pick a visible stop string from {free!r}"
-    got = tuner.generate(
-        PROMPTS[1], max_new_tokens=20, unseen="restrict", top_logprobs=20, stop=[stop]
-    )
+    got = tuner.generate(PROMPTS[1], max_new_tokens=20, unseen="restrict", base_k=20, stop=[stop])
     assert got.finish_reason == "stop"
     assert got.text == free[: free.index(stop)]
-    streamed = "".join(tuner.stream(PROMPTS[1], max_new_tokens=20, top_logprobs=20, stop=[stop]))
+    streamed = "".join(tuner.stream(PROMPTS[1], max_new_tokens=20, base_k=20, stop=[stop]))
     assert streamed == got.text
 
 
 def test_sampling_is_reproducible_with_a_seed(tuner):
-    options = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_logprobs=20)
+    options = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, base_k=20)
     first = tuner.generate(PROMPTS[0], seed=3, **options)
     assert tuner.generate(PROMPTS[0], seed=3, **options).token_ids == first.token_ids
     others = {tuple(tuner.generate(PROMPTS[0], seed=s, **options).token_ids) for s in range(4, 8)}
@@ -177,9 +173,9 @@ def test_a_server_fault_keeps_what_was_generated(tiny_models, hf_models, tuner):
         device="cpu",
     )
     with pytest.raises(ServerError, match="injected fault") as info:
-        failing.generate(PROMPTS[0], max_new_tokens=10, unseen="restrict", top_logprobs=20)
+        failing.generate(PROMPTS[0], max_new_tokens=10, unseen="restrict", base_k=20)
     partial = info.value.partial
-    expected = tuner.generate(PROMPTS[0], max_new_tokens=4, unseen="restrict", top_logprobs=20)
+    expected = tuner.generate(PROMPTS[0], max_new_tokens=4, unseen="restrict", base_k=20)
     assert partial.finish_reason == "error"
     assert partial.token_ids == expected.token_ids
     assert partial.text == expected.text
@@ -232,7 +228,7 @@ def test_retokenized_steps_counts_the_answers_a_text_server_split_again(tiny_mod
 
 
 def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
-    got = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1, expert_chat_template=True)
+    got = tuner.generate(PROMPTS[0], max_new_tokens=8, base_k=-1, expert_chat_template=True)
     tokenizer = tuner.expert_tokenizer
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
@@ -257,7 +253,7 @@ def test_expert_chat_template_feeds_the_expert_a_chat_prompt(tuner, hf_models):
         expert_prompt_ids=expert_ids,
     )
     assert_same_tokens(got.token_ids, expected, tuner.eos_ids)
-    plain = tuner.generate(PROMPTS[0], max_new_tokens=8, top_logprobs=-1)
+    plain = tuner.generate(PROMPTS[0], max_new_tokens=8, base_k=-1)
     assert plain.token_ids != got.token_ids
 
 
@@ -286,7 +282,7 @@ def test_choose_gives_the_formulas_probabilities_over_the_options(tuner, hf_mode
     option_ids = [tuner.tokenizer(o, add_special_tokens=False).input_ids[0] for o in options]
     steps = reference(hf_models, tuner, prompt, alpha=1.0, n=1)
     expected = steps[0].scores[option_ids].softmax(dim=0).tolist()
-    got = tuner.choose(prompt, options, alpha=1.0, top_logprobs=-1)
+    got = tuner.choose(prompt, options, alpha=1.0, base_k=-1)
     assert [got.probabilities[o] for o in options] == pytest.approx(expected, abs=1e-6)
     assert got.option == options[max(range(4), key=expected.__getitem__)]
     assert got.missing == [] and got.usage.requests == 1
@@ -296,14 +292,14 @@ def test_choose_reports_options_outside_the_base_top_k(tuner):
     # The base's top 3 after PROMPTS[0] are " U", a partial UTF-8 byte and "di": two options are
     # among them, four are not.
     options = [" U", "(", ":", "di", " return", "def"]
-    got = tuner.choose(PROMPTS[0], options, top_logprobs=3, unseen="restrict")
+    got = tuner.choose(PROMPTS[0], options, base_k=3, unseen="restrict")
     assert got.missing == ["(", ":", " return", "def"]
     assert all(got.probabilities[o] is None for o in got.missing)
     present = {o: p for o, p in got.probabilities.items() if p is not None}
     assert set(present) == {" U", "di"}
     assert sum(present.values()) == pytest.approx(1.0)
     assert got.option in present
-    floor = tuner.choose(PROMPTS[0], options, top_logprobs=3, unseen="floor")
+    floor = tuner.choose(PROMPTS[0], options, base_k=3, unseen="floor")
     assert floor.missing == got.missing
     assert all(p is not None for p in floor.probabilities.values())
 
@@ -314,7 +310,7 @@ def test_choose_gives_the_bases_own_probabilities_over_the_options(tuner, hf_mod
     option_ids = [tuner.tokenizer(o, add_special_tokens=False).input_ids[0] for o in options]
     base_lp = next_logprobs(hf_models["base"], tuner.tokenizer(PROMPTS[0]).input_ids)
     expected = base_lp[option_ids].softmax(dim=0).tolist()
-    got = tuner.choose(PROMPTS[0], options, alpha=alpha, top_logprobs=-1)
+    got = tuner.choose(PROMPTS[0], options, alpha=alpha, base_k=-1)
     assert [got.base_probabilities[o] for o in options] == pytest.approx(expected, abs=1e-6)
     tuned = [got.probabilities[o] for o in options]
     assert tuned != pytest.approx(expected, abs=1e-3), "steering should move the options"

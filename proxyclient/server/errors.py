@@ -44,7 +44,7 @@ def to_api_error(exc: BaseException, redact: Redact) -> APIError:
     if isinstance(exc, errors.ContextLengthError):
         return APIError(400, message, code="context_length_exceeded")
     if isinstance(exc, errors.TopKTooLargeError):
-        return APIError(400, message, param="base_top_logprobs", code="base_top_logprobs_too_large")
+        return APIError(400, message, param="base_k", code="base_k_too_large")
     if isinstance(exc, errors.ConfigError | errors.BadRequestError):
         return APIError(400, message, param=_param_of(message))
     if isinstance(exc, errors.RateLimitError):
@@ -63,7 +63,7 @@ def to_api_error(exc: BaseException, redact: Redact) -> APIError:
 # GenerationConfig's names, as the request calls them.
 _PARAMS = {
     "max_new_tokens": "max_tokens",
-    "top_logprobs": "base_top_logprobs",
+    "base_k": "base_k",
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",

@@ -3,7 +3,7 @@
 Requests are validated strictly (a string where a number belongs is a 400 naming the field);
 unknown fields are ignored, as OpenAI's and vLLM's servers do, but OpenAI options this server
 cannot honour (penalties, logit bias, suffix, tools) are refused unless left at their neutral
-values. Proxy-tuning knobs are extra body fields: ``alpha``, ``base_top_logprobs`` (k, the
+values. Proxy-tuning knobs are extra body fields: ``alpha``, ``base_k`` (k, the
 logprobs asked of the base per step; not OpenAI's ``top_logprobs``), ``unseen``, ``speculate``,
 ``draft_tokens``, ``top_k`` and, for chat, ``response_prefix``.
 """
@@ -87,7 +87,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     # Proxy-tuning (extension fields).
     alpha: float | None = None
-    base_top_logprobs: int | None = None
+    base_k: int | None = None
     unseen: str | None = None
     speculate: str | None = None
     draft_tokens: int | None = None
@@ -114,7 +114,7 @@ class _Request(BaseModel):
             "seed": self.seed,
             "stop": tuple(stop) if stop is not None else None,
             "alpha": self.alpha,
-            "top_logprobs": self.base_top_logprobs,
+            "base_k": self.base_k,
             "unseen": self.unseen,
             "speculate": self.speculate,
             "draft_tokens": self.draft_tokens,
