@@ -108,8 +108,9 @@ def connect(
     usual environment variable (``OPENAI_API_KEY``, ``GEMINI_API_KEY``, ...). ``tokenizer`` is
     the base's tokenizer (a BaseTokenizer, an HF tokenizer, a folder, or ``tiktoken:ENCODING``);
     without one, the adapter's ``default_tokenizer(model)`` (OpenAI model names imply their
-    tiktoken encoding), and dialects that name tokens by text must have one. The adapter keeps it
-    as ``.tokenizer`` (None when there is none). ``limits`` (``RateLimits``: max concurrency,
+    tiktoken encoding); a dialect that names tokens by text and gets none is lent the proxies' by
+    ``ProxyTuner`` (or its ``base_tokenizer``). The adapter keeps it as ``.tokenizer`` (None when
+    there is none). ``limits`` (``RateLimits``: max concurrency,
     requests and tokens per minute) hold for everything sent to this base, from every
     generation; a 429 with Retry-After pauses them all. ``timeout`` (seconds per read, or an
     ``httpx.Timeout``), ``connect_timeout``, ``max_retries`` and ``max_retry_time`` (seconds all
@@ -131,11 +132,6 @@ def connect(
         )
     if tokenizer is None:
         tokenizer = _default_tokenizer(factory, model)
-    if tokenizer is None and _names_tokens_by_text(factory):
-        raise ConfigError(
-            f"the {api} dialect names tokens by text, so it needs the base's tokenizer: pass "
-            f"--base-tokenizer DIR (a local Hugging Face tokenizer) or tiktoken:ENCODING"
-        )
     base_tokenizer = load_base_tokenizer(tokenizer) if tokenizer is not None else None
     # A factory that is no DialectAdapter may predate the tokenizer keyword: pass only a real one.
     if base_tokenizer is not None or _is_dialect_adapter(factory):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -20,12 +20,20 @@ SENTINEL_LOGPROB = -9999.0
 class Prompt:
     """What the base continues at one step: the prompt's ids, then the ids generated so far.
 
-    Ids are in the base's tokenizer. Text-only dialects (TGI, chat) decode them; a chat API needs
-    to know where the user's prompt ends and the assistant's partial answer begins.
+    Ids are in the base's tokenizer. Text-only dialects (TGI) decode them; a chat API needs to
+    know where the user's prompt ends and the assistant's partial answer begins.
+
+    ``messages``: the checked conversation when the user's prompt was chat messages (None for a
+    text prompt), and ``response_prefix`` the text the answer starts with; ``ids[:prompt_len]``
+    then is the conversation as the base's template renders it. Chat dialects send the messages
+    with their roles, and the response prefix plus the generated ids' text as the answer so far;
+    completion dialects send the ids and ignore both.
     """
 
     ids: tuple[int, ...]
     prompt_len: int
+    messages: tuple[Mapping[str, str], ...] | None = field(default=None, hash=False)
+    response_prefix: str = ""
 
     @property
     def generated(self) -> tuple[int, ...]:

@@ -11,15 +11,17 @@ https://api-docs.deepseek.com/guides/thinking_mode (current models think by defa
 https://api-docs.deepseek.com/guides/reasoning_model (deepseek-reasoner: "Setting logprobs,
 top_logprobs will trigger an error").
 
-Every step sends the prompt as the user's message and the tokens so far as the assistant's prefix,
-so generation is multi-step, and one request can draft several tokens with the top-k at each
-(``drafts``; greedy is temperature 0; DeepSeek takes no seed, so a sampled draft is not
-reproducible). Tokens come back with their ``bytes``, mapped to ids with the base tokenizer given
-(DeepSeek's is on Hugging Face). Thinking is turned off (``thinking="disabled"``), since a model
-that thinks gives no logprobs for the token after the prefix: deepseek-reasoner, a refusal that
-names its parameter, or an answer with ``reasoning_content`` is an error that says to use
-deepseek-chat. DeepSeek has been seen to answer top logprobs that carry no information (only 0
-and -9999): such an answer is an error (retried, like any broken answer), never steered on.
+Every step sends the prompt (a chat prompt's messages, system, user and assistant turns as given;
+a text prompt as one user message) and the answer so far (a chat prompt's response prefix, then
+the tokens generated) as the assistant's prefix, so generation is multi-step, and one request can
+draft several tokens with the top-k at each (``drafts``; greedy is temperature 0; DeepSeek takes
+no seed, so a sampled draft is not reproducible). Tokens come back with their ``bytes``, mapped
+to ids with the base tokenizer given (DeepSeek's is on Hugging Face). Thinking is turned off
+(``thinking="disabled"``), since a model that thinks gives no logprobs for the token after the
+prefix: deepseek-reasoner, a refusal that names its parameter, or an answer with
+``reasoning_content`` is an error that says to use deepseek-chat. DeepSeek has been seen to answer
+top logprobs that carry no information (only 0 and -9999): such an answer is an error (retried,
+like any broken answer), never steered on.
 
 Not used: the beta FIM ``/completions`` (``echo``, ``logprobs`` <= 20), which could score a given
 continuation (``prompt_scoring``). It conditions on the raw text, not on the chat conversation
@@ -44,6 +46,7 @@ from proxyclient.adapters.base import (
 from proxyclient.adapters.dialect import (
     DialectAdapter,
     DialectOptions,
+    chat_conversation,
     chat_logprobs_content,
     chat_token_id,
     server_usage,
@@ -110,13 +113,10 @@ class DeepSeekChat(DialectAdapter):
         self.thinking = thinking  # sent as {"thinking": {"type": thinking}}; None: not sent
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        decode = self.tokenizer.decode
-        messages: list[dict[str, Any]] = [
-            {"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}
-        ]
-        if prompt.generated:
-            prefix = {"role": "assistant", "content": decode(prompt.generated), "prefix": True}
-            messages.append(prefix)
+        turns, answer = chat_conversation(prompt, self.tokenizer.decode)
+        messages: list[dict[str, Any]] = list(turns)
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer, "prefix": True})
         payload: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -207,7 +207,7 @@ class DeepSeekChat(DialectAdapter):
                 cap = int(match.group(1))
                 return TopKTooLargeError(
                     f"{text} — DeepSeek gives at most {cap} top logprobs and {k} were asked "
-                    f"for: pass --base-k {cap} or less.",
+                    f"for: pass base_k={cap} or less.",
                     server_max=cap,
                     **fields,
                 )
@@ -224,7 +224,7 @@ class DeepSeekChat(DialectAdapter):
                 )
         if exc.status_code == 401:
             return AuthenticationError(
-                f"{text} — check the API key: pass --api-key, or set DEEPSEEK_API_KEY to a key "
+                f"{text} — check the API key: pass api_key=..., or set DEEPSEEK_API_KEY to a key "
                 f"from https://platform.deepseek.com/api_keys.",
                 **fields,
             )

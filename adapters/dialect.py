@@ -115,6 +115,25 @@ def chat_token_id(tokenizer: BaseTokenizer, entry: dict[str, Any]) -> int | None
     return tokenizer.token_id(data)
 
 
+def chat_conversation(
+    prompt: Prompt, decode: Callable[[Sequence[int]], str]
+) -> tuple[list[dict[str, str]], str | None]:
+    """What a chat dialect sends for ``prompt``: the conversation, and the assistant's answer so
+    far (None: there is none, a new answer starts).
+
+    A chat prompt (``prompt.messages``) goes as its messages, with their roles, and its answer is
+    the response prefix and the generated ids' text; the prompt's own ids (the base's rendering
+    of the conversation) are not decoded. A text prompt is one user turn, its ids decoded."""
+    generated = decode(prompt.generated) if prompt.generated else ""
+    if prompt.messages is None:
+        turns = [{"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}]
+        return turns, generated if prompt.generated else None
+    turns = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]
+    if not prompt.generated and not prompt.response_prefix:
+        return turns, None
+    return turns, prompt.response_prefix + generated
+
+
 # What a parser raises when an answer has another shape than its dialect's (a key missing, a list
 # where a dict should be, text where a number should be).
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
@@ -189,7 +208,6 @@ class DialectAdapter:
     the defaults do not hold; one with options of its own extends ``__init__``."""
 
     dialect: ClassVar[str] = ""  # its name in the registry and in --api
-    k_option: ClassVar[str] = "--base-k"  # what the user changes to lower k
     # The server names tokens by text, so the adapter needs the base's tokenizer to map them to ids.
     needs_tokenizer: ClassVar[bool] = False
     # The ks ``discovery.probe`` asks for after k = 1, in order; the first one answered sets max_k.
@@ -218,11 +236,6 @@ class DialectAdapter:
         tokenizer: BaseTokenizer | None = None,
         max_k: int | _Default | None = _Default.MAX_K,
     ) -> None:
-        if tokenizer is None and self.needs_tokenizer:
-            raise TypeError(
-                f"{type(self).__name__} names tokens by text, so it needs the base's tokenizer: "
-                "pass tokenizer (a BaseTokenizer)"
-            )
         self.transport = transport
         self.name = model
         self.tokenizer = tokenizer
@@ -337,7 +350,7 @@ class DialectAdapter:
         if isinstance(exc, BadRequestError):
             server_max = k_cap_in(text)
             if server_max is not None:
-                fix = f"pass {self.k_option} {server_max} or less" if server_max > 0 else ""
+                fix = f"pass base_k={server_max} or less" if server_max > 0 else ""
                 return TopKTooLargeError(
                     f"{text}\nThe server allows at most {server_max} top logprobs and {k} were "
                     f"asked for: {fix or 'ask for fewer'}"
@@ -382,7 +395,7 @@ class DialectAdapter:
             base_url = self.transport.base_url
             found = await self.transport.peek(f"{base_url}/v1/models")
             if not base_url.endswith("/v1") and isinstance(found, dict) and "data" in found:
-                return f"the API is under /v1 there: pass --base-url {base_url}/v1."
+                return f"the API is under /v1 there: pass base_url={base_url}/v1."
             return "check --base-model and --api (GET /v1/models lists an OpenAI-style server's)."
         return f"the server serves {names}; pass one of them as --base-model."
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxyclient.adapters.base import Capabilities, Prompt
 from proxyclient.adapters.http import HTTPTransport
-from proxyclient.errors import BaseModelError, TopKTooLargeError
+from proxyclient.errors import BaseModelError, ConfigError, TopKTooLargeError
 
 if TYPE_CHECKING:
     from proxyclient.adapters.dialect import DialectAdapter
@@ -23,6 +23,12 @@ HUGE_K = 100_000
 
 async def probe(adapter: Any, prompt: Prompt) -> Capabilities:
     """The adapter's capabilities with ``max_k`` measured on the live server."""
+    if getattr(adapter, "needs_tokenizer", False) and getattr(adapter, "tokenizer", None) is None:
+        raise ConfigError(
+            f"the {adapter.dialect} dialect names tokens by text, so probing it needs the base's "
+            f"tokenizer: pass tokenizer=... (a local Hugging Face tokenizer folder or "
+            f"tiktoken:ENCODING)"
+        )
     await adapter.top_logprobs(prompt, 1)  # raises with a clear message if it cannot work at all
     max_k = adapter.capabilities.max_k
     for k in getattr(adapter, "probe_ks", (HUGE_K,)):  # default for a BaseModel of its own

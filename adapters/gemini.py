@@ -12,8 +12,13 @@ answered 400). Vertex AI's generateContent answers alike: give its
 ``https://{region}-aiplatform.googleapis.com/v1/projects/P/locations/L/publishers/google`` as the
 base URL (with an express-mode API key; an OAuth access token needs ``Authorization: Bearer``).
 
-The prompt goes as the text of a ``user`` turn (Gemini takes no token ids), and the answer so far
-as a trailing ``model`` turn, which models that allow it continue. Whether the model does is asked
+A text prompt goes as the text of a ``user`` turn (Gemini takes no token ids); a chat prompt as its
+turns, ``user`` and ``model`` (the assistant's), with its system messages' text as
+``systemInstruction`` (the same reference: "Developer set system instruction(s). Currently, text
+only."; Gemini has no system role inside ``contents``, so every system message goes there). A chat
+prompt that ends with an assistant turn is refused: Gemini would continue that turn, not answer it.
+The answer so far (a chat prompt's response prefix, then the generated tokens' text) goes as a
+trailing ``model`` turn, which models that allow it continue. Whether the model does is asked
 once, on the first request, with a two-turn exchange of a few tokens; a model that refuses
 (400 "Requests ending with a model turn are not supported ...") scores only the first token after
 the prompt (``multi_step=False``: ``ProxyTuner.choose`` or ``max_new_tokens=1``), and a warning
@@ -42,7 +47,7 @@ import re
 from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions, chat_conversation
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
     APIStatusError,
@@ -129,10 +134,7 @@ class GeminiGenerateContent(DialectAdapter):
     # -- requests -----------------------------------------------------------------------------
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        return self.path, {
-            "contents": self._contents(prompt),
-            "generationConfig": self._config(k, 1, temperature=1.0),
-        }
+        return self.path, self._body(prompt, self._config(k, 1, temperature=1.0))
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
@@ -142,14 +144,32 @@ class GeminiGenerateContent(DialectAdapter):
         config = self._config(k, n, temperature=0.0 if greedy else 1.0)
         if seed is not None and not greedy:
             config["seed"] = seed
-        return self.path, {"contents": self._contents(prompt), "generationConfig": config}
+        return self.path, self._body(prompt, config)
 
-    def _contents(self, prompt: Prompt) -> list[dict[str, Any]]:
-        decode = self.tokenizer.decode
-        contents = [{"role": "user", "parts": [{"text": decode(prompt.ids[: prompt.prompt_len])}]}]
-        if prompt.generated:
-            contents.append({"role": "model", "parts": [{"text": decode(prompt.generated)}]})
-        return contents
+    def _body(self, prompt: Prompt, config: dict[str, Any]) -> dict[str, Any]:
+        """The request: ``systemInstruction`` (a chat prompt's system text, if any), the turns
+        (the answer so far as a trailing model turn) and ``config``."""
+        messages, answer = chat_conversation(prompt, self.tokenizer.decode)
+        if messages[-1]["role"] == "assistant":
+            raise ConfigError(
+                "the messages end with an assistant turn, which Gemini would continue rather "
+                "than answer: end them with a user turn"
+            )
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        contents = [
+            {
+                "role": "model" if m["role"] == "assistant" else "user",
+                "parts": [{"text": m["content"]}],
+            }
+            for m in messages
+            if m["role"] != "system"
+        ]
+        if answer is not None:
+            contents.append({"role": "model", "parts": [{"text": answer}]})
+        body: dict[str, Any] = {"contents": contents, "generationConfig": config}
+        if system:
+            body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+        return body
 
     def _config(self, k: int, n: int, *, temperature: float) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -175,8 +195,14 @@ class GeminiGenerateContent(DialectAdapter):
         return await super().generate(prompt, k, n, greedy=greedy, seed=seed)
 
     async def _ready_for(self, prompt: Prompt) -> None:
-        if not await self.check_continuation(prompt) and prompt.generated:
-            raise ConfigError(self.one_step_reason or f"model {self.name!r} takes one step only")
+        if await self.check_continuation(prompt) or (
+            chat_conversation(prompt, self.tokenizer.decode)[1] is None
+        ):
+            return
+        reason = self.one_step_reason or f"model {self.name!r} takes one step only"
+        if not prompt.generated:  # the response prefix alone is the partial answer
+            reason += "; a response_prefix is a partial answer too: leave it out"
+        raise ConfigError(reason)
 
     async def check_continuation(self, prompt: Prompt | None = None) -> bool:
         """Whether this model continues a partial answer given as a trailing model turn: asked
@@ -286,7 +312,7 @@ class GeminiGenerateContent(DialectAdapter):
             cap = int(match.group(1)) - 1
             return TopKTooLargeError(
                 f"{text} — Gemini gives at most {cap} top logprobs and {k} were asked for: "
-                f"pass --base-k {cap} or less.",
+                f"pass base_k={cap} or less.",
                 server_max=cap,
                 **fields,
             )
@@ -308,7 +334,7 @@ class GeminiGenerateContent(DialectAdapter):
             )
         if _BAD_KEY.search(text) or exc.status_code in (401, 403):
             return AuthenticationError(
-                f"{text} — check the API key: pass --api-key, or set GEMINI_API_KEY to a key "
+                f"{text} — check the API key: pass api_key=..., or set GEMINI_API_KEY to a key "
                 f"from https://aistudio.google.com/apikey that may use model {self.name!r}.",
                 **fields,
             )

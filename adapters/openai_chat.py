@@ -6,6 +6,14 @@ A plain chat API cannot continue a partial assistant message: it scores only the
 the answer, so this adapter supports one step (``multi_step=False``), which is what
 ``ProxyTuner.choose`` needs. Servers that can continue (vLLM: ``continue_final_message``) get
 token-by-token generation with ``continue_final_message=True``.
+
+A chat prompt goes as its messages, system, user and assistant turns as given
+(https://platform.openai.com/docs/api-reference/chat/create); a text prompt as one user turn.
+The answer so far (a chat prompt's response prefix, then the generated tokens' text) is a
+trailing assistant message sent with vLLM's ``continue_final_message: true,
+add_generation_prompt: false`` (the chat API's extra parameters,
+https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html), which only a server that
+continues can take: a response prefix without ``continue_final_message=True`` is refused.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLog
 from proxyclient.adapters.dialect import (
     DialectAdapter,
     DialectOptions,
+    chat_conversation,
     chat_logprobs_content,
     chat_token_id,
     server_usage,
 )
 from proxyclient.adapters.http import HTTPTransport
-from proxyclient.errors import ResponseFormatError
+from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 
 OPENAI_MAX_TOP_LOGPROBS = 20
@@ -70,8 +79,7 @@ class OpenAIChat(DialectAdapter):
         return tiktoken_spec_for_model(model)
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        decode = self.tokenizer.decode
-        messages = [{"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}]
+        messages, answer = chat_conversation(prompt, self.tokenizer.decode)
         payload: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -80,8 +88,14 @@ class OpenAIChat(DialectAdapter):
             "logprobs": True,
             "top_logprobs": k,
         }
-        if prompt.generated:
-            messages.append({"role": "assistant", "content": decode(prompt.generated)})
+        if answer is not None:
+            if not prompt.generated and not self.continue_final_message:
+                raise ConfigError(
+                    f"response_prefix {prompt.response_prefix!r} starts the answer, and a plain "
+                    f"chat API starts a new one after it: connect with continue_final_message="
+                    f"True (a vLLM server), or leave response_prefix out"
+                )
+            messages.append({"role": "assistant", "content": answer})
             payload |= {"continue_final_message": True, "add_generation_prompt": False}
         return "/chat/completions", payload
 

@@ -174,7 +174,7 @@ class SGLangGenerate(DialectAdapter):
         if vocab is not None and k > vocab:
             raise TopKTooLargeError(
                 f"k={k} is more than the base's {vocab} tokens; SGLang crashes on a "
-                f"top_logprobs_num above its vocabulary: pass --base-k {vocab} or less.",
+                f"top_logprobs_num above its vocabulary: pass base_k={vocab} or less.",
                 status_code=400,
                 body=None,
                 server_max=vocab,

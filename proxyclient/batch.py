@@ -43,21 +43,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
-import types
-import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from proxyclient.config import GenerationConfig
+from proxyclient.config import OPTIONS, GenerationConfig, json_overrides
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.result import Generation
 
@@ -70,7 +67,7 @@ CustomId = str | int
 OUTPUT_FIELDS = ("custom_id", "text", "token_ids", "finish_reason", "usage", "error")
 DEFAULT_CONCURRENCY = 8
 
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GenerationConfig)
+_FIELD_NAMES = tuple(option.name for option in OPTIONS)
 _EXAMPLE = '{"custom_id": "q1", "prompt": "...", "max_new_tokens": 32}'
 
 
@@ -172,23 +169,17 @@ def parse_line(
     if not isinstance(prompt, str):
         what = "no prompt" if prompt is None else f"prompt must be a string, got {_show(prompt)}"
         return Malformed(number, f"{what}; give the line a string prompt")
-    overrides: dict[str, Any] = {}
-    for name, value in record.items():
-        if name not in _FIELD_TYPES:
-            fields = ", ".join(_FIELD_TYPES)
-            return Malformed(
-                number,
-                f"unknown field {name!r}: a line has custom_id, prompt and any of the "
-                f"generation fields {fields}; rename or drop it",
-            )
-        expected = _expected(_FIELD_TYPES[name], value)
-        if expected is not None:
-            return Malformed(
-                number,
-                f"{name} must be {expected}, got {_show(value)}; fix it, or drop it to use the "
-                f"command line's value",
-            )
-        overrides[name] = tuple(value) if isinstance(value, list) else value
+    unknown = [name for name in record if name not in _FIELD_NAMES]
+    if unknown:
+        return Malformed(
+            number,
+            f"unknown field {unknown[0]!r}: a line has custom_id, prompt and any of the "
+            f"generation fields {', '.join(_FIELD_NAMES)}; rename or drop it",
+        )
+    try:
+        overrides = json_overrides(record)
+    except ConfigError as exc:
+        return Malformed(number, f"{exc}; fix it, or drop it to use the command line's value")
     item = BatchItem(number, custom_id, prompt, overrides)
     try:
         item.config(defaults)
@@ -219,33 +210,6 @@ def _split_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return [line.removesuffix(b"\r") for line in lines]
-
-
-def _expected(hint: Any, value: Any) -> str | None:
-    """None when the JSON ``value`` has the type the field ``hint`` needs, else what it needs.
-    The field's own validation (ranges, enum values) runs afterwards, in GenerationConfig."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        wanted = [_expected(a, value) for a in options]
-        return None if None in wanted else "null or " + " or ".join(w for w in wanted if w)
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return None if ok else "a number"
-    if typing.get_origin(hint) is tuple:
-        ok = isinstance(value, str) or (
-            isinstance(value, list) and all(isinstance(v, str) for v in value)
-        )
-        return None if ok else "a string or a list of strings"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        choices = ", ".join(str(m.value) for m in hint)
-        return None if isinstance(value, str) else f"one of {choices}"
-    return None
 
 
 def _show(value: Any) -> str:

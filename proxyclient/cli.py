@@ -20,16 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from proxyclient.batch import DEFAULT_CONCURRENCY
-from proxyclient.config import (
-    DEFAULT_DRAFT_TOKENS,
-    GenerationConfig,
-    Speculate,
-    UnseenPolicy,
-    UntwinnedRule,
-    default_base_k,
-)
+from proxyclient.config import GenerationConfig, default_base_k
 from proxyclient.errors import ConfigError, ProxyClientError
-from proxyclient.result import Alternative, Generation, TokenTrace, Usage
+from proxyclient.flags import add_generation_flags, as_flags, config_from_flags, generation_options
+from proxyclient.result import Generation
 
 if TYPE_CHECKING:
     from proxyclient.adapters.base import BaseModel
@@ -38,7 +32,6 @@ if TYPE_CHECKING:
 
 API_KEY_ENV = "PROXYCLIENT_API_KEY"
 EXIT_USAGE = 2
-DEFAULT_UNSEEN = GenerationConfig().unseen.value
 
 
 def _base_options(parser: argparse.ArgumentParser) -> None:
@@ -65,15 +58,30 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
         "tiktoken:ENCODING (default: the anti-expert's; OpenAI models: their encoding)",
     )
     base.add_argument(
-        "--api-key",
+        "--base-api-key",
         default=None,
-        help=f"default: ${API_KEY_ENV}, else the provider's usual variable ($OPENAI_API_KEY, ...)",
+        metavar="KEY",
+        help=f"the base's key; default: ${API_KEY_ENV}, else the provider's usual variable "
+        "($OPENAI_API_KEY, ...)",
     )
-    from proxyclient.adapters.http import DEFAULT_MAX_RETRY_TIME_S
+    from proxyclient.adapters.http import (
+        DEFAULT_MAX_RETRIES,
+        DEFAULT_MAX_RETRY_TIME_S,
+        DEFAULT_TIMEOUT,
+    )
 
-    base.add_argument("--timeout", type=float, default=30.0, help="seconds per read")
-    base.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to connect")
-    base.add_argument("--max-retries", type=int, default=3, help="attempts after the first")
+    base.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT.read, help="seconds per read"
+    )
+    base.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT.connect,
+        help="seconds to connect",
+    )
+    base.add_argument(
+        "--max-retries", type=int, default=DEFAULT_MAX_RETRIES, help="attempts after the first"
+    )
     base.add_argument(
         "--max-retry-time",
         type=float,
@@ -101,7 +109,9 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool = True) -> None:
+def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, one_step: bool = False) -> None:
+    """The local models' flags and the generation options' (``one_step``: those of a one-step
+    choice, with a required --prompt)."""
     local = parser.add_argument_group("expert and anti-expert (local)")
     expert = local.add_mutually_exclusive_group(required=True)
     expert.add_argument("--expert", help="folder of the tuned small model")
@@ -120,33 +130,10 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, prompt: bool
         default=None,
         help="torch CPU threads; use 1 when a server shares this machine's few cores",
     )
-    local.add_argument(
-        "--expert-chat-template",
-        action="store_true",
-        help="format the prompt with the expert's chat template (expert only)",
-    )
     decoding = parser.add_argument_group("decoding")
-    if prompt:
+    if one_step:
         decoding.add_argument("--prompt", required=True, help="the prompt; - reads it from stdin")
-    decoding.add_argument("--alpha", type=float, default=1.0)
-    decoding.add_argument(
-        "--base-k",
-        type=int,
-        default=None,
-        help="k asked of the base; -1 = whole vocabulary (default: 20, or the server's cap)",
-    )
-    decoding.add_argument(
-        "--unseen",
-        choices=[p.value for p in UnseenPolicy],
-        default=DEFAULT_UNSEEN,
-        help=f"tokens outside the base's top-k (default: {DEFAULT_UNSEEN})",
-    )
-    decoding.add_argument(
-        "--untwinned",
-        choices=[r.value for r in UntwinnedRule],
-        default=UntwinnedRule.PREFIX.value,
-        help="with --base-tokenizer: base tokens that are no single proxy token (default: prefix)",
-    )
+    add_generation_flags(decoding, one_step=one_step)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
@@ -169,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         description="scores = base + alpha * (expert - anti_expert), token by token.",
     )
     _base_options(gen)
-    _proxy_and_decoding_options(gen, prompt=False)
+    _proxy_and_decoding_options(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt; - reads it from stdin")
     source.add_argument(
@@ -184,27 +171,13 @@ def _parser() -> argparse.ArgumentParser:
         help="go on with a failed run: FILE holds its --json output (its prompt and decoding "
         "options are used; the text printed is the whole text)",
     )
-    _generation_options(gen)
-    chat = gen.add_argument_group("chat (the prompt as messages, rendered per side)")
-    chat.add_argument(
+    gen.add_argument(
         "--system", metavar="TEXT", help="a system message; --prompt becomes the user turn"
-    )
-    chat.add_argument(
-        "--response-prefix",
-        default="",
-        metavar="TEXT",
-        help="text after the generation prompt on every side (the paper's chat_response_prefix)",
-    )
-    chat.add_argument(
-        "--base-chat-template",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="the base and anti-expert read the base's chat template (auto: when it has one) "
-        "or plain text (off)",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument(
         "--trace",
+        dest="trace_file",
         metavar="FILE",
         help="write one JSON line per output token: its tuned, base, expert and anti-expert "
         "log-probs and the best alternatives",
@@ -227,8 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "failed ones. Exit status: 0 all done, 1 some failed or malformed lines, 2 usage error.",
     )
     _base_options(batch)
-    _proxy_and_decoding_options(batch, prompt=False)
-    _generation_options(batch)
+    _proxy_and_decoding_options(batch)
     jobs = batch.add_argument_group("batch")
     jobs.add_argument("--input", required=True, help="JSONL file of prompts")
     jobs.add_argument("--output", required=True, help="JSONL file of results (appended to)")
@@ -268,8 +240,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints JSON: the choice and each option's probability, tuned and base.",
     )
     _base_options(choose)
-    _proxy_and_decoding_options(choose)
-    choose.add_argument("--options", required=True, help='comma-separated, e.g. "A,B,C,D"')
+    _proxy_and_decoding_options(choose, one_step=True)
+    choose.add_argument("--choices", required=True, help='comma-separated, e.g. "A,B,C,D"')
 
     inspect = commands.add_parser(
         "inspect",
@@ -287,33 +259,9 @@ def _parser() -> argparse.ArgumentParser:
         "/v1/models, /health, /metrics. The decoding flags are every request's defaults.",
     )
     _base_options(serve)
-    _proxy_and_decoding_options(serve, prompt=False)
-    _generation_options(serve)
+    _proxy_and_decoding_options(serve)
     add_server_options(serve)
     return parser
-
-
-def _generation_options(parser: argparse.ArgumentParser) -> None:
-    """The GenerationConfig flags of `generate` (and `batch`, where lines may override them)."""
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
-    parser.add_argument(
-        "--speculate",
-        choices=[m.value for m in Speculate],
-        default=Speculate.AUTO.value,
-        help="several tokens per request: the base drafts, the expert drafts, or the best the "
-        "server supports (default: auto); the output is the same as with off",
-    )
-    parser.add_argument(
-        "--draft-tokens",
-        type=_at_least_one,
-        default=DEFAULT_DRAFT_TOKENS,
-        help=f"the longest draft (default: {DEFAULT_DRAFT_TOKENS}; it adapts below that)",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,20 +287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _connect(args: argparse.Namespace, default_tokenizer: str | None) -> BaseModel:
-    from proxyclient.adapters import RateLimits, connect, tokenizer_needed
+def _connect(args: argparse.Namespace) -> BaseModel:
+    from proxyclient.adapters import RateLimits, connect
 
+    # --base-tokenizer goes to the adapter, which the tuner then adopts it from; without it,
+    # connect() takes what the model name implies and ProxyTuner lends a text dialect the
+    # proxies' (the Python API's defaults, by the same code).
     tokenizer = args.base_tokenizer
-    # Base and proxies share a tokenizer unless told otherwise, or unless the base's model name
-    # implies its own (OpenAI's names their tiktoken encoding: connect() picks it).
-    if tokenizer is None and tokenizer_needed(args.api, args.base_model):
-        tokenizer = default_tokenizer
     options = {"continue_final_message": True} if args.chat_continue else {}
     return connect(
         args.api,
         args.base_url,
         args.base_model,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        api_key=args.base_api_key or os.environ.get(API_KEY_ENV),
         tokenizer=tokenizer,
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
@@ -375,7 +322,7 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
     # The adapter carries the base's tokenizer (given, or implied by the model name); the tuner
     # adopts it from there.
     return ProxyTuner(
-        _connect(args, args.anti_expert),
+        _connect(args),
         expert=args.expert,
         anti_expert=args.anti_expert,
         expert_lora=args.expert_lora,
@@ -409,33 +356,14 @@ def _prompt(args: argparse.Namespace) -> str | list[dict[str, Any]]:
 
 
 def _chat_options_given(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "response_prefix", "")) or (
-        getattr(args, "base_chat_template", "auto") == "on"
-    )
+    return bool(getattr(args, "response_prefix", "")) or getattr(args, "base_chat_template", None)
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    """The GenerationConfig that `generate`'s (and `batch`'s) flags describe."""
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        alpha=args.alpha,
-        base_k=args.base_k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        unseen=args.unseen,
-        untwinned=args.untwinned,
-        expert_chat_template=args.expert_chat_template,
-        speculate=args.speculate,
-        draft_tokens=args.draft_tokens,
-        trace=args.trace_top if getattr(args, "trace", None) else None,
-        base_chat_template={"auto": None, "on": True, "off": False}[
-            getattr(args, "base_chat_template", "auto")
-        ],
-        response_prefix=getattr(args, "response_prefix", ""),
-    )
+    """The GenerationConfig that the flags describe (--trace FILE asks for --trace-top
+    alternatives per token)."""
+    trace = args.trace_top if getattr(args, "trace_file", None) else None
+    return config_from_flags(args, trace=trace)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -463,7 +391,7 @@ def _generate(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
         except ProxyClientError as exc:
             # What `--resume` needs to go on: the prompt (and its ids, to check), the options.
-            state = {"prompt": prompt, "prompt_token_ids": encoded(), "config": asdict(config)}
+            state = {"prompt": prompt, "prompt_token_ids": encoded(), "config": config.to_dict()}
             _print_result(args, stream.generation.to_dict() | {"error": str(exc), "resume": state})
             _write_trace(args, stream.generation)
             _fail(str(exc), debug=args.debug)
@@ -478,15 +406,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _write_trace(args: argparse.Namespace, generation: Generation) -> None:
     """--trace FILE: one JSON line per output token."""
-    if not args.trace or generation.steps is None:
+    if not args.trace_file or generation.steps is None:
         return
     try:
-        with open(args.trace, "w", encoding="utf-8") as file:
+        with open(args.trace_file, "w", encoding="utf-8") as file:
             for step in generation.steps:
                 file.write(json.dumps(asdict(step), ensure_ascii=False) + "\n")
     except OSError as exc:
         raise ConfigError(
-            f"--trace {args.trace}: cannot write it ({exc.strerror or exc})"
+            f"--trace {args.trace_file}: cannot write it ({exc.strerror or exc})"
         ) from None
 
 
@@ -623,18 +551,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _choose(args: argparse.Namespace) -> int:
-    options = [o for o in args.options.split(",") if o]
+    choices = [c for c in args.choices.split(",") if c]
     prompt = _prompt(args)
     with _tuner(args) as tuner:
-        choice = tuner.choose(
-            prompt,
-            options,
-            alpha=args.alpha,
-            base_k=args.base_k,
-            unseen=args.unseen,
-            untwinned=args.untwinned,
-            expert_chat_template=args.expert_chat_template,
-        )
+        choice = tuner.choose(prompt, choices, **generation_options(args))
     print(json.dumps(choice.to_dict(), ensure_ascii=False))
     return 0
 
@@ -646,7 +566,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from proxyclient.adapters.base import Prompt
     from proxyclient.adapters.discovery import probe, steering_summary
 
-    base = _connect(args, None)
+    base = _connect(args)
     tokenizer = getattr(base, "tokenizer", None)
     ids = tuple(tokenizer.encode("Hello")) if tokenizer is not None else (1,)
 
@@ -690,15 +610,7 @@ def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int
                 f"nothing to resume"
             )
         state = record["resume"]
-        steps = record.get("steps")
-        partial = Generation(
-            record["text"],
-            list(record["token_ids"]),
-            "error",
-            usage=Usage(**record["usage"]),
-            error=record.get("error"),
-            steps=[_token_trace(s) for s in steps] if steps is not None else None,
-        )
+        partial = Generation.from_dict(record)
         prompt = state["prompt"] if isinstance(state["prompt"], list) else str(state["prompt"])
         prompt_ids = list(state["prompt_token_ids"])
         options = dict(state["config"])
@@ -707,19 +619,15 @@ def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise ConfigError(f"{what} (it needs text, token_ids, usage and resume)") from None
     try:
-        return prompt, GenerationConfig(**options), partial, prompt_ids
-    except TypeError as exc:
+        return prompt, GenerationConfig.from_dict(options), partial, prompt_ids
+    except ConfigError as exc:
         raise ConfigError(f"{what}: its options do not fit ({exc})") from None
-
-
-def _token_trace(record: dict[str, Any]) -> TokenTrace:
-    return TokenTrace(**{**record, "top": [Alternative(**a) for a in record["top"]]})
 
 
 def _fail(message: str, *, debug: bool = False) -> None:
     if debug:
         traceback.print_exc()
-    print(f"proxyclient: error: {message}", file=sys.stderr)
+    print(f"proxyclient: error: {as_flags(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,25 @@
-"""What one generation should do: GenerationConfig and the unseen-token policies."""
+"""What one generation should do: GenerationConfig, declared once for every edge.
+
+Each option is a GenerationConfig field carrying its help text, CLI flag and HTTP field name
+(``OPTIONS``); argparse (``proxyclient.flags``), batch lines, the server's request mapping and
+its error ``param``s, and ``--resume`` files are derived from that declaration, so adding an
+option touches this file and the code that uses it. Also: the unseen-token policies, the
+speculation modes and the untwinned rule.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import json
 import math
 import numbers
-from collections.abc import Iterable
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from proxyclient.errors import ConfigError
 
@@ -87,40 +100,114 @@ def default_base_k(max_k: int | None) -> int:
 
 
 @dataclass(frozen=True)
+class OptionEdges:
+    """Where one generation option appears besides Python, and what users read about it.
+
+    ``flag``: its CLI flag (None: none); ``http``: its field in the server's requests and the
+    ``param`` of their errors (None: none); ``one_step``: also a flag of ``proxyclient choose``.
+    Batch lines and ``--resume`` files use the Python name.
+    """
+
+    help: str
+    flag: str | None
+    http: str | None
+    one_step: bool = False
+    metavar: str | None = None
+
+
+def _option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | bool | None = True,
+    http: str | bool | None = True,
+    one_step: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A GenerationConfig field with its edges; ``flag``/``http`` True: the name's usual
+    spelling there (``--max-new-tokens``, ``max_new_tokens``), resolved in ``OPTIONS``."""
+    edges = {"help": help, "flag": flag, "http": http, "one_step": one_step, "metavar": metavar}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata={"edges": edges})
+    return field(default=default, metadata={"edges": edges})
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     """Decoding options of one generation. Validated on construction.
 
-    ``base_k`` is k, the number of next-token logprobs asked of the base per step;
-    -1 asks for the whole vocabulary where the server allows it (vLLM ``--max-logprobs -1``);
-    None (default) asks for ``default_base_k`` of the adapter's cap.
-    ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1.0 mean off.
-    ``expert_chat_template`` gives the expert (only) the prompt formatted with its tokenizer's chat
-    template, as the paper does for chat-tuned experts; base and anti-expert get the plain prompt.
-    ``trace`` (None: off) fills ``Generation.steps``: per output token, each model's log-prob
-    and that many best alternatives (0-20).
+    Each field is declared once, here, with its help text, CLI flag and HTTP field (``OPTIONS``
+    lists them); the CLI, batch lines, the server and ``--resume`` files derive from it.
     A prompt given as chat messages is rendered for the base and the anti-expert with the base's
     chat template when ``base_chat_template`` is True (None: when it has one), else as plain text
     (the system text, ``User: ...`` lines, ``Assistant:``); the expert gets its own chat template.
-    ``response_prefix`` goes after the generation prompt on every side (the paper's
-    ``chat_response_prefix``).
     """
 
-    max_new_tokens: int = 64
-    alpha: float = 1.0
-    base_k: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    unseen: UnseenPolicy = UnseenPolicy.RESIDUAL
-    untwinned: UntwinnedRule = UntwinnedRule.PREFIX
-    expert_chat_template: bool = False
-    speculate: Speculate = Speculate.AUTO
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS
-    trace: int | None = None
-    base_chat_template: bool | None = None
-    response_prefix: str = ""
+    max_new_tokens: int = _option(64, "the most tokens to generate", http="max_tokens")
+    alpha: float = _option(
+        1.0, "steering strength: base + alpha * (expert - anti-expert)", one_step=True
+    )
+    base_k: int | None = _option(
+        None,
+        "k, the next-token logprobs asked of the base per step; -1: the whole vocabulary where "
+        f"the server allows it (default: {DEFAULT_BASE_K}, or the server's cap)",
+        one_step=True,
+        metavar="K",
+    )
+    temperature: float = _option(0.0, "0 = greedy")
+    top_p: float = _option(1.0, "nucleus sampling (1 = off)")
+    top_k: int = _option(0, "sample among the k best tokens (0 = off)")
+    seed: int | None = _option(None, "seed of the sampler (and of the base's drafts)")
+    stop: tuple[str, ...] = _option((), "a stop sequence (repeat for several)", metavar="TEXT")
+    unseen: UnseenPolicy = _option(
+        UnseenPolicy.RESIDUAL, "what tokens outside the base's top-k score", one_step=True
+    )
+    untwinned: UntwinnedRule = _option(
+        UntwinnedRule.PREFIX,
+        "with another base tokenizer: base tokens that are no single proxy token",
+        one_step=True,
+    )
+    expert_chat_template: bool = _option(
+        False,
+        "the expert (only) reads the prompt in its chat template, as in the paper",
+        one_step=True,
+    )
+    speculate: Speculate = _option(
+        Speculate.AUTO,
+        "several tokens per request: the base drafts, the expert drafts, or the best the base "
+        "supports; the output is the same as with off",
+    )
+    draft_tokens: int = _option(
+        DEFAULT_DRAFT_TOKENS, "the longest draft (it adapts below that)", metavar="N"
+    )
+    # The CLI's --trace FILE / --trace-top N, the server's logprobs / top_logprobs.
+    trace: int | None = _option(
+        None,
+        f"per output token, each model's log-prob and this many alternatives (0-"
+        f"{MAX_TRACE_ALTERNATIVES}); None: off",
+        flag=None,
+        http=None,
+    )
+    base_chat_template: bool | None = _option(
+        None, "chat prompts: the base reads its chat template (auto: when it has one) or plain text"
+    )
+    response_prefix: str = _option(
+        "", "chat prompts: text after the generation prompt on every side", metavar="TEXT"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: enums as their values, ``stop`` as a list."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationConfig:
+        """The config ``to_dict`` gave (unknown keys are an error naming them)."""
+        unknown = sorted(set(data) - set(_BY_NAME))
+        if unknown:
+            raise ConfigError(
+                f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(_BY_NAME)}"
+            )
+        return cls(**json_overrides(data))
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -213,3 +300,90 @@ def _one_of(choices: type[StrEnum], name: str, value: object) -> StrEnum:
     except ValueError:
         listed = ", ".join(member.value for member in choices)
         raise ConfigError(f"{name} must be one of {listed}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One generation option: its Python name, type, default and edges."""
+
+    name: str
+    hint: Any  # the field's type
+    default: Any
+    edges: OptionEdges
+
+
+def _options() -> tuple[Option, ...]:
+    hints = typing.get_type_hints(GenerationConfig)
+    defaults = GenerationConfig()
+    options = []
+    for f in dataclasses.fields(GenerationConfig):
+        edges = dict(f.metadata["edges"])
+        if edges["flag"] is True:
+            edges["flag"] = "--" + f.name.replace("_", "-")
+        if edges["http"] is True:
+            edges["http"] = f.name
+        options.append(
+            Option(f.name, hints[f.name], getattr(defaults, f.name), OptionEdges(**edges))
+        )
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _options()
+OPTION_BY_HTTP: dict[str, Option] = {o.edges.http: o for o in OPTIONS if o.edges.http}
+
+
+def expected_json(hint: Any, value: Any) -> str | None:
+    """None when the JSON ``value`` has the type a field of type ``hint`` needs, else what it
+    needs. The field's own validation (ranges, enum values) runs in GenerationConfig."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        wanted = [expected_json(a, value) for a in typing.get_args(hint) if a is not type(None)]
+        return None if None in wanted else "null or " + " or ".join(w for w in wanted if w)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if _integer(value) else "an integer"
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(hint) is tuple:
+        ok = isinstance(value, str) or (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        )
+        return None if ok else "a string or a list of strings"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        choices = ", ".join(str(m.value) for m in hint)
+        return None if isinstance(value, str) else f"one of {choices}"
+    return None
+
+
+def json_overrides(record: Mapping[str, Any], *, http: bool = False) -> dict[str, Any]:
+    """The options a JSON object sets (a batch line or ``--resume`` file by Python names; a
+    server request by HTTP field names, other fields ignored), as GenerationConfig keyword
+    arguments, each JSON type checked: ConfigError naming the option as the record names it."""
+    overrides = {}
+    for key, value in record.items():
+        option = OPTION_BY_HTTP.get(key) if http else _BY_NAME.get(key)
+        if option is None:
+            continue
+        expected = expected_json(option.hint, value)
+        if expected is not None:
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ConfigError(f"{key} must be {expected}, got {shown}")
+        overrides[option.name] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["length", "stop", "eos", "error"]
+DEFAULT_UNSEEN_POLICY = "residual"  # GenerationConfig's (a test checks they agree)
 
 
 @dataclass
@@ -88,13 +89,32 @@ class Generation:
     token_ids: list[int]
     finish_reason: FinishReason
     usage: Usage = field(default_factory=Usage)
-    unseen_policy: str = "restrict"
+    unseen_policy: str = DEFAULT_UNSEEN_POLICY
     timings: Timings = field(default_factory=Timings)
     error: str | None = None
     steps: list[TokenTrace] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Generation:
+        """The generation ``to_dict`` gave (a ``--json`` line, say); other keys are ignored."""
+        steps = data.get("steps")
+        return cls(
+            text=data["text"],
+            token_ids=list(data["token_ids"]),
+            finish_reason=data["finish_reason"],
+            usage=Usage(**data.get("usage", {})),
+            unseen_policy=data.get("unseen_policy", DEFAULT_UNSEEN_POLICY),
+            timings=Timings(**data.get("timings", {})),
+            error=data.get("error"),
+            steps=[_token_trace(s) for s in steps] if steps is not None else None,
+        )
+
+
+def _token_trace(record: dict[str, Any]) -> TokenTrace:
+    return TokenTrace(**{**record, "top": [Alternative(**a) for a in record["top"]]})
 
 
 @dataclass
@@ -111,7 +131,7 @@ class Choice:
     base_probabilities: dict[str, float | None]
     missing: list[str]
     usage: Usage = field(default_factory=Usage)
-    unseen_policy: str = "restrict"
+    unseen_policy: str = DEFAULT_UNSEEN_POLICY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,7 +7,7 @@ partial result.
 
 Two layers: ``append`` puts tokens on both sides (what the models condition on next), ``emit``
 makes an appended token output (text, usage, stop/EOS/length). Appended tokens that were never
-emitted — a speculative draft — can be taken back with ``checkpoint`` / ``rollback``, on both
+emitted — a speculative draft — can be taken back with ``rollback(appended)``, on both
 sides at once: the base ids, the proxy ids, the realigner's bytes and the KV caches.
 """
 
@@ -84,8 +84,14 @@ class Sequence:
 
     @property
     def base_prompt(self) -> Prompt:
-        """What the base continues now."""
-        return Prompt(tuple(self.base_ids), len(self.prompt_ids.base))
+        """What the base continues now (with a chat prompt's messages, for chat dialects)."""
+        ids = self.prompt_ids
+        return Prompt(
+            tuple(self.base_ids),
+            len(ids.base),
+            messages=ids.messages,
+            response_prefix=ids.response_prefix,
+        )
 
     @property
     def expert_ids(self) -> list[int]:
@@ -124,10 +130,6 @@ class Sequence:
         return out
 
     # -- speculation's undo -------------------------------------------------------------------
-
-    def checkpoint(self) -> int:
-        """A point to roll back to: the number of tokens appended so far."""
-        return self.appended
 
     def rollback(self, checkpoint: int) -> None:
         """Take back every token appended after ``checkpoint``, on both sides (the proxies' KV

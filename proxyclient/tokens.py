@@ -11,7 +11,7 @@ Base and proxies with byte-for-byte the same vocabulary share ids: the bridge is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,10 @@ class PromptIds:
     base: list[int]  # what the base continues (the base's tokenizer)
     proxy: list[int]  # the anti-expert's prompt (and the expert's, without a chat template)
     expert: list[int]  # the expert's prompt
+    # A chat prompt's checked messages and response prefix, which chat dialects send as they are
+    # (``Prompt.messages``); None for a text prompt.
+    messages: tuple[Mapping[str, str], ...] | None = None
+    response_prefix: str = ""
 
 
 class TokenSpace:
@@ -116,7 +120,8 @@ class TokenSpace:
     ) -> tuple[str, PromptIds]:
         """A conversation, rendered and encoded for each side (``proxyclient.chat``): the base's
         text (the base's chat template when it has one and ``base_chat_template`` is not False,
-        else plain text) and its ids on every side; the expert reads its own template."""
+        else plain text) and its ids on every side; the expert reads its own template. The
+        checked messages travel with the ids, for chat dialects to send with their roles."""
         messages = check_messages(messages)
         holder = self._base_template_holder()
         if base_chat_template and holder is None:
@@ -143,7 +148,13 @@ class TokenSpace:
         else:
             base = _encode_rendered(self.base_tokenizer.inner, base_text)
         expert = _encode_rendered(self.expert_tokenizer, expert_text)
-        return base_text, PromptIds(base=base, proxy=proxy, expert=expert)
+        return base_text, PromptIds(
+            base=base,
+            proxy=proxy,
+            expert=expert,
+            messages=tuple(messages),
+            response_prefix=response_prefix,
+        )
 
     def _base_template_holder(self) -> Any:
         """The HF tokenizer whose chat template the base reads, or None: the base's own, or,
@@ -201,8 +212,8 @@ class TokenSpace:
         if server_ids is not None and list(server_ids) != list(base_ids):
             raise ConfigError(
                 f"the base tokenizes the prompt differently from the proxies ({len(server_ids)} "
-                f"vs {len(base_ids)} tokens): pass the base's tokenizer with --base-tokenizer "
-                f"(base_tokenizer=...) so that the two are bridged"
+                f"vs {len(base_ids)} tokens): pass the base's tokenizer as base_tokenizer=... so "
+                f"that the two are bridged"
             )
 
     def check_unresolved(self, top: TopLogprobs) -> None:
@@ -211,7 +222,7 @@ class TokenSpace:
             raise ConfigError(
                 f"{top.unresolved} of the base's {top.unresolved + len(top)} candidates are not "
                 f"tokens of the proxies' tokenizer: the base tokenizes differently; pass its "
-                f"tokenizer with --base-tokenizer (base_tokenizer=...)"
+                f"tokenizer as base_tokenizer=..."
             )
 
     def _encode_for_expert(self, prompt: str) -> list[int]:

@@ -37,6 +37,7 @@ from proxyclient.scoring import Score, score_tokens
 from proxyclient.sequence import Sequence
 from proxyclient.steps import BaseDraftStep, ExpertDraftStep, OneTokenStep
 from proxyclient.stream import AsyncGenerationStream, GenerationStream
+from proxyclient.tokenizer import load_base_tokenizer
 from proxyclient.tokens import TokenSpace
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ProxyTuner:
         check_same_vocabulary(expert_tokenizer, tokenizer)
         # Ids both proxies score and the tokenizer knows; padded logits beyond it are ignored.
         vocab_size = min(len(tokenizer), expert_model.output_size, anti_model.output_size)
+        _lend_tokenizer(base, base_tokenizer, tokenizer)
         self.tokens = TokenSpace(
             base,
             tokenizer,
@@ -134,6 +136,16 @@ class ProxyTuner:
     @property
     def vocab_size(self) -> int:
         return self.tokens.vocab_size
+
+    @property
+    def context_length(self) -> int | None:
+        """The shortest context of the local models (their max_position_embeddings)."""
+        lengths = []
+        for local in (self.proxies.expert, self.proxies.anti_expert):
+            length = getattr(local.model.config, "max_position_embeddings", None)
+            if isinstance(length, int):
+                lengths.append(length)
+        return min(lengths) if lengths else None
 
     # -- generate -----------------------------------------------------------------------------
 
@@ -309,24 +321,25 @@ class ProxyTuner:
     def choose(
         self,
         prompt: str,
-        options: Options[str],
+        choices: Options[str],
         config: GenerationConfig | None = None,
-        **settings: Any,
+        **options: Any,
     ) -> Choice:
-        """The proxy-tuned choice among single-token ``options`` after ``prompt``: one step."""
-        return self._runner.run(self.achoose(prompt, options, config, **settings))
+        """The proxy-tuned choice among single-token ``choices`` after ``prompt``: one step.
+        ``options`` override ``config``'s fields, as in ``generate``."""
+        return self._runner.run(self.achoose(prompt, choices, config, **options))
 
     async def achoose(
         self,
         prompt: str,
-        options: Options[str],
+        choices: Options[str],
         config: GenerationConfig | None = None,
-        **settings: Any,
+        **options: Any,
     ) -> Choice:
-        option_ids = {option: self.tokens.single_token(option) for option in options}
+        option_ids = {choice: self.tokens.single_token(choice) for choice in choices}
         if not option_ids:
-            raise ConfigError("choose() needs at least one option")
-        seq = self._start(prompt, config, {"max_new_tokens": 1, **settings})
+            raise ConfigError("choose() needs at least one choice")
+        seq = self._start(prompt, config, {"max_new_tokens": 1, **options})
         await self.tokens.check_server(self.base, seq.prompt, seq.prompt_ids.base)
         observation = await self.step.observe(seq)
         tuned = self.step.candidates(seq, observation)
@@ -511,3 +524,15 @@ def _option_probabilities(
         option: (probs[i] / mass if mass > 0 else 0.0) if i in probs else None
         for option, i in option_ids.items()
     }
+
+
+def _lend_tokenizer(base: BaseModel, base_tokenizer: Any, proxy_tokenizer: Any) -> None:
+    """A dialect that names tokens by text and was connected without the base's tokenizer gets
+    ``base_tokenizer``, else the proxies' (base and proxies share a tokenizer unless told
+    otherwise; the first answers are checked against that): the same default for Python as for
+    the CLI, which passes ``--base-tokenizer`` on as ``base_tokenizer``."""
+    if getattr(base, "tokenizer", None) is not None or not getattr(base, "needs_tokenizer", False):
+        return
+    lent = base_tokenizer if base_tokenizer is not None else proxy_tokenizer
+    base.tokenizer = load_base_tokenizer(lent)  # type: ignore[attr-defined]
+    logger.info("the %r base names tokens by text; its tokenizer: %r", base.name, base.tokenizer)

@@ -38,7 +38,7 @@ def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
     sys.path.insert(0, str(SCRIPTS))
     from make_tiny_models import build_tiny_models
 
-    from proxyclient import ProxyTuner
+    from proxyclient import GenerationConfig, ProxyTuner
     from proxyclient.adapters.base import Capabilities, TopLogprobs
 
     torch.set_num_threads(1)
@@ -68,7 +68,9 @@ def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
             pass
 
     with ProxyTuner(InstantBase(), tiny["expert"], tiny["anti_expert"], device="cpu") as tuner:
-        options = dict(max_new_tokens=tokens, base_k=k, unseen=unseen, alpha=1.0)
+        # k's option was called top_logprobs before it became base_k: older baselines run too.
+        k_name = "base_k" if "base_k" in GenerationConfig.__dataclass_fields__ else "top_logprobs"
+        options = {"max_new_tokens": tokens, k_name: k, "unseen": unseen, "alpha": 1.0}
         tuner.generate("def main():", max_new_tokens=4)  # warm-up
         per_step = []
         for _ in range(generations):

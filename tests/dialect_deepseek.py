@@ -48,7 +48,6 @@ from dialect_servers import (
     _Core,
     _OpenAIChat,
     _text_content,
-    encode_text,
     openai_error,
     register_dialect,
 )
@@ -150,10 +149,9 @@ class _DeepSeek(_OpenAIChat):
             {"role": m.get("role", "user"), "content": _text_content(m.get("content"))}
             for m in messages
         ]
-        text = self.core.tokenizer.apply_chat_template(
-            plain, tokenize=False, add_generation_prompt=not prefix, continue_final_message=prefix
+        ids = self.core.render_chat(
+            plain, add_generation_prompt=not prefix, continue_final_message=prefix
         )
-        ids = encode_text(self.core.tokenizer, text, add_special_tokens=False)
         limit = self.settings.max_context
         if len(ids) > limit:
             raise _error(

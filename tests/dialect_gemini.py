@@ -5,9 +5,10 @@ It answers as Google's Gemini API documents (read 2026-11-30):
 
 * ``POST /v1beta/models/{model}:generateContent`` — request and response fields from
   https://ai.google.dev/api/generate-content: ``contents[]`` of ``role`` (user/model) and
-  ``parts[].text``; ``generationConfig`` with ``responseLogprobs``, ``logprobs`` ("in the range of
-  [0, 20]"), ``maxOutputTokens``, ``temperature``, ``topP``, ``candidateCount``, ``seed``; the
-  answer's ``candidates[].logprobsResult`` (``topCandidates[].candidates[]`` and
+  ``parts[].text``; ``systemInstruction`` (its parts' text, rendered as the chat template's system
+  message, before the turns); ``generationConfig`` with ``responseLogprobs``, ``logprobs`` ("in
+  the range of [0, 20]"), ``maxOutputTokens``, ``temperature``, ``topP``, ``candidateCount``,
+  ``seed``; the answer's ``candidates[].logprobsResult`` (``topCandidates[].candidates[]`` and
   ``chosenCandidates[]`` of ``token``, ``tokenId``, ``logProbability``; ``logProbabilitySum``),
   ``avgLogprobs``, ``finishReason``, and ``usageMetadata``. The end of the answer is no token in
   ``chosenCandidates`` and its text (as OpenAI's chat leaves out its stop token). The logprobs
@@ -56,7 +57,6 @@ from dialect_servers import (
     _generator,
     _text_content,
     _warpers,
-    encode_text,
     register_dialect,
 )
 from transformers import LogitsProcessorList
@@ -202,6 +202,7 @@ class _Gemini:
         config = self.check_fields(body)
         messages = self.messages(body.get("contents"))
         continuing = messages[-1]["role"] == "assistant"
+        system = self.system_instruction(body.get("systemInstruction"))
         if continuing and self.models[model] == "no-prefill":
             raise gemini_error(400, MODEL_TURN_REFUSED, "INVALID_ARGUMENT")
         want_logprobs = bool(config.get("responseLogprobs"))
@@ -216,13 +217,11 @@ class _Gemini:
         k = config.get("logprobs")
         if k is not None and (not isinstance(k, int) or not 0 <= k <= self.settings.max_k):
             raise out_of_range("logprobs", k, 0, self.settings.max_k + 1, exclusive=True)
-        text = self.core.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
+        ids = self.core.render_chat(
+            system + messages,
             add_generation_prompt=not continuing,
             continue_final_message=continuing,
         )
-        ids = encode_text(self.core.tokenizer, text, add_special_tokens=False)
         limit = self.settings.max_context
         if len(ids) > limit:
             message = (
@@ -300,6 +299,21 @@ class _Gemini:
             text = _text_content(parts)
             messages.append({"role": "assistant" if role == "model" else "user", "content": text})
         return messages
+
+    @staticmethod
+    def system_instruction(instruction: Any) -> list[dict[str, str]]:
+        """``systemInstruction`` (a Content, its role ignored) as a first system message, which
+        the chat template renders as the model's system prompt; [] without one."""
+        if instruction is None:
+            return []
+        parts = instruction.get("parts") if isinstance(instruction, dict) else None
+        if not isinstance(parts, list) or not parts or not all("text" in p for p in parts):
+            message = (
+                "* GenerateContentRequest.system_instruction.parts[0].data: required oneof field "
+                "'data' must have one initialized field\n"
+            )
+            raise gemini_error(400, message, "INVALID_ARGUMENT")
+        return [{"role": "system", "content": _text_content(parts)}]
 
     @staticmethod
     def bounded(

@@ -15,7 +15,9 @@ way the real server does, as read from its documentation and source:
   ``router/src/lib.rs`` (Info, Details, Token, ErrorResponse), ``router/src/validation.rs``,
   ``router/src/infer/mod.rs`` (InferError), ``server/.../utils/tokens.py`` (warpers, top tokens).
 
-Every request is recorded in ``DialectServer.requests``; ``fail_next`` injects error answers.
+Every request is recorded in ``DialectServer.requests``, and every conversation a chat route
+renders, with the roles it received, in ``DialectServer.conversations``; ``fail_next`` injects
+error answers.
 """
 
 from __future__ import annotations
@@ -320,6 +322,8 @@ class _Core:
         self.settings = settings
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self._bytes: dict[int, bytes] = {}
+        # Every conversation a chat route rendered, as it rendered it ({"role", "content"}).
+        self.conversations: list[list[dict[str, str]]] = []
 
     def token_bytes(self, token_id: int) -> bytes:
         if token_id not in self._bytes:
@@ -328,6 +332,13 @@ class _Core:
 
     def joined_bytes(self, ids: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes(i) for i in ids)
+
+    def render_chat(self, messages: list[dict[str, str]], **template_options: bool) -> list[int]:
+        """The ids of ``messages`` in the tokenizer's chat template, with the roles received (as
+        a chat server renders a conversation); recorded in ``conversations``."""
+        self.conversations.append([dict(m) for m in messages])
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, **template_options)
+        return encode_text(self.tokenizer, text, add_special_tokens=False)
 
     def token_string(self, token_id: int, *, bytes_prefix: str) -> str:
         mode = self.settings.partial_tokens
@@ -647,8 +658,7 @@ class _OpenAIChat(_OpenAIBase):
         # OpenAI does not continue a trailing assistant message: a new assistant turn always
         # starts. vLLM's continue_final_message renders the conversation open-ended instead.
         options = {"add_generation_prompt": True} | (template_options or {})
-        text = self.core.tokenizer.apply_chat_template(plain, tokenize=False, **options)
-        return encode_text(self.core.tokenizer, text, add_special_tokens=False)
+        return self.core.render_chat(plain, **options)
 
     def template_options(self, body: Json) -> dict[str, bool]:
         """vLLM's checks and defaults for its chat-template extensions."""
@@ -1052,6 +1062,7 @@ class DialectServer:
         )
         self._tokenizer = tokenizer
         self.requests: list[tuple[str, dict[str, str], Any]] = []
+        self._core: _Core | None = None
         self._failures: collections.deque[tuple[int, int]] = collections.deque()
         self._lock = threading.Lock()
         self._handler: _DialectBase | None = None
@@ -1073,6 +1084,13 @@ class DialectServer:
     def max_k(self) -> int:
         return self.settings.max_k
 
+    @property
+    def conversations(self) -> list[list[dict[str, str]]]:
+        """Each conversation a chat route rendered, in order: the messages with the roles it
+        received (``{"role", "content"}``; Gemini's ``model`` as ``assistant``, its
+        ``systemInstruction`` as a first ``system`` message). Tests may clear it."""
+        return self._core.conversations if self._core is not None else []
+
     def start(self) -> DialectServer:
         """Load the model (once) and start serving; returns self."""
         if self._httpd is not None:
@@ -1083,6 +1101,7 @@ class DialectServer:
             if tokenizer is None:
                 tokenizer = _load_tokenizer(self.model_dir.resolve())
             core = _Core(_load_model(self.model_dir.resolve()), tokenizer, self.settings)
+            self._core = core
             self._handler = HANDLERS[self.dialect](core)
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self

@@ -116,17 +116,27 @@ def assert_same_tokens(
     assert len(got) == len(reference), f"got {got}, expected {expected}"
 
 
-def chat_server_sees(hf_tokenizer, prompt: str) -> Callable[[list[int]], list[int]]:
+def chat_server_sees(
+    hf_tokenizer, prompt: str | list[dict[str, str]], response_prefix: str = ""
+) -> Callable[[list[int]], list[int]]:
     """``base_ids_for`` of a chat server that continues a partial answer (a trailing assistant
-    or model turn): the ids it conditions on, the chat template with the answer so far."""
+    or model turn): the ids it conditions on, the chat template with the answer so far.
+
+    ``prompt``: text (one user turn) or the conversation's messages, rendered with their roles;
+    a conversation's answer starts with ``response_prefix``."""
+    conversation = (
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    )
 
     def ids(generated: list[int]) -> list[int]:
-        messages = [{"role": "user", "content": prompt}]
-        if generated:
-            messages.append({"role": "assistant", "content": hf_tokenizer.decode(generated)})
+        messages = list(conversation)
+        answer = response_prefix + (hf_tokenizer.decode(generated) if generated else "")
+        continuing = bool(generated) or bool(response_prefix)
+        if continuing:
+            messages.append({"role": "assistant", "content": answer})
         text = hf_tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not generated,
-            continue_final_message=bool(generated),
+            messages, tokenize=False, add_generation_prompt=not continuing,
+            continue_final_message=continuing,
         )  # fmt: skip
         return hf_tokenizer(text, add_special_tokens=False).input_ids
 

@@ -60,34 +60,34 @@ def assert_one_clear_line(code, err, needle, lines_at_most=1):
 
 # (what a user typed wrong, the flags, what the one line must say)
 CLI_ROWS = [
-    ("negative k", ["--base-k", "-5"], "base_k must be a positive integer, or -1"),
-    ("k zero", ["--base-k", "0"], "base_k must be a positive integer"),
+    ("negative k", ["--base-k", "-5"], "--base-k must be a positive integer, or -1"),
+    ("k zero", ["--base-k", "0"], "--base-k must be a positive integer"),
     ("k not a number", ["--base-k", "many"], "argument --base-k: invalid int value"),
     ("alpha NaN", ["--alpha", "nan"], "alpha must be a finite number, got nan"),
     ("alpha infinite", ["--alpha", "inf"], "alpha must be a finite number, got inf"),
     ("alpha not a number", ["--alpha", "strong"], "argument --alpha: invalid float value"),
     ("temperature < 0", ["--temperature", "-0.5"], "temperature must be >= 0"),
     ("temperature NaN", ["--temperature", "nan"], "temperature must be >= 0"),
-    ("top_p 0", ["--top-p", "0"], "top_p must be in (0, 1]"),
-    ("top_p > 1", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    ("top_p NaN", ["--top-p", "nan"], "top_p must be in (0, 1]"),
-    ("top_k < 0", ["--top-k", "-1"], "top_k must be >= 0"),
-    ("max_new_tokens 0", ["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    ("top_p 0", ["--top-p", "0"], "--top-p must be in (0, 1]"),
+    ("top_p > 1", ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    ("top_p NaN", ["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    ("top_k < 0", ["--top-k", "-1"], "--top-k must be >= 0"),
+    ("max_new_tokens 0", ["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
     ("max_new_tokens text", ["--max-new-tokens", "ten"], "invalid int value: 'ten'"),
     ("seed text", ["--seed", "lucky"], "argument --seed: invalid int value"),
     ("seed < 0", ["--seed", "-1"], "seed must be >= 0"),
     ("empty stop", ["--stop", ""], "stop sequences must be non-empty strings"),
-    ("draft tokens 0", ["--draft-tokens", "0"], "argument --draft-tokens: must be an integer >= 1"),
+    ("draft tokens 0", ["--draft-tokens", "0"], "--draft-tokens must be an integer >= 1"),
     ("unknown --api", ["--api", "vllm2"], "argument --api: invalid choice: 'vllm2'"),
     ("unknown --unseen", ["--unseen", "guess"], "argument --unseen: invalid choice"),
     ("unknown --speculate", ["--speculate", "maybe"], "argument --speculate: invalid choice"),
     ("timeout 0", ["--timeout", "0"], "timeout must be a number of seconds > 0, got 0.0"),
     ("timeout NaN", ["--timeout", "nan"], "timeout must be a number of seconds > 0, got nan"),
-    ("connect timeout < 0", ["--connect-timeout", "-1"], "connect_timeout must be a number"),
-    ("retries < 0", ["--max-retries", "-1"], "max_retries must be an integer >= 0"),
-    ("retry time 0", ["--max-retry-time", "0"], "max_retry_time must be a number of seconds > 0"),
-    ("requests/min 0", ["--requests-per-minute", "0"], "requests_per_minute must be > 0"),
-    ("tokens/min NaN", ["--tokens-per-minute", "nan"], "tokens_per_minute must be > 0"),
+    ("connect timeout < 0", ["--connect-timeout", "-1"], "--connect-timeout must be a number"),
+    ("retries < 0", ["--max-retries", "-1"], "--max-retries must be an integer >= 0"),
+    ("retry time 0", ["--max-retry-time", "0"], "--max-retry-time must be a number of seconds > 0"),
+    ("requests/min 0", ["--requests-per-minute", "0"], "--requests-per-minute must be > 0"),
+    ("tokens/min NaN", ["--tokens-per-minute", "nan"], "--tokens-per-minute must be > 0"),
     ("concurrency 0", ["--max-concurrency", "0"], "argument --max-concurrency: must be an integer"),
     ("threads 0", ["--threads", "0"], "threads must be >= 1, got 0"),
     ("unknown device", ["--device", "gpu9"], "device 'gpu9' is not a torch device"),
@@ -222,7 +222,6 @@ CONNECT_ROWS = [
     (("vllm", NOWHERE, "m"), {"max_retries": -1}, "max_retries must be an integer >= 0"),
     (("vllm", NOWHERE, "m"), {"max_retries": 2.5}, "max_retries must be an integer >= 0"),
     (("vllm", NOWHERE, "m"), {"max_retry_time": -3}, "max_retry_time must be a number"),
-    (("openai", NOWHERE, "my-model"), {}, "needs the base's tokenizer"),
 ]
 
 
@@ -257,7 +256,7 @@ def local(tiny_models, hf_models):
         (lambda t: t.generate("x", max_tokens=3), "unknown generation option(s): max_tokens"),
         (lambda t: t.generate("x", top_p=2), "top_p must be in (0, 1]"),
         (lambda t: t.generate_many(["x"], concurrency=0), "concurrency must be an integer >= 1"),
-        (lambda t: t.choose("x", []), "choose() needs at least one option"),
+        (lambda t: t.choose("x", []), "choose() needs at least one choice"),
         (lambda t: t.generate("x", resume="x"), "resume takes the Generation"),
         (lambda t: t.generate("x", resume=Generation("", [], "eos")), "has nothing left to do"),
         (lambda t: t.generate("x", speculate="expert"), "speculate='expert'"),
@@ -303,7 +302,7 @@ def test_a_prompt_longer_than_the_context(capsys, servers, tiny_models):
     code, _, err = cli(
         capsys,
         tiny_models,
-        "--api-key",
+        "--base-api-key",
         API_KEY,
         base_url=servers["capped"].base_url,
         prompt="x = 1\n" * 400,
@@ -326,3 +325,10 @@ def test_every_error_is_a_proxyclient_error():
     assert issubclass(ConfigError, ProxyClientError) and issubclass(
         ModelLoadError, ProxyClientError
     )
+
+
+def test_inspect_of_a_text_dialect_without_a_tokenizer_says_what_to_pass(capsys):
+    code = main(["inspect", "--api", "openai", "--base-url", NOWHERE, "--base-model", "my-model"])
+    err = capsys.readouterr().err
+    assert_one_clear_line(code, err, "names tokens by text, so probing it needs the base's")
+    assert "--base-tokenizer" in err  # the CLI's name for tokenizer=

@@ -299,7 +299,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "cannot read the input file" in capsys.readouterr().err
     (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "prompt": "x"}\n')
     assert main(cli_args(tmp_path, "--max-new-tokens", "0")) == 2
-    assert "max_new_tokens must be a positive integer" in capsys.readouterr().err
+    assert "--max-new-tokens must be a positive integer" in capsys.readouterr().err
     (tmp_path / "out.jsonl").write_text("not a result\n")
     assert main(cli_args(tmp_path)) == 2
     assert "line 1 is not a result line" in capsys.readouterr().err
@@ -358,7 +358,7 @@ def reference(server, tiny_models):
 def batch_command(server, tiny_models, tmp_path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "proxyclient", "batch", "--api", "openai",
-        "--base-url", server.base_url, "--base-model", "tiny-base", "--api-key", KEY,
+        "--base-url", server.base_url, "--base-model", "tiny-base", "--base-api-key", KEY,
         "--expert", str(tiny_models["expert"]), "--anti-expert", str(tiny_models["anti_expert"]),
         "--threads", "1", "--device", "cpu", "--input", str(tmp_path / "in.jsonl"),
         "--output", str(tmp_path / "out.jsonl"), *extra,

@@ -29,7 +29,7 @@ def server(tiny_models):
 def cli(server, tiny_models, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "proxyclient", "generate", "--api", "openai",
-        "--base-url", server.base_url, "--base-model", "tiny-base", "--api-key", KEY,
+        "--base-url", server.base_url, "--base-model", "tiny-base", "--base-api-key", KEY,
         "--expert", str(tiny_models["expert"]), "--anti-expert", str(tiny_models["anti_expert"]),
         "--device", "cpu", "--threads", "1", "--max-new-tokens", "6", *extra,
     ]  # fmt: skip

@@ -94,6 +94,27 @@ def test_payload_continues_the_answer_as_an_assistant_prefix(tokenizer):
     assert "thinking" not in plain
 
 
+def test_a_conversation_goes_with_its_roles_and_the_answer_as_the_prefix(tokenizer):
+    conversation = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A."},
+        {"role": "user", "content": "And?"},
+    )
+    # The prompt's ids (the base's rendering) are not what is sent: the messages are.
+    _, first = adapter(tokenizer).build_request(Prompt((7, 8), 2, conversation), 20)
+    assert first["messages"] == list(conversation)
+    answer = tuple(tokenizer.encode(" B", add_special_tokens=False))
+    prompt = Prompt((7, 8, *answer), 2, conversation, " So")
+    _, later = adapter(tokenizer).build_generate(prompt, 20, 3, greedy=True, seed=None)
+    assert later["messages"] == [
+        *conversation,
+        {"role": "assistant", "content": " So B", "prefix": True},
+    ]
+    _, prefixed = adapter(tokenizer).build_request(Prompt((7, 8), 2, conversation, " So"), 20)
+    assert prefixed["messages"][-1] == {"role": "assistant", "content": " So", "prefix": True}
+
+
 def test_drafts_are_greedy_or_sampled_and_send_no_seed(tokenizer):
     ids = tuple(tokenizer.encode("Q?"))
     base = adapter(tokenizer)
@@ -202,7 +223,7 @@ def failing(tokenizer, status: int, message: str, type_: str = "invalid_request_
     ("status", "message", "kind", "advice"),
     [
         (400, "Invalid top_logprobs value, the valid range of top_logprobs is [0, 20]",
-         TopKTooLargeError, "pass --base-k 20 or less"),
+         TopKTooLargeError, "pass base_k=20 or less"),
         (400, "deepseek-reasoner does not support the parameter `logprobs`", BadRequestError,
          "use deepseek-chat (not deepseek-reasoner)"),
         (400, "Model Not Exist", NotFoundError,

@@ -396,6 +396,7 @@ def test_chat_validates_and_matches_transformers(chat: DialectServer, model: Any
     rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tok.encode(rendered, add_special_tokens=False)
     assert rendered.endswith("Hel\n<|assistant|>\n")
+    assert chat.conversations[-1] == messages  # rendered with the roles received
     assert completion.usage is not None and completion.usage.prompt_tokens == len(ids)
     expected = without_eos(greedy(model, ids, 6))
     choice = completion.choices[0]

@@ -140,6 +140,46 @@ def test_payload_puts_the_prompt_in_a_user_turn_and_the_answer_in_a_model_turn(t
     assert adapter_named(tokenizer, "models/gemini-x").path == "/models/gemini-x:generateContent"
 
 
+CONVERSATION = (
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Q?"},
+    {"role": "assistant", "content": "A."},
+    {"role": "user", "content": "And?"},
+)
+
+
+def test_a_conversation_goes_as_system_instruction_and_turns(tokenizer):
+    gemini = adapter(tokenizer)
+    # The prompt's ids (the base's rendering) are not what is sent: the messages are.
+    _, first = gemini.build_request(Prompt((7, 8), 2, CONVERSATION), 20)
+    assert first["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
+    assert first["contents"] == [
+        {"role": "user", "parts": [{"text": "Q?"}]},
+        {"role": "model", "parts": [{"text": "A."}]},
+        {"role": "user", "parts": [{"text": "And?"}]},
+    ]
+    answer = tuple(tokenizer.encode(" B", add_special_tokens=False))
+    _, later = gemini.build_generate(
+        Prompt((7, 8, *answer), 2, CONVERSATION, " So"), 20, 3, greedy=True, seed=None
+    )
+    assert later["contents"][-1] == {"role": "model", "parts": [{"text": " So B"}]}
+    _, prefixed = gemini.build_request(Prompt((7, 8), 2, CONVERSATION, " So"), 20)
+    assert prefixed["contents"][-1] == {"role": "model", "parts": [{"text": " So"}]}
+    # A text prompt has no system instruction.
+    assert "systemInstruction" not in gemini.build_request(Prompt((7, 8), 2), 20)[1]
+    with pytest.raises(ConfigError, match="end them with a user turn"):
+        gemini.build_request(Prompt((7, 8), 2, CONVERSATION[:3]), 20)
+
+
+def test_a_response_prefix_needs_a_model_that_continues(tokenizer):
+    good = answer_with([[("def", 1, -0.1)]], [("def", 1, -0.1)])
+    base, _ = mock(tokenizer, lambda r: (200, good), continue_model_turn=False)
+    with pytest.raises(ConfigError, match="response_prefix is a partial answer too"):
+        run_step(base, Prompt((7, 8), 2, CONVERSATION, " So"))
+    base, _ = mock(tokenizer, lambda r: (200, good), continue_model_turn=False)
+    assert run_step(base, Prompt((7, 8), 2, CONVERSATION)).token_ids
+
+
 def adapter_named(tokenizer, model: str) -> GeminiGenerateContent:
     return connect("gemini", "https://gemini.test/v1beta", model, tokenizer=tokenizer)
 
@@ -245,7 +285,7 @@ def test_k_over_the_cap_names_it(tokenizer):
         "is from 0 (inclusive) to 21 (exclusive). Update the value and try again."
     )
     base, _ = mock(tokenizer, lambda r: (400, error(400, message, "INVALID_ARGUMENT")))
-    with pytest.raises(TopKTooLargeError, match="pass --base-k 20 or less") as e:
+    with pytest.raises(TopKTooLargeError, match="pass base_k=20 or less") as e:
         run_step(base, Prompt((0, 5), 2), 25)
     assert e.value.server_max == 20
 

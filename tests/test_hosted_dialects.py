@@ -152,7 +152,7 @@ def test_sglang_refuses_a_k_above_the_vocabulary_before_sending(tokenizer):
 
     sglang = connect("sglang", "http://server", "m", tokenizer=tokenizer, transport=mock(handler))
     vocab = len(tokenizer.vocab)
-    with pytest.raises(TopKTooLargeError, match=f"pass --base-k {vocab} or less") as e:
+    with pytest.raises(TopKTooLargeError, match=f"pass base_k={vocab} or less") as e:
         asyncio.run(sglang.top_logprobs(PROMPT, vocab + 1))
     assert e.value.server_max == vocab and not sent
 
@@ -251,7 +251,7 @@ def test_fireworks_cap_comes_from_the_validation_error():
     fireworks = connect("fireworks", "http://server/inference/v1", "m", max_k=None,
                         transport=mock(handler))  # fmt: skip
     assert asyncio.run(probe(fireworks, PROMPT)).max_k == 5
-    with pytest.raises(TopKTooLargeError, match="pass --base-k 5 or less") as e:
+    with pytest.raises(TopKTooLargeError, match="pass base_k=5 or less") as e:
         asyncio.run(fireworks.top_logprobs(PROMPT, 6))
     assert e.value.server_max == 5 and "deployment that allows more" in str(e.value)
 
@@ -326,7 +326,7 @@ def test_together_cap_and_unknown_model_errors(tokenizer):
 
     ids = tuple(tokenizer.encode("x"))
     together = connect("together", None, "m", tokenizer=tokenizer, transport=mock(handler))
-    with pytest.raises(TopKTooLargeError, match="pass --base-k 20 or less") as e:
+    with pytest.raises(TopKTooLargeError, match="pass base_k=20 or less") as e:
         asyncio.run(together.top_logprobs(Prompt(ids, len(ids)), 21))
     assert e.value.server_max == 20
     other = connect("together", None, "nope", tokenizer=tokenizer, transport=mock(handler))
@@ -408,7 +408,7 @@ def test_ollama_errors_say_what_to_do(tokenizer):
     ollama = connect(
         "ollama", None, "m", tokenizer=tokenizer, transport=mock(handler), max_retries=0
     )
-    with pytest.raises(TopKTooLargeError, match="pass --base-k 20 or less"):
+    with pytest.raises(TopKTooLargeError, match="pass base_k=20 or less"):
         asyncio.run(ollama.top_logprobs(PROMPT, 21))
     with pytest.raises(ResponseFormatError, match=r"0\.12\.11 or later"):
         asyncio.run(ollama.top_logprobs(PROMPT, 5))

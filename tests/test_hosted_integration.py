@@ -221,7 +221,7 @@ def test_k_over_the_cap_names_it(servers, tiny_models, base_tokenizer, api):
     cap = CAPS[api]
     with (
         tuner_for(api, servers, tiny_models, base_tokenizer, max_k=None) as tuner,
-        pytest.raises(TopKTooLargeError, match=f"pass --base-k {cap} or less") as e,
+        pytest.raises(TopKTooLargeError, match=f"pass base_k={cap} or less") as e,
     ):
         tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", base_k=cap + 1)
     assert e.value.server_max == cap
@@ -234,7 +234,7 @@ def test_sglang_k_over_the_vocabulary_is_refused_before_it_reaches_the_server(
     server.requests.clear()
     with (
         tuner_for("sglang", servers, tiny_models, base_tokenizer) as tuner,
-        pytest.raises(TopKTooLargeError, match=f"pass --base-k {VOCAB} or less"),
+        pytest.raises(TopKTooLargeError, match=f"pass base_k={VOCAB} or less"),
     ):
         tuner.generate(PROMPTS[0], max_new_tokens=1, base_k=VOCAB + 1)
     assert not server.requests
@@ -296,7 +296,7 @@ def test_cli_inspect_prints_the_capabilities(servers, tiny_models, api):
             "--base-url", servers[api].base_url, "--base-model", "tiny-base",
             "--base-tokenizer", str(tiny_models["base"])]  # fmt: skip
     if api in KEYED:
-        argv += ["--api-key", KEY]
+        argv += ["--base-api-key", KEY]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=dict(os.environ))
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)

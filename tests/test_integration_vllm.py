@@ -229,14 +229,14 @@ def test_cli_wrong_model_name(servers, tiny_models):
 
 
 def test_cli_top_k_over_the_servers_cap(servers, tiny_models):
-    args = cli_args(servers["capped"], tiny_models, "x", "--api-key", API_KEY)
+    args = cli_args(servers["capped"], tiny_models, "x", "--base-api-key", API_KEY)
     args[args.index("--base-k") + 1] = "21"
     assert_clean_failure(cli(*args), "at most 20 top logprobs", "pass --base-k 20")
 
 
 def test_cli_prompt_longer_than_the_context(servers, tiny_models):
     prompt = "x = 1\n" * 400
-    run = cli(*cli_args(servers["capped"], tiny_models, prompt, "--api-key", API_KEY))
+    run = cli(*cli_args(servers["capped"], tiny_models, prompt, "--base-api-key", API_KEY))
     assert_clean_failure(run, "maximum context length is 256", "shorten the prompt")
 
 
@@ -246,7 +246,9 @@ def test_cli_keeps_the_tokens_generated_before_a_failure(servers, tiny_models, t
     ids = tuner.tokenizer("x = 1\n" * 200).input_ids[:n_prompt]
     prompt = tuner.tokenizer.decode(ids, skip_special_tokens=True)
     n_prompt = len(tuner.tokenizer(prompt).input_ids)
-    run = cli(*cli_args(servers["capped"], tiny_models, prompt, "--json", "--api-key", API_KEY))
+    run = cli(
+        *cli_args(servers["capped"], tiny_models, prompt, "--json", "--base-api-key", API_KEY)
+    )
     assert_clean_failure(run, "shorten the prompt")
     result = json.loads(run.stdout)
     assert result["finish_reason"] == "error"

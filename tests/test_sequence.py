@@ -89,7 +89,7 @@ def test_append_rollback_append_equals_appending_once(setup, data):
     seq = Sequence.start(PROMPT, config, space)
     seq.append(kept)
     fed(seq, pair)
-    checkpoint = seq.checkpoint()
+    checkpoint = seq.appended
     seq.append(draft)
     if feed_draft and seq.proxy_generated:  # the proxies saw the draft: their caches hold it
         fed(seq, pair)

@@ -623,12 +623,12 @@ def test_the_serve_command_builds_the_app_from_its_flags(
     monkeypatch.delenv("PROXYCLIENT_SERVER_API_KEY", raising=False)
     argv = [
         "serve", "--base-url", "http://127.0.0.1:9/v1", "--base-model", "tiny-base",
-        "--api-key", SECRET, "--expert", str(tiny_models["expert"]),
+        "--base-api-key", SECRET, "--expert", str(tiny_models["expert"]),
         "--anti-expert", str(tiny_models["anti_expert"]), "--device", "cpu", "--port", "8123",
         "--max-new-tokens", "5", "--alpha", "0.5", "--stop", "\n",
     ]  # fmt: skip
     if client_key:
-        argv += ["--server-api-key", client_key]
+        argv += ["--api-key", client_key]
     assert main(argv) == 0
     state = seen["app"].state.server
     try:

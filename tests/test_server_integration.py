@@ -190,9 +190,9 @@ def test_the_serve_command(servers, tiny_models, reference, tmp_path):
     command = [
         sys.executable, "-m", "proxyclient", "serve", "--api", "vllm",
         "--base-url", servers["capped"].base_url, "--base-model", BASE_NAME,
-        "--api-key", API_KEY, "--expert", str(tiny_models["expert"]),
+        "--base-api-key", API_KEY, "--expert", str(tiny_models["expert"]),
         "--anti-expert", str(tiny_models["anti_expert"]), "--device", "cpu", "--threads", "1",
-        "--port", str(port), "--served-model-name", NAME, "--server-api-key", CLIENT_KEY,
+        "--port", str(port), "--served-model-name", NAME, "--api-key", CLIENT_KEY,
         "--max-new-tokens", "8", "--max-model-len", "256",
     ]  # fmt: skip
     with log.open("w") as out:

@@ -160,9 +160,15 @@ def test_llamacpp_payload_and_parse():
     assert llama.parse_response(body, Prompt((1,), 1), 3).token_ids == (5, 8)
 
 
-def test_text_dialects_need_a_tokenizer():
-    with pytest.raises(ConfigError, match="needs the base's tokenizer: pass --base-tokenizer"):
-        connect("tgi", "http://server", "m")
+def test_a_text_dialect_without_a_tokenizer_waits_for_one():
+    """connect() leaves it to ProxyTuner, which lends the proxies' (test_tuner.py); probing it
+    alone says what to pass."""
+    from proxyclient.adapters.discovery import probe
+
+    base = connect("tgi", "http://server", "m")
+    assert base.tokenizer is None
+    with pytest.raises(ConfigError, match="names tokens by text, so probing it needs the base"):
+        asyncio.run(probe(base, Prompt((1,), 1)))
 
 
 def test_llamacpp_asks_again_when_the_sampled_token_was_held_back():
@@ -194,7 +200,7 @@ def test_tgi_k_over_its_cap_says_which_option_raises_it(tokenizer):
         TopKTooLargeError, match="restart TGI with a larger --max-top-n-tokens"
     ) as e:
         asyncio.run(tgi.top_logprobs(Prompt(ids, len(ids)), 6))
-    assert e.value.server_max == 5 and "pass --base-k 5 or less" in str(e.value)
+    assert e.value.server_max == 5 and "pass base_k=5 or less" in str(e.value)
 
 
 # generate: several positions from one request (speculation).

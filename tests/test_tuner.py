@@ -321,3 +321,39 @@ def test_choose_needs_single_token_options(tuner):
 
     with pytest.raises(ConfigError, match=r"option .def main. is 3 tokens"):
         tuner.choose(PROMPTS[0], ["(", "def main"])
+
+
+def test_a_text_dialect_without_a_tokenizer_is_lent_the_proxies_one(tiny_models, hf_models):
+    """One door for the base tokenizer: connect() without one, then ProxyTuner, as the CLI does
+    without --base-tokenizer: the adapter names tokens with the proxies' tokenizer, and the
+    tokens are those of an adapter given that tokenizer explicitly."""
+    from dialect_servers import DialectServer
+
+    from proxyclient import connect
+    from proxyclient.tokenizer import BaseTokenizer
+
+    options = dict(max_new_tokens=6, alpha=1.0, base_k=5, unseen="restrict")
+    with DialectServer("openai", tiny_models["base"]) as server:
+        got = []
+        for tokenizer in (None, BaseTokenizer(hf_models["tokenizer"])):
+            base = connect("openai", server.base_url, "tiny-base", tokenizer=tokenizer)
+            assert (base.tokenizer is None) == (tokenizer is None)
+            with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"]) as tuner:
+                got.append(tuner.generate("def main():", **options))
+                assert base.tokenizer is not None and not tuner.tokens.bridged
+    lent, explicit = got
+    assert lent.token_ids == explicit.token_ids and len(lent.token_ids) == 6
+    assert lent.text == explicit.text
+
+
+def test_a_text_dialect_lent_an_explicit_base_tokenizer(tiny_models):
+    """base_tokenizer= reaches an adapter that had none (the CLI's --base-tokenizer, too)."""
+    from proxyclient import connect
+
+    base = connect("openai", "http://127.0.0.1:9/v1", "tiny-base")
+    with ProxyTuner(
+        base, tiny_models["expert_sp"], tiny_models["anti_expert_sp"],
+        base_tokenizer=tiny_models["base"],
+    ) as tuner:  # fmt: skip
+        assert tuner.tokens.bridged
+        assert base.tokenizer.vocab.token_bytes == tuner.tokens.base_tokenizer.vocab.token_bytes

@@ -107,7 +107,7 @@ def ask(base, k=20, n=3):
 
 
 def test_top_k_over_the_cap_names_the_servers_maximum():
-    with pytest.raises(TopKTooLargeError, match="pass --base-k 50") as info:
+    with pytest.raises(TopKTooLargeError, match="pass base_k=50") as info:
         ask(serve(fixture("error_k_over_cap.json")), k=51)
     assert info.value.server_max == 50
     assert "--max-logprobs" in str(info.value)

@@ -42,6 +42,7 @@ from proxyclient.server.metrics import Metrics, MetricsMiddleware
 from proxyclient.server.prompts import PromptTokens
 from proxyclient.server.protocol import APIError, ChatRequest, CompletionRequest
 from proxyclient.server.runs import Disconnected, End, Job, Piece, Run
+from proxyclient.server.served import ServedTuner
 
 logger = logging.getLogger("proxyclient.server")
 
@@ -57,11 +58,16 @@ ROUTES = (
 )
 
 
+# The largest request body read: larger ones get a 413 before anything is parsed.
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+TOKENIZER_THREADS = 4
+
+
 @dataclass
 class ServerState:
     """What every request reads: the tuner, the request defaults, names, keys and metrics."""
 
-    tuner: Any
+    tuner: ServedTuner
     served_model_name: str
     defaults: GenerationConfig
     api_key: str | None
@@ -70,10 +76,19 @@ class ServerState:
     tokens: PromptTokens
     redact: Redact
     created: int
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Tokenizing runs off the event loop, in a few threads (the fast tokenizers' Rust encode
+    # lets go of the GIL), so that a long prompt holds up neither streams nor other prompts.
+    tokenizing: anyio.CapacityLimiter = dataclasses.field(
+        default_factory=lambda: anyio.CapacityLimiter(TOKENIZER_THREADS)
+    )
+
+    async def off_loop(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(work, *args, limiter=self.tokenizing)
 
 
 def create_app(
-    tuner: Any,
+    tuner: ServedTuner,
     *,
     served_model_name: str,
     api_key: str | None = None,
@@ -81,23 +96,26 @@ def create_app(
     max_model_len: int | None = None,
     secrets: tuple[str | None, ...] = (),
     close_tuner: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The server's ASGI app. ``api_key``: the key clients must send (Bearer); None serves any
     client. ``defaults``: the GenerationConfig a request's fields override. ``max_model_len``:
     the context length requests are checked against (default: the local models' own).
     ``secrets``: strings never to show a client (the base's API key; the transport's is
-    redacted anyway). ``close_tuner``: close the tuner when the app shuts down."""
+    redacted anyway). ``close_tuner``: close the tuner when the app shuts down.
+    ``max_body_bytes``: larger request bodies are refused with a 413."""
     transport = getattr(tuner.base, "transport", None)
     state = ServerState(
         tuner=tuner,
         served_model_name=served_model_name,
         defaults=defaults if defaults is not None else GenerationConfig(),
         api_key=api_key or None,
-        context_length=max_model_len or _local_context(tuner),
+        context_length=max_model_len or tuner.context_length,
         metrics=Metrics(),
         tokens=PromptTokens(tuner),
         redact=redactor((*secrets, api_key), *_transport_redact(transport)),
         created=int(time.time()),
+        max_body_bytes=max_body_bytes,
     )
 
     @asynccontextmanager
@@ -150,18 +168,18 @@ def create_app(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         authorized(request)
-        body = _json_object(await request.body())
+        body = _json_object(await _body(state, request))
         prompt = body.get("prompt")
         special = body.get("add_special_tokens", True)
         if not isinstance(prompt, str) or not isinstance(special, bool):
             raise APIError(400, "tokenize takes {prompt: string, add_special_tokens?: bool}")
-        ids = state.tokens.encode(prompt, special=special)
+        ids = await state.off_loop(functools.partial(state.tokens.encode, special=special), prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         authorized(request)
-        ids = _json_object(await request.body()).get("tokens")
+        ids = _json_object(await _body(state, request)).get("tokens")
         if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
             raise APIError(400, "detokenize takes {tokens: [int, ...]}", param="tokens")
         if any(not 0 <= t < state.tokens.vocab_size for t in ids):
@@ -180,17 +198,18 @@ def create_app(
 
 
 async def _completions(state: ServerState, request: Request) -> Response:
-    req: CompletionRequest = protocol.parse(await request.body(), CompletionRequest)
+    req: CompletionRequest = protocol.parse(await _body(state, request), CompletionRequest)
     _check_model(state, req.model)
     prompts = [
-        p if isinstance(p, str) else state.tokens.text_of(p, param="prompt") for p in req.prompts()
+        p if isinstance(p, str) else await state.off_loop(state.tokens.text_of, p)
+        for p in req.prompts()
     ]
     max_tokens = req.max_tokens if req.max_tokens is not None else state.defaults.max_new_tokens
     trace = req.logprobs
-    config = _config(state, req.options(max(1, max_tokens)), trace)
-    prompt_tokens = sum(
-        _check_context(state, state.tokens.count(p, config), max_tokens) for p in prompts
-    )
+    config = _config(state, lambda: req.options(max(1, max_tokens)), trace)
+    prompt_tokens = 0
+    for p in prompts:
+        prompt_tokens += await _counted(state, p, config, max_tokens)
     if req.echo:
         return await _echo(state, request, req, prompts, config, max_tokens, prompt_tokens)
     wrap = _envelope(state, "text_completion", "cmpl")
@@ -213,7 +232,7 @@ async def _completions(state: ServerState, request: Request) -> Response:
     for end in ends:
         block = None
         if req.logprobs is not None:
-            block = CompletionLogprobs(top).block(_steps(end.generation))
+            block = CompletionLogprobs(top).block(end.generation.steps or [])
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.completion_choice(end.index, end.generation.text, block, finish))
     return JSONResponse(wrap(choices, protocol.usage(prompt_tokens, [e.generation for e in ends])))
@@ -256,7 +275,7 @@ async def _echo(
                 generations.append(generation)
                 text += generation.text
                 finish = protocol.finish_reason(generation.finish_reason) or "stop"
-                traces = _steps(generation)
+                traces = generation.steps or []
             block = None
             if req.logprobs is not None:
                 tail = _eos_entry(state, end.generation) if end is not None else []
@@ -279,16 +298,13 @@ def _completion_jobs(prompts: list[str], config: GenerationConfig, n: int) -> li
 
 
 async def _chat(state: ServerState, request: Request) -> Response:
-    req: ChatRequest = protocol.parse(await request.body(), ChatRequest)
+    req: ChatRequest = protocol.parse(await _body(state, request), ChatRequest)
     _check_model(state, req.model)
     messages = req.chat()
     max_tokens = req.max_new_tokens or state.defaults.max_new_tokens
-    options = req.options(max_tokens)
-    if req.response_prefix is not None:
-        options["response_prefix"] = req.response_prefix
     trace = (req.top_logprobs or 0) if req.logprobs else None
-    config = _config(state, options, trace)
-    prompt_tokens = _check_context(state, state.tokens.count(messages, config), max_tokens)
+    config = _config(state, lambda: req.options(max_tokens), trace)
+    prompt_tokens = await _counted(state, messages, config, max_tokens)
     wrap = _envelope(
         state, "chat.completion.chunk" if req.stream else "chat.completion", "chatcmpl"
     )
@@ -313,7 +329,7 @@ async def _chat(state: ServerState, request: Request) -> Response:
     ends = await _finished(state, request, run, "/v1/chat/completions")
     choices = []
     for end in ends:
-        block = chat_logprobs(_steps(end.generation), top) if req.logprobs else None
+        block = chat_logprobs(end.generation.steps or [], top) if req.logprobs else None
         finish = protocol.finish_reason(end.generation.finish_reason)
         choices.append(protocol.chat_choice(end.index, end.generation.text, block, finish))
     return JSONResponse(wrap(choices, protocol.usage(prompt_tokens, [e.generation for e in ends])))
@@ -429,14 +445,16 @@ def _client_error(state: ServerState, exc: BaseException) -> APIError:
     return to_api_error(exc, state.redact)
 
 
-def _config(state: ServerState, options: dict[str, Any], trace: int | None) -> GenerationConfig:
-    if trace is not None:
-        options = {**options, "trace": trace}
-    known = {f.name for f in dataclasses.fields(GenerationConfig)}
-    if unknown := sorted(set(options) - known):
-        raise APIError(400, f"not supported by this server's proxyclient: {', '.join(unknown)}")
+def _config(
+    state: ServerState, options: Callable[[], dict[str, Any]], trace: int | None
+) -> GenerationConfig:
+    """The server's defaults with the request's options (``options()``, which checks their JSON
+    types) applied; an APIError naming the field at fault."""
     try:
-        return dataclasses.replace(state.defaults, **options)
+        given = options()
+        if trace is not None:
+            given["trace"] = trace
+        return dataclasses.replace(state.defaults, **given)
     except ConfigError as exc:
         raise to_api_error(exc, state.redact) from None
 
@@ -458,14 +476,54 @@ def _check_model(state: ServerState, model: str) -> None:
         )
 
 
-def _check_context(state: ServerState, prompt_tokens: int, max_tokens: int) -> int:
+async def _body(state: ServerState, request: Request) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed the limit (by its declared
+    length, else while it streams in)."""
+    limit = state.max_body_bytes
+    too_large = APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes; send a shorter "
+        f"prompt (or start the server with a larger --max-body-bytes)",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _counted(
+    state: ServerState,
+    prompt: str | list[dict[str, str]],
+    config: GenerationConfig,
+    max_tokens: int,
+) -> int:
+    """The prompt's tokens, checked against the context. A prompt whose bytes alone cannot fit
+    (no base token spells more than the longest's bytes) is refused without tokenizing it; the
+    others are tokenized off the event loop."""
+    if state.context_length is not None:
+        _check_context(state, state.tokens.fewest_tokens(prompt), max_tokens, at_least=True)
+    return _check_context(
+        state, await state.off_loop(state.tokens.count, prompt, config), max_tokens
+    )
+
+
+def _check_context(
+    state: ServerState, prompt_tokens: int, max_tokens: int, *, at_least: bool = False
+) -> int:
     limit = state.context_length
     if limit is not None and prompt_tokens + max_tokens > limit:
+        some = "at least " if at_least else ""
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens; the request asks for "
-            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} to "
-            f"generate). Shorten the prompt or lower max_tokens.",
+            f"{some}{prompt_tokens + max_tokens} ({some}{prompt_tokens} in the prompt, "
+            f"{max_tokens} to generate). Shorten the prompt or lower max_tokens.",
             param="max_tokens",
             code="context_length_exceeded",
         )
@@ -479,16 +537,12 @@ def _count_score(state: ServerState, score: Any) -> None:
         state.metrics.base_prompt_tokens.inc(usage.prompt_tokens)
 
 
-def _steps(generation: Generation) -> list[Any]:
-    return list(getattr(generation, "steps", None) or [])
-
-
 def _eos_entry(state: ServerState, generation: Generation) -> list[Scored]:
     """An entry for the EOS that ended ``generation``, as vLLM lists it: EOS is no output token
     here, but lm-eval drops the last echoed entry as the generated one and must find one."""
     if generation.finish_reason != "eos":
         return []
-    steps = _steps(generation)
+    steps = generation.steps or []
     if len(steps) > len(generation.token_ids):  # the tuner traced the EOS step itself
         return []
     eos = state.tokens.info().get("eos_token") or ""
@@ -514,27 +568,13 @@ def _base_name(base: Any) -> str | None:
     return None
 
 
-def _local_context(tuner: Any) -> int | None:
-    """The shortest context of the local models (their max_position_embeddings)."""
-    lengths = []
-    for local in (tuner.proxies.expert, tuner.proxies.anti_expert):
-        config = getattr(getattr(local, "model", None), "config", None)
-        length = getattr(config, "max_position_embeddings", None)
-        if isinstance(length, int):
-            lengths.append(length)
-    return min(lengths) if lengths else None
-
-
 def _transport_redact(transport: Any) -> tuple[Redact, ...]:
     redact = getattr(transport, "redact", None)
     return (redact,) if callable(redact) else ()
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    data = protocol.parse_json(body)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     return data

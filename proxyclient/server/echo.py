@@ -17,10 +17,11 @@ from proxyclient.config import GenerationConfig
 from proxyclient.server.logprobs import Scored
 from proxyclient.server.prompts import PromptTokens
 from proxyclient.server.protocol import APIError, finite
+from proxyclient.server.served import ServedTuner
 
 
 async def score_prompt(
-    tuner: Any, tokens: PromptTokens, ids: list[int], config: GenerationConfig, top: int
+    tuner: ServedTuner, tokens: PromptTokens, ids: list[int], config: GenerationConfig, top: int
 ) -> tuple[list[Scored], Any]:
     """Each of ``ids`` (the prompt's base ids, as the client sent or the tokenizer split them)
     with its proxy-tuned logprob given the tokens before it (and the tuner's BOS); and the Score.

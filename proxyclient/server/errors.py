@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from proxyclient import errors
+from proxyclient.config import OPTION_BY_HTTP, OPTIONS
 from proxyclient.server.protocol import APIError
 
 Redact = Callable[[str], str]
@@ -38,15 +39,17 @@ def to_api_error(exc: BaseException, redact: Redact) -> APIError:
         exc.message = redact(exc.message)
         return exc
     message = redact(str(exc)) or type(exc).__name__
-    unsupported = getattr(errors, "UnsupportedError", None)
-    if unsupported is not None and isinstance(exc, unsupported):
+    if isinstance(exc, errors.UnsupportedError):
         return APIError(400, message, code="unsupported")
     if isinstance(exc, errors.ContextLengthError):
         return APIError(400, message, code="context_length_exceeded")
     if isinstance(exc, errors.TopKTooLargeError):
         return APIError(400, message, param="base_k", code="base_k_too_large")
     if isinstance(exc, errors.ConfigError | errors.BadRequestError):
-        return APIError(400, message, param=_param_of(message))
+        param = _param_of(message)
+        if param is not None:  # the request's name for the option, not Python's
+            message = param + message[message.index(" ") if " " in message else len(message) :]
+        return APIError(400, message, param=param)
     if isinstance(exc, errors.RateLimitError):
         return APIError(429, message, type="rate_limit_error", code="base_rate_limited")
     if isinstance(exc, errors.APITimeoutError):
@@ -60,24 +63,8 @@ def to_api_error(exc: BaseException, redact: Redact) -> APIError:
     return APIError(500, "internal server error (logged on the server)", type="server_error")
 
 
-# GenerationConfig's names, as the request calls them.
-_PARAMS = {
-    "max_new_tokens": "max_tokens",
-    "base_k": "base_k",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "seed": "seed",
-    "stop": "stop",
-    "alpha": "alpha",
-    "unseen": "unseen",
-    "speculate": "speculate",
-    "draft_tokens": "draft_tokens",
-    "response_prefix": "response_prefix",
-}
-
-
 def _param_of(message: str) -> str | None:
-    """The request field a ConfigError's message starts with, if any."""
+    """The request field a ConfigError's message starts with (by its Python or HTTP name)."""
     first = message.split(" ", 1)[0].split("=", 1)[0]
-    return _PARAMS.get(first)
+    option = OPTION_BY_HTTP.get(first) or next((o for o in OPTIONS if o.name == first), None)
+    return option.edges.http if option is not None else None

@@ -33,12 +33,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="the model name clients ask for (default: --base-model)",
     )
     server.add_argument(
-        "--server-api-key",
+        "--api-key",
         default=None,
         metavar="KEY",
-        help=f"the key clients must send (Authorization: Bearer KEY); default: "
-        f"${SERVER_API_KEY_ENV}, else none (any client is served). Not --api-key, which is the "
-        f"base's key",
+        help=f"the key clients must send (Authorization: Bearer KEY), as in vllm serve; default: "
+        f"${SERVER_API_KEY_ENV}, else none (any client is served). The base's own key is "
+        f"--base-api-key",
     )
     server.add_argument(
         "--max-model-len",
@@ -46,6 +46,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="context length requests are checked against (default: the local models')",
+    )
+    server.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="larger request bodies get a 413 before they are parsed (default: 8 MiB)",
     )
     server.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -69,10 +76,12 @@ def serve(
         ) from None
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.max_model_len is not None and args.max_model_len < 1:
         raise ConfigError(f"--max-model-len must be >= 1, got {args.max_model_len}")
-    client_key = args.server_api_key or os.environ.get(SERVER_API_KEY_ENV) or None
-    base_key = args.api_key or os.environ.get(BASE_API_KEY_ENV)
+    client_key = args.api_key or os.environ.get(SERVER_API_KEY_ENV) or None
+    base_key = args.base_api_key or os.environ.get(BASE_API_KEY_ENV)
     name = args.served_model_name or args.base_model
     tuner = make_tuner(args)
     app = create_app(
@@ -83,9 +92,10 @@ def serve(
         max_model_len=args.max_model_len,
         secrets=(base_key,),
         close_tuner=True,
+        **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}),
     )
     access = "clients must send the server API key" if client_key else (
-        "no --server-api-key: any client is served"
+        "no --api-key: any client is served"
     )  # fmt: skip
     print(
         f"proxyclient: serving {name!r} (base {args.base_model!r} via {args.api}, steered by "

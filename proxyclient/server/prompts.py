@@ -4,18 +4,20 @@ tokenizer reads."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from proxyclient.config import GenerationConfig
 from proxyclient.server.protocol import APIError
+from proxyclient.server.served import ServedTuner
 from proxyclient.tokenizer import BaseTokenizer
 
 
 class PromptTokens:
     """The base's tokenizer as the server uses it."""
 
-    def __init__(self, tuner: Any) -> None:
+    def __init__(self, tuner: ServedTuner) -> None:
         self.tuner = tuner
         given = tuner.tokens.base_tokenizer
         self.tokenizer: BaseTokenizer = (
@@ -52,6 +54,17 @@ class PromptTokens:
             param=param,
             code="token_ids_not_canonical",
         )
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        return max((len(b) for b in self.tokenizer.vocab.token_bytes if b), default=1)
+
+    def fewest_tokens(self, prompt: str | list[dict[str, str]]) -> int:
+        """A lower bound on the tokens of ``prompt``, without tokenizing it: no token spells more
+        bytes than the vocabulary's longest (chat: its messages' text alone)."""
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        return -(-size // self.longest_token_bytes)
 
     def count(self, prompt: str | list[dict[str, str]], config: GenerationConfig) -> int:
         """Tokens the base reads for ``prompt`` (chat: rendered as the tuner renders it)."""

@@ -3,9 +3,10 @@
 Requests are validated strictly (a string where a number belongs is a 400 naming the field);
 unknown fields are ignored, as OpenAI's and vLLM's servers do, but OpenAI options this server
 cannot honour (penalties, logit bias, suffix, tools) are refused unless left at their neutral
-values. Proxy-tuning knobs are extra body fields: ``alpha``, ``base_k`` (k, the
-logprobs asked of the base per step; not OpenAI's ``top_logprobs``), ``unseen``, ``speculate``,
-``draft_tokens``, ``top_k`` and, for chat, ``response_prefix``.
+values. Proxy-tuning knobs are extra body fields, one per generation option that config.py gives
+an HTTP name (``alpha``, ``base_k`` — k, the logprobs asked of the base per step, not OpenAI's
+``top_logprobs`` — ``unseen``, ``speculate``, ``draft_tokens``, ``top_k``, ``response_prefix``,
+...).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from proxyclient.config import json_overrides
 from proxyclient.result import Generation
 
 # Generations one request may ask for (n), prompts one completions request may hold, and the
@@ -60,6 +62,10 @@ def error_body(
 # -- requests ---------------------------------------------------------------------------------
 
 
+# The fields of OpenAI's own that are generation options (config.py names their HTTP spelling).
+_OPENAI_OPTIONS = {"temperature", "top_p", "seed", "stop"}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -85,13 +91,6 @@ class _Request(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    # Proxy-tuning (extension fields).
-    alpha: float | None = None
-    base_k: int | None = None
-    unseen: str | None = None
-    speculate: str | None = None
-    draft_tokens: int | None = None
-    top_k: int | None = None
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -105,22 +104,15 @@ class _Request(BaseModel):
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
 
     def options(self, max_tokens: int | None) -> dict[str, Any]:
-        """The GenerationConfig fields this request sets (the server's defaults fill the rest)."""
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        """The GenerationConfig fields this request sets (the server's defaults fill the rest):
+        OpenAI's own fields above, and the extension fields that config.py declares (each
+        option's HTTP name), JSON types checked (a ConfigError naming the field)."""
         given = {
-            "max_new_tokens": max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": tuple(stop) if stop is not None else None,
-            "alpha": self.alpha,
-            "base_k": self.base_k,
-            "unseen": self.unseen,
-            "speculate": self.speculate,
-            "draft_tokens": self.draft_tokens,
-            "top_k": self.top_k,
+            **(self.model_extra or {}),
+            **self.model_dump(include=_OPENAI_OPTIONS, exclude_none=True),
+            "max_tokens": max_tokens,
         }
-        return {name: value for name, value in given.items() if value is not None}
+        return json_overrides({k: v for k, v in given.items() if v is not None}, http=True)
 
     @property
     def include_usage(self) -> bool:
@@ -208,7 +200,6 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_prefix: str | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -249,10 +240,7 @@ class ChatRequest(_Request):
 
 def parse(body: bytes, kind: type[_Request]) -> Any:
     """The request in ``body`` as ``kind``, checked; an APIError (400) saying what is wrong."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
@@ -266,6 +254,16 @@ def parse(body: bytes, kind: type[_Request]) -> Any:
         raise APIError(400, f"{path}: {error['msg']}{given}", param=param) from None
     request.check()
     return request
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` parsed, or a 400 for anything the parser rejects (nesting too deep included)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON (nested too deep)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
 
 
 def _is_union_member(part: object) -> bool:

@@ -22,6 +22,7 @@ from proxyclient.config import GenerationConfig
 from proxyclient.errors import ProxyClientError
 from proxyclient.result import Generation
 from proxyclient.server.metrics import Metrics
+from proxyclient.server.served import ServedTuner
 
 # How often a request whose response has not started checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -59,7 +60,7 @@ class Run:
     """The choices of one request. Streams are created at once, so a bad option fails the
     request (400) before anything runs; ``start`` launches them."""
 
-    def __init__(self, tuner: Any, jobs: list[Job], metrics: Metrics) -> None:
+    def __init__(self, tuner: ServedTuner, jobs: list[Job], metrics: Metrics) -> None:
         self.metrics = metrics
         self.jobs = jobs
         self.streams = [tuner.astream(job.prompt, job.config) for job in jobs]
@@ -88,7 +89,7 @@ class Run:
                 async for text in stream:
                     if self.first_piece_s is None:
                         self.first_piece_s = time.perf_counter() - self.started
-                    traces = _steps(stream.generation)[sent:] if traced else []
+                    traces = (stream.generation.steps or [])[sent:] if traced else []
                     sent += len(traces)
                     self.queue.put_nowait(Piece(job.index, text, traces))
                 outcome = "finished"
@@ -97,7 +98,7 @@ class Run:
             except Exception as exc:  # a bug: the app logs it (redacted), the client gets a 500
                 outcome, error = "error", exc
             generation = stream.generation
-            rest = _steps(generation)[sent:] if traced else []
+            rest = (generation.steps or [])[sent:] if traced else []
             self.queue.put_nowait(End(job.index, generation, rest, error))
         finally:
             with contextlib.suppress(Exception):
@@ -140,7 +141,3 @@ class Run:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def _steps(generation: Generation) -> list[Any]:
-    return list(getattr(generation, "steps", None) or [])

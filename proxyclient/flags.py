@@ -1,0 +1,105 @@
+"""The CLI flags of the generation options, derived from their declaration in config.py.
+
+Each option's flag, type, choices, default and help come from its GenerationConfig field, so the
+CLI and Python share defaults by construction. Library errors name Python parameters
+(``base_k=5``); :func:`as_flags` rewrites them for a CLI user (``--base-k 5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import re
+import types
+import typing
+from typing import Any
+
+from proxyclient.config import OPTIONS, GenerationConfig, Option
+
+_ON_OFF = {"auto": None, "on": True, "off": False}
+
+
+def add_generation_flags(group: Any, *, one_step: bool = False) -> None:
+    """Add every option that has a flag to ``group`` (a parser or an argument group);
+    ``one_step``: only those of a one-step choice (``proxyclient choose``)."""
+    for option in OPTIONS:
+        edges = option.edges
+        if edges.flag is None or (one_step and not edges.one_step):
+            continue
+        group.add_argument(edges.flag, dest=option.name, **_argparse_kwargs(option))
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The GenerationConfig keyword arguments the parsed flags give (defaults included)."""
+    return {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+
+
+def as_flags(message: str) -> str:
+    """A library message with its Python parameters (``base_k=5``, ``base_tokenizer=...``)
+    spelled as the CLI's flags (``--base-k 5``)."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, assigned = match.group(1), match.group(2)
+        if name not in PARAMETER_FLAGS:
+            return match.group(0)
+        return PARAMETER_FLAGS[name] + (" " if assigned else "")
+
+    # "base_k=5" -> "--base-k 5"; "draft_tokens must be ..." -> "--draft-tokens must be ..."
+    return re.sub(r"(?<![\w-])([a-z][a-z_]*)(?:(=)(?!=)|(?= must ))", flag, message)
+
+
+# Library parameters that are not generation options, and their flags.
+_OTHER_FLAGS = {
+    "base_tokenizer": "--base-tokenizer",
+    "tokenizer": "--base-tokenizer",  # connect()'s name for it
+    "base_url": "--base-url",
+    "api_key": "--base-api-key",
+    "max_retries": "--max-retries",
+    "max_retry_time": "--max-retry-time",
+    "timeout": "--timeout",
+    "connect_timeout": "--connect-timeout",
+    "max_concurrency": "--max-concurrency",
+    "requests_per_minute": "--requests-per-minute",
+    "tokens_per_minute": "--tokens-per-minute",
+    "threads": "--threads",
+}
+PARAMETER_FLAGS: dict[str, str] = {
+    **{o.name: o.edges.flag for o in OPTIONS if o.edges.flag is not None},
+    **_OTHER_FLAGS,
+}
+
+
+def _argparse_kwargs(option: Option) -> dict[str, Any]:
+    hint, default, help = option.hint, option.default, option.edges.help
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kwargs: dict[str, Any] = {"default": default}
+    if option.edges.metavar:
+        kwargs["metavar"] = option.edges.metavar
+    if hint is bool and optional:
+        kwargs.update(
+            type=_on_off, choices=list(_ON_OFF.values()), metavar="{auto,on,off}", default=None
+        )
+        return kwargs | {"help": f"{help} (auto, on, off; default: auto)"}
+    if hint is bool:
+        return {"action": "store_true", "default": default, "help": help}
+    if typing.get_origin(hint) is tuple:
+        return kwargs | {"action": "append", "default": [], "help": help}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        kwargs.update(choices=[m.value for m in hint], default=default.value)
+        return kwargs | {"help": f"{help} (default: %(default)s)"}
+    kwargs["type"] = hint
+    shown = "" if default in (None, "") else " (default: %(default)s)"
+    return kwargs | {"help": help + shown}
+
+
+def _on_off(text: str) -> bool | None:
+    if text not in _ON_OFF:
+        raise argparse.ArgumentTypeError(f"must be auto, on or off, got {text!r}")
+    return _ON_OFF[text]
+
+
+def config_from_flags(args: argparse.Namespace, **extra: Any) -> GenerationConfig:
+    """The GenerationConfig that the parsed flags (and ``extra``) describe."""
+    return GenerationConfig(**(generation_options(args) | extra))
