@@ -1,4 +1,6 @@
-"""The local expert and anti-expert: loading, device/dtype, and KV-cached incremental forwards."""
+"""One local model (the expert or the anti-expert): KV-cached incremental forwards, alone or
+batched over several sequences. Devices and dtypes: ``devices``; KV caches: ``kvcache``;
+loading a model folder, a LoRA pair or a tokenizer: ``loading``."""
 
 from __future__ import annotations
 
@@ -12,44 +14,13 @@ from typing import Any
 
 import torch
 
+from proxyclient.devices import resolve_device, resolve_dtype
 from proxyclient.errors import ConfigError, ModelLoadError
+from proxyclient.kvcache import KVState, layer_kv, stacked_cache
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if str(device) != "auto":
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise ConfigError(f"device {device!r} is not a torch device ({exc})") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on cuda, fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ConfigError(f"dtype must be auto or one of {', '.join(names)}, got {dtype!r}")
-    return names[dtype]
 
 
 def check_model_source(path: str | Path, role: str) -> str:
@@ -63,49 +34,6 @@ def check_model_source(path: str | Path, role: str) -> str:
         f"{role} model {source!r} is not a directory. Pass the folder that holds the model's "
         f"config.json and weights (e.g. a save_pretrained() output)."
     )
-
-
-class KVState:
-    """One sequence's KV cache in one local model.
-
-    After a batched forward the sequence's keys and values are its rows of the batch's tensors;
-    they become a transformers Cache only when one is needed (a forward of this sequence alone,
-    a rollback), because building one per row and step costs more than the forward saves."""
-
-    __slots__ = ("_cache", "_layers", "length")
-
-    def __init__(self, cache: Any = None, length: int = 0) -> None:
-        self._cache = cache  # transformers Cache, grown in place by each forward
-        self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.length = length  # tokens fed so far
-
-    @property
-    def cache(self) -> Any:
-        if self._layers is not None:
-            self._cache, self._layers = _cache_of(self._layers), None
-        return self._cache
-
-    @cache.setter
-    def cache(self, value: Any) -> None:
-        self._cache, self._layers = value, None
-
-    def set_layers(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
-        """Keys and values per layer, [1, heads, length, head_dim] (a batched forward's rows)."""
-        self._cache, self._layers, self.length = None, layers, length
-
-    def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Keys and values per layer, or None when nothing was fed."""
-        if self._layers is not None:
-            return self._layers
-        return _layer_kv(self._cache) if self._cache is not None else None
-
-    def batchable(self) -> bool:
-        """Whether a batched forward can take this cache apart: rows of one, none yet, or a plain
-        DynamicCache."""
-        return self._layers is not None or _croppable_dynamic(self._cache)
-
-    def __repr__(self) -> str:
-        return f"KVState(length={self.length})"
 
 
 @dataclass
@@ -229,7 +157,7 @@ class LocalModel:
         columns = torch.arange(past + width)[None, :]
         mask = (columns >= past - length_col) & (columns < past + torch.tensor(counts)[:, None])
         kwargs: dict[str, Any] = {
-            self._cache_arg: _stacked_cache(states, past),
+            self._cache_arg: stacked_cache(states, past),
             "use_cache": True,
             "attention_mask": mask.long().to(self.device),
             "position_ids": (length_col + torch.arange(width)).to(self.device),
@@ -238,7 +166,7 @@ class LocalModel:
             kwargs["adapter_names"] = names
         out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
         logits = out.logits
-        layers = _layer_kv(out[self._cache_arg])
+        layers = layer_kv(out[self._cache_arg])
         for row, (state, length, count) in enumerate(zip(states, lengths, counts, strict=True)):
             keep = slice(past - length, past + count)
             state.set_layers(
@@ -277,125 +205,3 @@ class LocalModel:
         # A negative argument removes that many tokens, in transformers 4.x and 5.x alike.
         cache.crop(length - state.length)
         state.length = length
-
-
-def _croppable_dynamic(cache: Any) -> bool:
-    """A cache the batched forward can take apart: none yet, or a plain DynamicCache."""
-    from transformers import DynamicCache
-
-    if cache is None:
-        return True
-    if type(cache) is not DynamicCache:
-        return False
-    layers = getattr(cache, "layers", None)
-    return layers is None or all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-
-
-def _layer_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's keys and values, [batch, heads, length, head_dim]."""
-    if hasattr(cache, "layers"):  # transformers 5.x
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # 4.x
-
-
-def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
-    if hasattr(DynamicCache, "from_legacy_cache"):  # 4.x
-        return DynamicCache.from_legacy_cache(tuple(layers))
-    return DynamicCache(layers)
-
-
-def _stacked_cache(states: Sequence[KVState], past: int) -> Any:
-    """One cache for the batch: every sequence's keys and values left-padded to ``past``."""
-    if past == 0:
-        return None
-    per_state = [s.layer_kv() for s in states]
-    template = next(kv for kv in per_state if kv is not None)
-    stacked = []
-    for index, (key, value) in enumerate(template):
-        keys, values = [], []
-        for kv in per_state:
-            if kv is None:
-                k = key.new_zeros(1, key.shape[1], 0, key.shape[3])
-                v = value.new_zeros(1, value.shape[1], 0, value.shape[3])
-            else:
-                k, v = kv[index]
-            pad = past - k.shape[2]
-            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        stacked.append((torch.cat(keys), torch.cat(values)))
-    return _cache_of(stacked)
-
-
-def load_lora_pair(
-    anti_expert: str | Path, adapter: str | Path, device: Any, dtype: Any
-) -> tuple[LocalModel, LocalModel]:
-    """Expert and anti-expert from one model in memory: the anti-expert's weights with a LoRA
-    adapter (a PEFT adapter folder) switched on for the expert, off for the anti-expert."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ConfigError(
-            "a LoRA expert needs peft: pip install 'proxyclient[lora]' (or pip install peft)"
-        ) from None
-    anti = LocalModel.load(anti_expert, role="anti-expert", device=device, dtype=dtype)
-    source = check_model_source(adapter, "expert LoRA adapter")
-    try:
-        wrapped = PeftModel.from_pretrained(anti.model, source).eval()
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load the LoRA adapter from {source!r} onto the anti-expert: {exc}"
-        ) from None
-    wrapped.to(device=anti.device)
-    return (
-        LocalModel(wrapped, anti.device, "expert (anti-expert + LoRA)", adapter=True),
-        LocalModel(wrapped, anti.device, "anti-expert", adapter=False),
-    )
-
-
-def load_local(model: str | Path | LocalModel, role: str, device: Any, dtype: Any) -> LocalModel:
-    if isinstance(model, LocalModel):
-        return model
-    return LocalModel.load(model, role=role, device=device, dtype=dtype)
-
-
-def load_tokenizer(model: str | Path | LocalModel) -> Any:
-    from transformers import AutoTokenizer
-
-    if isinstance(model, LocalModel):
-        raise ConfigError("pass tokenizer=... when expert/anti-expert are LocalModel objects")
-    source = check_model_source(model, "tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {exc}") from None
-
-
-def check_same_vocabulary(expert_tokenizer: Any, anti_tokenizer: Any) -> None:
-    expert_vocab, anti_vocab = expert_tokenizer.get_vocab(), anti_tokenizer.get_vocab()
-    if expert_vocab == anti_vocab:
-        return
-    differing = sorted(
-        (t for t in expert_vocab.keys() ^ anti_vocab.keys()), key=lambda t: (len(t), t)
-    )[:5]
-    if not differing:
-        differing = [t for t in expert_vocab if expert_vocab[t] != anti_vocab[t]][:5]
-    raise ModelLoadError(
-        f"expert and anti-expert have different vocabularies ({len(expert_vocab)} vs "
-        f"{len(anti_vocab)} tokens; e.g. {differing!r} differ). Proxy-tuning needs the tuned and "
-        f"untuned versions of one small model, sharing one tokenizer."
-    )
-
-
-def eos_ids_of(tokenizer: Any, *models: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for model in models:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(int(e) for e in eos)
-    return frozenset(ids)

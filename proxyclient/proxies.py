@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proxyclient.local import KVState, LocalModel
+from proxyclient.kvcache import KVState
+from proxyclient.local import LocalModel
 
 
 @dataclass

@@ -22,14 +22,14 @@ from proxyclient.adapters.base import BaseModel, DraftingBaseModel, Prompt
 from proxyclient.combine import Candidates
 from proxyclient.config import GenerationConfig, Speculate, default_base_k
 from proxyclient.errors import ConfigError, ProxyClientError, UnsupportedError
-from proxyclient.local import (
-    LocalModel,
+from proxyclient.loading import (
     check_same_vocabulary,
     eos_ids_of,
     load_local,
     load_lora_pair,
     load_tokenizer,
 )
+from proxyclient.local import LocalModel
 from proxyclient.loop_thread import LoopThread
 from proxyclient.proxies import PairState, ProxyPair
 from proxyclient.result import Choice, Generation, Usage

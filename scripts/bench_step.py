@@ -30,7 +30,8 @@ from make_tiny_models import build_proxy_pair, build_tiny_models
 from vllm_server import VLLMServer
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
-from proxyclient.local import KVState, LocalModel
+from proxyclient.kvcache import KVState
+from proxyclient.local import LocalModel
 
 REPO = Path(__file__).resolve().parent.parent
 

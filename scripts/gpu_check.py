@@ -33,7 +33,9 @@ from reference import assert_same_tokens, proxy_tuned_greedy  # noqa: E402
 
 from proxyclient import ProxyTuner  # noqa: E402
 from proxyclient.adapters.base import Capabilities, TopLogprobs  # noqa: E402
-from proxyclient.local import KVState, LocalModel, resolve_device, resolve_dtype  # noqa: E402
+from proxyclient.devices import resolve_device, resolve_dtype  # noqa: E402
+from proxyclient.kvcache import KVState  # noqa: E402
+from proxyclient.local import LocalModel  # noqa: E402
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    ", "for i in range(10):"]
 

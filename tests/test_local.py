@@ -2,8 +2,10 @@ import pytest
 import torch
 from reference import next_logprobs
 
+from proxyclient.devices import resolve_device, resolve_dtype
 from proxyclient.errors import ConfigError, ModelLoadError
-from proxyclient.local import KVState, LocalModel, resolve_device, resolve_dtype
+from proxyclient.kvcache import KVState
+from proxyclient.local import LocalModel
 
 
 def test_kv_cached_feeds_match_full_forwards(tiny_models, hf_models):

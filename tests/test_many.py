@@ -8,7 +8,8 @@ from local_base import LocalBase
 
 from proxyclient import ConfigError, ProxyTuner
 from proxyclient.errors import ServerError
-from proxyclient.local import KVState, LocalModel
+from proxyclient.kvcache import KVState
+from proxyclient.local import LocalModel
 
 PROMPTS = [
     "def main():",

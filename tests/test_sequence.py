@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxyclient.config import GenerationConfig
-from proxyclient.local import LocalModel, load_tokenizer
+from proxyclient.loading import load_tokenizer
+from proxyclient.local import LocalModel
 from proxyclient.proxies import ProxyPair
 from proxyclient.sequence import Sequence
 from proxyclient.tokenizer import BaseTokenizer

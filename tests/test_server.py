@@ -16,7 +16,7 @@ import pytest
 from local_base import LocalBase
 
 from proxyclient import GenerationConfig, ProxyTuner, connect, errors
-from proxyclient.local import KVState
+from proxyclient.kvcache import KVState
 from proxyclient.server import create_app
 from proxyclient.server.main import ServerThread
 
