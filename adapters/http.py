@@ -6,6 +6,12 @@ Our requests happen once per generated token, so timeouts are short and per requ
 sequence that talks to one server shares its transport: a 429 with Retry-After pauses all of
 them, not only the one that got it, and the optional limits (``RateLimits``) count them together.
 
+A transport does all its I/O on one event loop of its own, in a thread of its own (a
+``LoopThread``): the client, its connection pool and the limits live there, whichever loops its
+callers run on (the sync API's private loop, the caller's loop for the async API, or both at
+once), so they hold per server and not per loop. A request made from another loop is handed to
+that loop and awaited there; cancelling the caller cancels the request.
+
 The one retry policy (tenacity) covers every adapter and every transient fault: connection errors
 and resets, read timeouts, 408/409/429 and 5xx (but 501 and 505), and a 200 whose body is broken
 (not JSON, NaN where a number should be, or refused by the adapter's parser: truncated, logprobs
@@ -18,15 +24,15 @@ starts that could not end in time, and none runs past it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tenacity import (
@@ -49,6 +55,9 @@ from proxyclient.errors import (
     ResponseFormatError,
     ServerError,
 )
+from proxyclient.loop_thread import LoopThread
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +257,7 @@ class RateLimits:
 
 
 class _Gate:
-    """The limits and the shared pause of one transport, on one event loop.
+    """The limits and the shared pause of one transport, on its home loop.
 
     aiolimiter's leaky bucket does the per-minute counting (a well-kept implementation of exactly
     this; asyncio has none), an asyncio.Semaphore the concurrency."""
@@ -279,6 +288,21 @@ def _limiter(per_minute: float | None) -> Any:
     from aiolimiter import AsyncLimiter
 
     return AsyncLimiter(per_minute, 60)
+
+
+class _Home:
+    """Where one transport does its I/O: a private loop thread, and the client and the gate that
+    live on its loop (the client is opened there on first use)."""
+
+    def __init__(self, limits: RateLimits) -> None:
+        self.thread = LoopThread("proxyclient-http")
+        self.client: httpx.AsyncClient | None = None
+        self.gate = _Gate(limits)  # asyncio's and aiolimiter's primitives bind on first use
+
+    async def close_client(self) -> None:
+        if self.client is not None and not self.client.is_closed:
+            await self.client.aclose()
+        self.client = None
 
 
 class HTTPTransport:
@@ -315,9 +339,11 @@ class HTTPTransport:
         self.max_retry_time = float(max_retry_time)
         self.limits = limits or RateLimits()
         self._transport = transport  # tests inject httpx.MockTransport
-        self._client: httpx.AsyncClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
-        self._gate: _Gate | None = None
+        # Why a loop of its own and not the first loop that called: that loop's thread may block
+        # in the sync API (a notebook cell calls generate() after awaiting agenerate()), waiting
+        # for a request that would wait for that loop: a deadlock. And that loop may end first.
+        self._home: _Home | None = None
+        self._lock = threading.Lock()  # callers on several threads share _home
 
     def __repr__(self) -> str:
         key = "'***'" if self._api_key else "None"
@@ -327,26 +353,40 @@ class HTTPTransport:
         """``text`` with the API key replaced; servers sometimes echo a wrong key back."""
         return text.replace(self._api_key, "***") if self._api_key else text
 
-    def _http(self) -> httpx.AsyncClient:
-        # An AsyncClient belongs to the event loop it first ran on; the sync API runs its own loop.
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop or self._client.is_closed:
+    async def _at_home(self, work: Callable[[_Home], Coroutine[Any, Any, T]]) -> T:
+        """``work(home)`` run on the home loop: directly when the caller is on it already, else
+        handed over and awaited from the caller's loop."""
+        with self._lock:  # so that aclose() cannot stop the home between lookup and hand-over
+            home = self._home
+            if home is None:
+                home = self._home = _Home(self.limits)
+            here = home.thread.in_loop_thread()
+            future = None if here else home.thread.submit(work(home))
+        if future is None:
+            return await work(home)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and task is not None and not task.cancelling():
+                # Not the caller's cancellation: aclose() stopped the home under this request.
+                raise APIConnectionError(
+                    f"{self.base_url}: the transport was closed while a request was in flight"
+                ) from None
+            raise
+
+    def _http(self, home: _Home) -> httpx.AsyncClient:
+        """The home's client; on the home loop only."""
+        if home.client is None or home.client.is_closed:
             name, value = self._auth_header
             headers = {name: value.format(key=self._api_key)} if self._api_key else {}
-            self._client = httpx.AsyncClient(
+            home.client = httpx.AsyncClient(
                 base_url=self.base_url,
                 headers=headers,
                 timeout=self.timeout,
                 transport=self._transport,
             )
-            self._client_loop = loop
-            self._gate = _Gate(self.limits)
-        return self._client
-
-    def _gate_here(self) -> _Gate:
-        self._http()
-        assert self._gate is not None
-        return self._gate
+        return home.client
 
     async def request_json(
         self,
@@ -365,6 +405,20 @@ class HTTPTransport:
         ``what`` describes the request for error messages (never the key); ``tokens`` is what it
         costs against ``RateLimits.tokens_per_minute``.
         """
+        return await self._at_home(
+            lambda home: self._request(home, method, path, payload, what, tokens, parse)
+        )
+
+    async def _request(
+        self,
+        home: _Home,
+        method: str,
+        path: str,
+        payload: Any,
+        what: str,
+        tokens: int,
+        parse: Callable[[Any], Any] | None,
+    ) -> Any:
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         sent = f"{method} {url}" + (f" ({what})" if what else "")
         attempts = self.max_retries + 1
@@ -386,7 +440,7 @@ class HTTPTransport:
             before_sleep=warn,
             reraise=True,
         )
-        gate = self._gate_here()
+        gate = home.gate
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_retry_time
         result: Any = None
@@ -404,7 +458,9 @@ class HTTPTransport:
                         async with asyncio.timeout_at(deadline):
                             async with gate.slots:
                                 await gate.admit(tokens)
-                                response = await self._http().request(method, path, json=payload)
+                                response = await self._http(home).request(
+                                    method, path, json=payload
+                                )
                     except TimeoutError:
                         raise APITimeoutError(
                             f"{sent}: no complete answer within max_retry_time "
@@ -457,8 +513,11 @@ class HTTPTransport:
 
     async def peek(self, url: str, timeout: float = 3.0) -> Any:
         """GET an absolute URL once (no retries); its JSON on 200, else None. For discovery."""
+        return await self._at_home(lambda home: self._peek(home, url, timeout))
+
+    async def _peek(self, home: _Home, url: str, timeout: float) -> Any:
         try:
-            response = await self._http().get(url, timeout=timeout)
+            response = await self._http(home).get(url, timeout=timeout)
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -470,7 +529,16 @@ class HTTPTransport:
             return self.redact(response.text)
 
     async def aclose(self) -> None:
-        if self._client is not None and not self._client.is_closed:
-            with contextlib.suppress(RuntimeError):  # its loop is gone, and its sockets with it
-                await self._client.aclose()
-        self._client = None
+        """Close the client on its loop, then stop that loop and its thread. Idempotent; a request
+        made afterwards opens a new home."""
+        with self._lock:
+            home, self._home = self._home, None
+        if home is None:
+            return
+        if home.thread.in_loop_thread():
+            # Called from the home loop itself, which cannot join its own thread.
+            await home.close_client()
+            threading.Thread(target=home.thread.close, name="proxyclient-http-close").start()
+            return
+        # LoopThread.close blocks until the loop has wound down: not on the caller's loop.
+        await asyncio.to_thread(home.thread.close, home.close_client())

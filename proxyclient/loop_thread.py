@@ -73,6 +73,23 @@ class LoopThread:
             call.abandon()
             raise
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the private loop and return its future at once, without waiting.
+
+        For callers on another loop: ``await asyncio.wrap_future(future)``, and cancelling that
+        await cancels the coroutine. Unlike ``run``, the loop's own thread may call this too.
+        """
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise RuntimeError(f"{self._name}: the loop is closed; nothing can run on it")
+            return asyncio.run_coroutine_threadsafe(coro, self._started())
+
+    def in_loop_thread(self) -> bool:
+        """Whether the calling thread is the loop's own (so the caller runs on the loop)."""
+        thread = self._thread
+        return thread is not None and threading.get_ident() == thread.ident
+
     def iterate(self, iterator: AsyncIterator[T]) -> SyncIterator[T]:
         """A blocking iterator over ``iterator``: each ``next`` runs one ``__anext__`` here."""
         return SyncIterator(self, iterator)

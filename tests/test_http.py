@@ -1,6 +1,10 @@
 import asyncio
+import gc
 import json
 import logging
+import threading
+import time
+import warnings
 
 import httpx
 import pytest
@@ -17,6 +21,7 @@ from proxyclient.errors import (
     ResponseFormatError,
     ServerError,
 )
+from proxyclient.loop_thread import LoopThread
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -298,6 +303,198 @@ def test_limits_must_be_positive(field):
         http_module.RateLimits(**{field: 0})
 
 
+# -- one base driven from two loops: the sync API's private loop and the caller's own ----------
+
+
+def shared_transport(delay: float = 0.0, first_status: int | None = None, headers=None):
+    """A MockTransport that may be called from any thread: it records, under a lock, each
+    request's arrival (time.monotonic, comparable across loops), the loop it ran on, and the most
+    requests in flight at once; ``log["answered"]`` is set once the first answer is out."""
+    lock = threading.Lock()
+    log = {"sent": [], "loops": set(), "in_flight": 0, "most": 0}
+    answered = threading.Event()
+    log["answered"] = answered
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        who = json.loads(request.content)["who"] if request.content else request.url.path
+        with lock:
+            log["sent"].append((time.monotonic(), who))
+            log["loops"].add(id(asyncio.get_running_loop()))
+            log["in_flight"] += 1
+            log["most"] = max(log["most"], log["in_flight"])
+            first = len(log["sent"]) == 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            with lock:
+                log["in_flight"] -= 1
+        if first and first_status is not None:
+            answered.set()
+            return httpx.Response(first_status, headers=headers or {}, json={"error": "slow"})
+        answered.set()
+        return httpx.Response(200, json={"ok": True})
+
+    return httpx.MockTransport(handler), log
+
+
+async def ask_all(transport: HTTPTransport, *who: str) -> list:
+    return await asyncio.gather(*(transport.request_json("POST", "/x", {"who": w}) for w in who))
+
+
+def in_thread(target) -> threading.Thread:
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def test_limits_hold_across_the_sync_and_the_async_api():
+    mock, log = shared_transport(delay=0.03)
+    transport = HTTPTransport(
+        "http://test/v1", transport=mock, limits=http_module.RateLimits(max_concurrency=1)
+    )
+    runner = LoopThread("test-sync-api")
+    both = threading.Barrier(2)
+
+    def sync_api():
+        both.wait()
+        runner.run(ask_all(transport, "s1", "s2", "s3"))
+
+    def async_api():
+        both.wait()
+        asyncio.run(ask_all(transport, "a1", "a2", "a3"))
+
+    threads = [in_thread(sync_api), in_thread(async_api)]
+    for thread in threads:
+        thread.join(10)
+    runner.close(transport.aclose())
+    assert len(log["sent"]) == 6
+    assert log["most"] == 1
+
+
+def test_a_429_seen_via_one_loop_pauses_requests_via_the_other():
+    mock, log = shared_transport(first_status=429, headers={"retry-after-ms": "300"})
+    transport = HTTPTransport("http://test/v1", transport=mock)
+    runner = LoopThread("test-sync-api")
+    limited = in_thread(lambda: runner.run(transport.request_json("POST", "/x", {"who": "sync"})))
+    assert log["answered"].wait(5)
+    told = time.monotonic()  # just after the 429 left the server
+    asyncio.run(transport.request_json("POST", "/x", {"who": "async"}))
+    limited.join(5)
+    runner.close(transport.aclose())
+    (t_limited, first), *later = log["sent"]
+    assert first == "sync" and sorted(who for _, who in later) == ["async", "sync"]
+    for when, who in later:  # the async request waited out the pause as the retry did
+        assert when - told >= 0.25, who
+        assert when - t_limited >= 0.29, who
+
+
+def test_one_client_on_one_loop_serves_every_caller(monkeypatch):
+    made = []
+
+    class CountedClient(httpx.AsyncClient):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", CountedClient)
+    mock, log = shared_transport()
+    transport = HTTPTransport("http://test/v1", transport=mock)
+    runner = LoopThread("test-sync-api")
+    runner.run(ask_all(transport, "s1", "s2"))
+    asyncio.run(ask_all(transport, "a1", "a2"))
+    in_thread(lambda: asyncio.run(ask_all(transport, "b1"))).join(5)
+    runner.run(ask_all(transport, "s3"))
+    assert asyncio.run(transport.peek("http://test/v1/models")) == {"ok": True}
+    assert len(log["sent"]) == 7
+    assert len(made) == 1 and len(log["loops"]) == 1
+    runner.close(transport.aclose())
+    assert made[0].is_closed
+
+
+def test_the_sync_api_inside_a_running_loop_does_not_deadlock():
+    # A notebook: a cell awaits the async API, a later one calls the sync API on the same thread,
+    # blocking that loop until the sync API's private loop is done with the request.
+    mock, _ = shared_transport()
+    transport = HTTPTransport("http://test/v1", transport=mock)
+    runner = LoopThread("test-sync-api")
+    answers = []
+
+    async def notebook():
+        answers.append(await transport.request_json("POST", "/x", {"who": "async"}))
+        answers.append(runner.run(transport.request_json("POST", "/x", {"who": "sync"})))
+
+    cells = threading.Thread(target=asyncio.run, args=(notebook(),), daemon=True)
+    cells.start()
+    cells.join(10)
+    assert not cells.is_alive(), "deadlocked"
+    assert answers == [{"ok": True}] * 2
+    runner.close(transport.aclose())
+
+
+def test_cancelling_the_caller_cancels_the_request_on_the_transport_loop():
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["who"] == "quick":
+            return httpx.Response(200, json={"ok": True})
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return httpx.Response(200, json={"ok": True})
+
+    transport = HTTPTransport(
+        "http://test/v1",
+        transport=httpx.MockTransport(handler),
+        limits=http_module.RateLimits(max_concurrency=1),
+    )
+
+    async def run():
+        task = asyncio.create_task(transport.request_json("POST", "/x", {"who": "slow"}))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.to_thread(cancelled.wait, 5)
+        # The one slot was given back: the next request goes through.
+        assert await transport.request_json("POST", "/x", {"who": "quick"}) == {"ok": True}
+        await transport.aclose()
+
+    asyncio.run(run())
+
+
+def test_aclose_closes_everything_is_idempotent_and_leaves_no_warnings():
+    mock, log = shared_transport()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transport = HTTPTransport("http://test/v1", transport=mock)
+        runner = LoopThread("test-sync-api")
+        runner.run(ask_all(transport, "s"))
+        asyncio.run(ask_all(transport, "a"))
+        home = transport._home
+        client = home.client
+        thread = asyncio.run(transport._at_home(current_thread))
+        asyncio.run(transport.aclose())
+        assert client.is_closed and home.thread.closed and transport._home is None
+        asyncio.run(transport.aclose())  # a second close, and a third from the other loop
+        runner.run(transport.aclose())
+        # Closed is not dead: a later request opens a new home, which closes as well.
+        assert runner.run(transport.request_json("POST", "/x", {"who": "again"})) == {"ok": True}
+        runner.close(transport.aclose())
+        del transport, home, client
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], caught
+    assert len(log["sent"]) == 3
+    assert thread.name == "proxyclient-http" and not thread.is_alive()
+
+
+async def current_thread(home) -> threading.Thread:
+    return threading.current_thread()
+
+
 # -- the waits themselves: computed by _backoff, and slept (a virtual clock, no real waiting) ----
 
 
@@ -374,7 +571,8 @@ def test_backoff_after_a_connection_error_is_exponential(real_backoff):
 
 def virtual_clock(monkeypatch):
     """Tenacity's and the shared pause's sleeps recorded, not slept: they move a virtual clock
-    that the event loop's time() follows, so the pause is over when the sleep "ends"."""
+    that the transport's event loop's time() follows, so the pause is over when the sleep
+    "ends"."""
     slept = {"retry": [], "pause": []}
     offset = [0.0]
 
@@ -401,12 +599,20 @@ def virtual_clock(monkeypatch):
     )
     monkeypatch.setattr(http_module, "asyncio", _Asyncio())
 
-    def run(coroutine):
+    async def follow_the_clock(home):
+        loop = asyncio.get_running_loop()
+        real_time = loop.time
+        loop.time = lambda: real_time() + offset[0]
+
+    def run(client, coroutine):
+        """``coroutine``, a request of ``client``, with the client's home loop on the clock."""
+
         async def main():
-            loop = asyncio.get_running_loop()
-            real_time = loop.time
-            loop.time = lambda: real_time() + offset[0]
-            return await coroutine
+            await client._at_home(follow_the_clock)
+            try:
+                return await coroutine
+            finally:
+                await client.aclose()
 
         return asyncio.run(main())
 
@@ -423,7 +629,7 @@ def test_a_429_with_retry_after_waits_exactly_that(monkeypatch, real_backoff):
         httpx.Response(200, json={"ok": True}),
     )
     client = HTTPTransport("http://server/v1", transport=transport)
-    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert run(client, client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
     assert len(seen) == 2
     assert slept["retry"] == [2.0]
     assert sum(slept["pause"]) < 0.01  # the shared pause ended with the retry's own wait
@@ -437,7 +643,7 @@ def test_a_503_with_retry_after_beyond_the_cap_retries_after_the_backoff(monkeyp
         httpx.Response(200, json={"ok": True}),
     )
     client = HTTPTransport("http://server/v1", transport=transport)
-    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert run(client, client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
     assert len(seen) == 3
     first, second = slept["retry"]
     assert 0.25 <= first <= 0.5 and 0.5 <= second <= 0.75
@@ -451,7 +657,7 @@ def test_a_429_with_retry_after_beyond_the_cap_retries_after_the_backoff(monkeyp
         httpx.Response(200, json={"ok": True}),
     )
     client = HTTPTransport("http://server/v1", transport=transport)
-    assert run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    assert run(client, client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
     assert sum(slept["retry"]) + sum(slept["pause"]) <= 0.5
 
 

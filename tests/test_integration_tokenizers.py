@@ -127,7 +127,9 @@ def test_without_the_base_tokenizer_the_mismatch_is_named(servers, tiny_models):
     base = connect("vllm", servers["full"].base_url, BASE_NAME)
     with (
         ProxyTuner(base, tiny_models["expert_sp"], tiny_models["anti_expert_sp"]) as tuner,
-        pytest.raises(ConfigError, match=r"tokenizes the prompt differently.*base_tokenizer=\.\.\."),
+        pytest.raises(
+            ConfigError, match=r"tokenizes the prompt differently.*base_tokenizer=\.\.\."
+        ),
     ):
         tuner.generate(PROMPTS[0], max_new_tokens=2)
 
