@@ -18,7 +18,8 @@ import proxyclient.adapters as registry
 from proxyclient.adapters import BUILTIN, DialectAdapter, available, connect, tokenizer_needed
 from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.adapters.discovery import HUGE_K, dialect_hint, probe
-from proxyclient.cli import _connect, _parser
+from proxyclient.cli import _parser
+from proxyclient.commands import _connect
 from proxyclient.errors import ConfigError, TopKTooLargeError
 from proxyclient.tokenizer import BaseTokenizer
 

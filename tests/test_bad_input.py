@@ -158,12 +158,12 @@ def test_debug_shows_the_traceback(capsys, tiny_models):
 
 
 def test_an_unforeseen_failure_is_one_line_too(capsys, tiny_models, monkeypatch):
-    import proxyclient.cli as cli_module
+    import proxyclient.commands
 
     def broken(args):
         raise RuntimeError("something nobody expected")
 
-    monkeypatch.setattr(cli_module, "_generate", broken)
+    monkeypatch.setattr(proxyclient.commands, "generate", broken)
     code, _, err = cli(capsys, tiny_models)
     assert code == 1
     assert err.strip().splitlines() == [

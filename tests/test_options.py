@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from proxyclient.batch import parse_line
-from proxyclient.cli import _config, _parser
+from proxyclient.cli import _parser
+from proxyclient.commands import _config
 from proxyclient.config import OPTIONS, GenerationConfig, Option
 from proxyclient.flags import as_flags, generation_options
 from proxyclient.result import (

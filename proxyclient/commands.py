@@ -1,0 +1,361 @@
+"""What each `proxyclient` subcommand does, once cli.py has parsed its flags: connect the base,
+load the tuner, run, print. Text streams to stdout, diagnostics to stderr; errors are raised for
+``cli.main`` to report in one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from proxyclient.config import GenerationConfig, default_base_k
+from proxyclient.errors import ConfigError, ProxyClientError
+from proxyclient.flags import as_flags, config_from_flags, generation_options
+from proxyclient.result import Generation
+
+if TYPE_CHECKING:
+    from proxyclient.adapters.base import BaseModel
+    from proxyclient.batch import BatchItem, BatchStats, Progress, ResultWriter
+    from proxyclient.tuner import ProxyTuner
+
+API_KEY_ENV = "PROXYCLIENT_API_KEY"
+EXIT_USAGE = 2
+
+
+def _connect(args: argparse.Namespace) -> BaseModel:
+    from proxyclient.adapters import RateLimits, connect
+
+    # --base-tokenizer goes to the adapter, which the tuner then adopts it from; without it,
+    # connect() takes what the model name implies and ProxyTuner lends a text dialect the
+    # proxies' (the Python API's defaults, by the same code).
+    tokenizer = args.base_tokenizer
+    options = {"continue_final_message": True} if args.chat_continue else {}
+    return connect(
+        args.api,
+        args.base_url,
+        args.base_model,
+        api_key=args.base_api_key or os.environ.get(API_KEY_ENV),
+        tokenizer=tokenizer,
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+        max_retries=args.max_retries,
+        max_retry_time=args.max_retry_time,
+        limits=RateLimits(args.max_concurrency, args.requests_per_minute, args.tokens_per_minute),
+        **options,
+    )
+
+
+def _tuner(args: argparse.Namespace) -> ProxyTuner:
+    # Imported here so that `--help` and argument errors answer at once.
+    from transformers.utils import logging as hf_logging
+
+    from proxyclient.tuner import ProxyTuner
+
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    # The adapter carries the base's tokenizer (given, or implied by the model name); the tuner
+    # adopts it from there.
+    return ProxyTuner(
+        _connect(args),
+        expert=args.expert,
+        anti_expert=args.anti_expert,
+        expert_lora=args.expert_lora,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+
+
+def _prompt(args: argparse.Namespace) -> str | list[dict[str, Any]]:
+    """The prompt the flags give: text, or chat messages (--messages, or --system with --prompt,
+    or --response-prefix / --base-chat-template on with --prompt)."""
+    if getattr(args, "messages", None) is not None:
+        source = args.messages
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+            messages = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(
+                f"--messages {source}: cannot read a JSON array of messages from it ({exc})"
+            ) from None
+        if args.system is not None:
+            messages = [{"role": "system", "content": args.system}, *messages]
+        return messages
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    chat = getattr(args, "system", None) is not None or _chat_options_given(args)
+    if not chat:
+        return prompt
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def _chat_options_given(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "response_prefix", "")) or getattr(args, "base_chat_template", None)
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig that the flags describe (--trace FILE asks for --trace-top
+    alternatives per token)."""
+    trace = args.trace_top if getattr(args, "trace_file", None) else None
+    return config_from_flags(args, trace=trace)
+
+
+def generate(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        prompt, config, partial, prompt_ids = _read_resume(args.resume)
+    else:
+        prompt, config, partial, prompt_ids = _prompt(args), _config(args), None, None
+    with _tuner(args) as tuner:
+
+        def encoded() -> list[int]:
+            return list(tuner.tokens.encode(prompt, config)[1].base)
+
+        if prompt_ids is not None and prompt_ids != encoded():
+            raise ConfigError(
+                f"--resume {args.resume}: this base tokenizer splits the prompt differently from "
+                f"the failed run's; resume with the same models and --base-tokenizer"
+            )
+        stream = tuner.stream(prompt, config, resume=partial)
+        try:
+            if partial is not None and not args.json:
+                sys.stdout.write(partial.text)
+            for piece in stream:
+                if not args.json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except ProxyClientError as exc:
+            # What `--resume` needs to go on: the prompt (and its ids, to check), the options.
+            state = {"prompt": prompt, "prompt_token_ids": encoded(), "config": config.to_dict()}
+            _print_result(args, stream.generation.to_dict() | {"error": str(exc), "resume": state})
+            _write_trace(args, stream.generation)
+            fail(str(exc), debug=args.debug)
+            return EXIT_USAGE
+        finally:
+            if args.verbose:
+                print(f"proxyclient: {cost_summary(stream.generation)}", file=sys.stderr)
+        _print_result(args, stream.generation.to_dict())
+        _write_trace(args, stream.generation)
+    return 0
+
+
+def _write_trace(args: argparse.Namespace, generation: Generation) -> None:
+    """--trace FILE: one JSON line per output token."""
+    if not args.trace_file or generation.steps is None:
+        return
+    try:
+        with open(args.trace_file, "w", encoding="utf-8") as file:
+            for step in generation.steps:
+                file.write(json.dumps(asdict(step), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"--trace {args.trace_file}: cannot write it ({exc.strerror or exc})"
+        ) from None
+
+
+def cost_summary(generation: Generation) -> str:
+    """One line: what the generation cost the base."""
+    usage, tokens = generation.usage, max(1, generation.usage.completion_tokens)
+    cached = (
+        f", {usage.cached_prompt_tokens} of them cached"
+        if usage.cached_prompt_tokens is not None
+        else ""
+    )
+    drafted = (
+        f"; drafts: {usage.accepted_draft_tokens} of {usage.base_completion_tokens} base "
+        f"tokens accepted"
+        if usage.accepted_draft_tokens
+        else ""
+    )
+    return (
+        f"{usage.completion_tokens} tokens in {usage.requests} requests "
+        f"({usage.requests / tokens:.2f} per token), {usage.prompt_tokens} prompt tokens sent"
+        f"{cached}, {usage.base_completion_tokens} base completion tokens{drafted}, "
+        f"{generation.timings.wall_s:.2f} s"
+    )
+
+
+def batch(args: argparse.Namespace) -> int:
+    """Resume rules and output format: proxyclient/batch.py's docstring."""
+
+    from proxyclient import batch
+
+    config = _config(args)
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise ConfigError("--input and --output are the same file; write the results elsewhere")
+    ray_options = {
+        "--workers": args.workers,
+        "--gpus-per-worker": args.gpus_per_worker,
+        "--ray-address": args.ray_address,
+    }
+    if given := [flag for flag, value in ray_options.items() if value is not None and not args.ray]:
+        raise ConfigError(f"{', '.join(given)} only work with --ray; add --ray or drop them")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    items, malformed = batch.read_input(args.input, config)
+    for bad in malformed:
+        print(f"proxyclient: {args.input} {bad}; skipped", file=sys.stderr)
+    plan = batch.resume(args.output, [item.custom_id for item in items])
+    pending = [item for item in items if item.custom_id not in plan.done]
+    stats = batch.BatchStats()
+    if pending:
+        with batch.ResultWriter(args.output) as output:
+            progress = batch.Progress(len(pending))
+            try:
+                run = _run_on_ray if args.ray else _run_here
+                stats = run(args, pending, config, output, progress)
+            except KeyboardInterrupt:
+                print("batch: interrupted; rerun the same command to go on", file=sys.stderr)
+                raise
+            finally:
+                progress.close()
+    stats.skipped = len(items) - len(pending)
+    stats.malformed = len(malformed)
+    print(stats.summary(), file=sys.stderr)
+    return 1 if stats.failed or stats.malformed else 0
+
+
+def _run_here(
+    args: argparse.Namespace,
+    items: list[BatchItem],
+    config: GenerationConfig,
+    output: ResultWriter,
+    progress: Progress,
+) -> BatchStats:
+    import asyncio
+
+    from proxyclient.batch import run_batch
+
+    tuner = _tuner(args)
+
+    async def run() -> BatchStats:
+        try:
+            return await run_batch(
+                tuner,
+                items,
+                config,
+                concurrency=args.concurrency,
+                output=output,
+                progress=progress,
+            )
+        finally:
+            await tuner.aclose()
+
+    return asyncio.run(run())
+
+
+def _run_on_ray(
+    args: argparse.Namespace,
+    items: list[BatchItem],
+    config: GenerationConfig,
+    output: ResultWriter,
+    progress: Progress,
+) -> BatchStats:
+    import functools
+
+    from proxyclient.ray_batch import run_on_ray
+
+    return run_on_ray(
+        functools.partial(_tuner, args),
+        items,
+        config,
+        output=output,
+        workers=args.workers or 1,
+        concurrency=args.concurrency,
+        gpus_per_worker=args.gpus_per_worker or 0.0,
+        address=args.ray_address,
+        progress=progress,
+        verbose=args.verbose,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from proxyclient.server.main import serve
+
+    return serve(args, _tuner, _config(args))
+
+
+def choose(args: argparse.Namespace) -> int:
+    choices = [c for c in args.choices.split(",") if c]
+    prompt = _prompt(args)
+    with _tuner(args) as tuner:
+        choice = tuner.choose(prompt, choices, **generation_options(args))
+    print(json.dumps(choice.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    from proxyclient.adapters.base import Prompt
+    from proxyclient.adapters.discovery import probe, steering_summary
+
+    base = _connect(args)
+    tokenizer = getattr(base, "tokenizer", None)
+    ids = tuple(tokenizer.encode("Hello")) if tokenizer is not None else (1,)
+
+    async def run() -> dict:
+        try:
+            found = await probe(base, Prompt(ids, len(ids)))
+        finally:
+            await base.aclose()
+        return {**dataclasses.asdict(found), "steering": steering_summary(found)}
+
+    capabilities = asyncio.run(run())
+    default_k = default_base_k(capabilities["max_k"])
+    print(
+        json.dumps(
+            {"api": args.api, "model": args.base_model, **capabilities, "default_k": default_k}
+        )
+    )
+    return 0
+
+
+def _print_result(args: argparse.Namespace, result: dict) -> None:
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif result["text"] and not result["text"].endswith("\n"):
+        print()
+
+
+def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int]]:
+    """What `--resume FILE` goes on with: the failed run's prompt, options, partial generation and
+    prompt ids, from its --json output (the last line of FILE; - reads stdin)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--resume {path}: cannot read it ({exc})") from None
+    what = f"--resume {path}: not the --json output of a failed `proxyclient generate` run"
+    try:
+        record = json.loads(text.strip().splitlines()[-1])
+        if record.get("finish_reason") != "error":
+            raise ConfigError(
+                f"--resume {path}: that run finished ({record.get('finish_reason')!r}); there is "
+                f"nothing to resume"
+            )
+        state = record["resume"]
+        partial = Generation.from_dict(record)
+        prompt = state["prompt"] if isinstance(state["prompt"], list) else str(state["prompt"])
+        prompt_ids = list(state["prompt_token_ids"])
+        options = dict(state["config"])
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ConfigError(f"{what} (it needs text, token_ids, usage and resume)") from None
+    try:
+        return prompt, GenerationConfig.from_dict(options), partial, prompt_ids
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: its options do not fit ({exc})") from None
+
+
+def fail(message: str, *, debug: bool = False) -> None:
+    """One line on stderr, Python parameters spelled as flags (the traceback with --debug)."""
+    if debug:
+        traceback.print_exc()
+    print(f"proxyclient: error: {as_flags(message)}", file=sys.stderr)
