@@ -273,4 +273,4 @@ def test_cli_missing_model_path(servers, tiny_models):
 def test_cli_max_new_tokens_must_be_positive(servers, tiny_models):
     args = cli_args(servers["full"], tiny_models)
     args[args.index("--max-new-tokens") + 1] = "0"
-    assert_clean_failure(cli(*args), "max_new_tokens must be a positive integer, got 0")
+    assert_clean_failure(cli(*args), "--max-new-tokens must be a positive integer, got 0")
