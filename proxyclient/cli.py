@@ -1,8 +1,9 @@
 """`proxyclient generate ...`: proxy-tuned text from the shell (`batch`: a JSONL file of prompts).
 
-This module owns the flags and ``main``; what each subcommand does is in ``commands``. Text streams to stdout; diagnostics go to stderr. Any problem we can name exits with code 2 and a
-one-paragraph message, no traceback (``--debug`` shows it); what was generated before a failure is
-still printed, and ``--json`` output of a failed run goes on with ``--resume FILE``. Anything
+This module owns the flags and ``main``; what each subcommand does is in ``commands``. Text
+streams to stdout; diagnostics go to stderr. Any problem we can name exits with code 2 and a
+one-paragraph message, no traceback (``--debug`` shows it); what was generated before a failure
+is still printed, and ``--json`` output of a failed run goes on with ``--resume FILE``. Anything
 unforeseen exits with code 1, in one line too.
 """
 
@@ -139,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="proxyclient",
         description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
     )
+    parser.add_argument("--version", action="version", version=f"proxyclient {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser(
         "generate",
@@ -277,6 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, or a failure we did not foresee: one line, no traceback
         fail(f"{type(exc).__name__}: {exc} (--debug shows where)", debug=args.debug)
         return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("proxyclient")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def _at_least_one(text: str) -> int:

@@ -332,3 +332,12 @@ def test_inspect_of_a_text_dialect_without_a_tokenizer_says_what_to_pass(capsys)
     err = capsys.readouterr().err
     assert_one_clear_line(code, err, "names tokens by text, so probing it needs the base's")
     assert "--base-tokenizer" in err  # the CLI's name for tokenizer=
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"proxyclient {version('proxyclient')}"
