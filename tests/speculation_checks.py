@@ -8,10 +8,27 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from reference_bridged import BridgedWorld, check_one_token_loop
 
 from proxyclient import Generation, ProxyClientError
 from proxyclient.steps import OneTokenStep
+
+UNSEEN = st.sampled_from(["residual", "restrict", "floor"])
+UNTWINNED = st.sampled_from(["prefix", "drop"])
+DRAFT_TOKENS = st.integers(1, 8)
+
+
+def property_settings(max_examples: int) -> settings:
+    """Reproducible examples (derandomized), no deadline: each one runs several generations."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
 
 Row = tuple[tuple[int, ...], torch.Tensor, torch.Tensor]  # base top-k ids, expert, anti-expert
 

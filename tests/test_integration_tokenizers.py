@@ -16,11 +16,17 @@ import httpx
 import pytest
 from conftest import BASE_NAME, server_greedy
 from dialect_servers import DialectServer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from other_tokenizers import tiktoken_twin
 from reference_bridged import BridgedWorld
-from speculation_checks import assert_drafts_give_off_tokens
+from speculation_checks import (
+    DRAFT_TOKENS,
+    UNSEEN,
+    UNTWINNED,
+    assert_drafts_give_off_tokens,
+    property_settings,
+)
 from transformers import AutoTokenizer
 
 from proxyclient import ConfigError, ProxyTuner, connect
@@ -99,18 +105,13 @@ def drafting(request, servers, tiny_models, hf_models):
         yield tuner, world
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@property_settings(max_examples=8)
 @given(
     prompt=st.sampled_from([*PROMPTS, "You may convey", "The licensee shall"]),
     alpha=st.sampled_from([0.5, 1.0, 2.0]),
-    draft_tokens=st.integers(1, 8),
-    unseen=st.sampled_from(["residual", "restrict", "floor"]),
-    untwinned=st.sampled_from(["prefix", "drop"]),
+    draft_tokens=DRAFT_TOKENS,
+    unseen=UNSEEN,
+    untwinned=UNTWINNED,
 )
 def test_base_drafts_through_vllm_give_off_tokens(
     drafting, prompt, alpha, draft_tokens, unseen, untwinned

@@ -18,12 +18,18 @@ through a real vLLM server.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from local_base import LocalBase
 from reference import assert_samples_follow, joint_distribution
 from reference_bridged import BridgedWorld, bridged_step, spelled
-from speculation_checks import assert_drafts_give_off_tokens
+from speculation_checks import (
+    DRAFT_TOKENS,
+    UNSEEN,
+    UNTWINNED,
+    assert_drafts_give_off_tokens,
+    property_settings,
+)
 from transformers import AutoTokenizer
 
 from proxyclient import ConfigError, ProxyTuner
@@ -81,19 +87,14 @@ def test_the_pairs_split_text_differently(bridged):
     assert several >= len(base_ids) // 4 or len(own) < len(proxy_ids) // 2, spellings
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@property_settings(max_examples=25)
 @given(
     prompt=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=5).map("".join),
     alpha=st.sampled_from([0.5, 1.0, 1.5, 2.0]),
-    draft_tokens=st.integers(1, 8),
+    draft_tokens=DRAFT_TOKENS,
     k=st.sampled_from([5, 20]),
-    unseen=st.sampled_from(["residual", "restrict", "floor"]),
-    untwinned=st.sampled_from(["prefix", "drop"]),
+    unseen=UNSEEN,
+    untwinned=UNTWINNED,
 )
 def test_base_drafts_give_off_tokens(bridged, prompt, alpha, draft_tokens, k, unseen, untwinned):
     tuner, world = bridged
