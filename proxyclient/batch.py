@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from proxyclient.config import OPTIONS, GenerationConfig, json_overrides
+from proxyclient.config import OPTIONS, GenerationConfig, json_overrides, show_json
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.result import Generation
 
@@ -157,17 +157,19 @@ def parse_line(
     if not valid_id:
         return Malformed(
             number,
-            f"custom_id must be a non-empty string or an integer, got {_show(custom_id)}",
+            f"custom_id must be a non-empty string or an integer, got {show_json(custom_id)}",
         )
     if seen is not None and custom_id in seen:
         return Malformed(
             number,
-            f"custom_id {_show(custom_id)} repeats line {seen[custom_id]}'s; ids must be "
+            f"custom_id {show_json(custom_id)} repeats line {seen[custom_id]}'s; ids must be "
             f"unique: rename it",
         )
     prompt = record.pop("prompt", None)
     if not isinstance(prompt, str):
-        what = "no prompt" if prompt is None else f"prompt must be a string, got {_show(prompt)}"
+        what = (
+            "no prompt" if prompt is None else f"prompt must be a string, got {show_json(prompt)}"
+        )
         return Malformed(number, f"{what}; give the line a string prompt")
     unknown = [name for name in record if name not in _FIELD_NAMES]
     if unknown:
@@ -210,11 +212,6 @@ def _split_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return [line.removesuffix(b"\r") for line in lines]
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- output and resume ------------------------------------------------------------------------
@@ -516,7 +513,7 @@ async def run_batch(
         except ProxyClientError as exc:
             generation, error = exc.partial or Generation("", [], "error"), str(exc)
         except Exception as exc:  # a bug must not sink the other lines either
-            logger.info("custom_id %s failed", _show(item.custom_id), exc_info=True)
+            logger.info("custom_id %s failed", show_json(item.custom_id), exc_info=True)
             generation, error = Generation("", [], "error"), f"{type(exc).__name__}: {exc}"
         line = result_line(item.custom_id, generation, error)
         output.write(line)

@@ -311,6 +311,18 @@ class Option:
     default: Any
     edges: OptionEdges
 
+    @property
+    def optional(self) -> bool:
+        """Whether None is a value (``int | None``)."""
+        return typing.get_origin(self.hint) in (typing.Union, types.UnionType)
+
+    @property
+    def value_type(self) -> Any:
+        """The type of its values other than None (``int`` for ``int | None``)."""
+        if not self.optional:
+            return self.hint
+        return next(a for a in typing.get_args(self.hint) if a is not type(None))
+
 
 def _options() -> tuple[Option, ...]:
     hints = typing.get_type_hints(GenerationConfig)
@@ -371,14 +383,18 @@ def json_overrides(record: Mapping[str, Any], *, http: bool = False) -> dict[str
             continue
         expected = expected_json(option.hint, value)
         if expected is not None:
-            shown = json.dumps(value, ensure_ascii=False)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise ConfigError(f"{key} must be {expected}, got {shown}")
+            raise ConfigError(f"{key} must be {expected}, got {show_json(value)}")
         overrides[option.name] = tuple(value) if isinstance(value, list) else value
     return overrides
 
 
 _BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def show_json(value: Any) -> str:
+    """``value`` as JSON, cut to 60 characters: for error messages."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_value(value: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import enum
 import re
-import types
 import typing
 from typing import Any
 
@@ -70,10 +69,8 @@ PARAMETER_FLAGS: dict[str, str] = {
 
 
 def _argparse_kwargs(option: Option) -> dict[str, Any]:
-    hint, default, help = option.hint, option.default, option.edges.help
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    if optional:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    hint, optional = option.value_type, option.optional
+    default, help = option.default, option.edges.help
     kwargs: dict[str, Any] = {"default": default}
     if option.edges.metavar:
         kwargs["metavar"] = option.edges.metavar

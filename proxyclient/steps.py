@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -193,6 +193,11 @@ class OneTokenStep:
         return int(candidates.ids[index])
 
 
+# One draft position: what the models said, the drafted token (None: none to check), the draft's
+# distribution over the candidates and the drafted token's log-prob under it.
+Position = tuple[Observation, int | None, Callable[[Candidates], torch.Tensor] | None, float | None]
+
+
 class _DraftStep(OneTokenStep):
     """What both drafting strategies share: verifying a draft position by position."""
 
@@ -238,6 +243,26 @@ class _DraftStep(OneTokenStep):
             q, draft_p(candidates), index, math.exp(drafted_logprob), seq.generator
         )
         return int(candidates.ids[chosen]), accepted
+
+    def verify_draft(self, seq: Sequence, positions: Iterable[Position], drafted: int) -> list[int]:
+        """The tokens proxy-tuned decoding emits over a draft's ``positions``: the accepted ones
+        and the first differing one (or the one after a full draft). A failure at a later
+        position keeps those verified before it (the next step meets it again); the draft
+        length adapts to what was accepted."""
+        emitted, accepted = [], 0
+        for observation, token, draft_p, logprob in positions:
+            try:
+                chosen, kept = self.verify(seq, observation, token, draft_p, logprob)
+            except ProxyClientError:
+                if not emitted:
+                    raise
+                break
+            emitted.append(chosen)
+            accepted += kept
+            if not kept:
+                break
+        self.adapt(seq, drafted, accepted)
+        return emitted
 
     def adapt(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.usage.accepted_draft_tokens += accepted
@@ -301,31 +326,22 @@ class BaseDraftStep(_DraftStep):
         if last and first is not None:
             rows = await self.read_draft(seq, draft.tokens[:last], first)  # type: ignore[arg-type]
 
-        emitted, accepted = [], 0
-        for i in range(last + 1):
-            top = draft.tops[i]
+        def positions() -> Iterator[Position]:
+            for i in range(last + 1):
+                top = draft.tops[i]
 
-            def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
-                # What the draft was sampled from: the base's raw distribution, as the
-                # unseen-token policy estimates it outside the top-k.
-                alone = self.candidates(seq, Observation(top, None, None), alpha=0.0, count=False)
-                return alone.scores.exp()
+                def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
+                    # What the draft was sampled from: the base's raw distribution, as the
+                    # unseen-token policy estimates it outside the top-k.
+                    alone = self.candidates(
+                        seq, Observation(top, None, None), alpha=0.0, count=False
+                    )
+                    return alone.scores.exp()
 
-            try:
-                token, kept = self.verify(
-                    seq, Observation(top, *rows.at(i)), draft.tokens[i], base_p,
-                    draft.token_logprobs[i],
-                )  # fmt: skip
-            except ProxyClientError:
-                if not emitted:
-                    raise
-                break  # the positions verified stand; the next step meets the error again
-            emitted.append(token)
-            accepted += kept
-            if not kept:
-                break
-        self.adapt(seq, len(draft), accepted)
-        return emitted
+                observation = Observation(top, *rows.at(i))
+                yield observation, draft.tokens[i], base_p, draft.token_logprobs[i]
+
+        return self.verify_draft(seq, positions(), len(draft))
 
     async def read_draft(
         self, seq: Sequence, tokens: list[int], first: ProxyLogprobs
@@ -383,28 +399,18 @@ class ExpertDraftStep(_DraftStep):
         if seq.appended == len(draft.tokens):
             self.tokens.check_unresolved(scored.tops[0])
 
-        emitted, accepted = [], 0
-        for i, top in enumerate(scored.tops):
-            probs = expert_probs(draft.expert[i])
-            drafted = draft.tokens[i] if i < len(draft.tokens) else None  # none after the last
+        def positions() -> Iterator[Position]:
+            for i, top in enumerate(scored.tops):
+                probs = expert_probs(draft.expert[i])
+                drafted = draft.tokens[i] if i < len(draft.tokens) else None  # none after last
 
-            def expert_p(candidates: Candidates, probs: torch.Tensor = probs) -> torch.Tensor:
-                return probs[candidates.ids]
+                def expert_p(candidates: Candidates, probs: torch.Tensor = probs) -> torch.Tensor:
+                    return probs[candidates.ids]
 
-            logprob = math.log(float(probs[drafted])) if drafted is not None else None
-            observation = Observation(top, draft.expert[i], draft.anti[i])
-            try:
-                token, kept = self.verify(seq, observation, drafted, expert_p, logprob)
-            except ProxyClientError:
-                if not emitted:
-                    raise
-                break
-            emitted.append(token)
-            accepted += kept
-            if not kept:
-                break
-        self.adapt(seq, len(draft.tokens), accepted)
-        return emitted
+                logprob = math.log(float(probs[drafted])) if drafted is not None else None
+                yield Observation(top, draft.expert[i], draft.anti[i]), drafted, expert_p, logprob
+
+        return self.verify_draft(seq, positions(), len(draft.tokens))
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class ProxyTuner:
         check_same_vocabulary(expert_tokenizer, tokenizer)
         # Ids both proxies score and the tokenizer knows; padded logits beyond it are ignored.
         vocab_size = min(len(tokenizer), expert_model.output_size, anti_model.output_size)
+        if base_tokenizer is not None:  # loaded once: the adapter and TokenSpace share it
+            base_tokenizer = load_base_tokenizer(base_tokenizer)
         _lend_tokenizer(base, base_tokenizer, tokenizer)
         self.tokens = TokenSpace(
             base,
@@ -529,8 +531,8 @@ def _option_probabilities(
 def _lend_tokenizer(base: BaseModel, base_tokenizer: Any, proxy_tokenizer: Any) -> None:
     """A dialect that names tokens by text and was connected without the base's tokenizer gets
     ``base_tokenizer``, else the proxies' (base and proxies share a tokenizer unless told
-    otherwise; the first answers are checked against that): the same default for Python as for
-    the CLI, which passes ``--base-tokenizer`` on as ``base_tokenizer``."""
+    otherwise; the first answers are checked against that). The CLI connects with the same
+    ``connect()`` and this tuner, so its default is the same."""
     if getattr(base, "tokenizer", None) is not None or not getattr(base, "needs_tokenizer", False):
         return
     lent = base_tokenizer if base_tokenizer is not None else proxy_tokenizer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import enum
 import json
-import types
 import typing
 from typing import Any
 
@@ -35,15 +34,9 @@ ELSEWHERE = {
 REQUIRED = ["--base-model", "m", "--expert", "e", "--anti-expert", "a"]
 
 
-def _plain(hint: Any) -> tuple[Any, bool]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(hint) if a is not type(None)), True
-    return hint, False
-
-
 def sample(option: Option) -> Any:
     """A valid value other than the default."""
-    hint, optional = _plain(option.hint)
+    hint, optional = option.value_type, option.optional
     if hint is bool:
         return True if optional else not option.default
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -64,7 +57,7 @@ def as_json(value: Any) -> Any:
 
 
 def as_argv(option: Option, value: Any) -> list[str]:
-    flag, (hint, optional) = option.edges.flag, _plain(option.hint)
+    flag, hint, optional = option.edges.flag, option.value_type, option.optional
     assert flag is not None
     if hint is bool and not optional:
         return [flag]

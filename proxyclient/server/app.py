@@ -77,8 +77,8 @@ class ServerState:
     redact: Redact
     created: int
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # Tokenizing runs off the event loop, in a few threads (the fast tokenizers' Rust encode
-    # lets go of the GIL), so that a long prompt holds up neither streams nor other prompts.
+    # Tokenizing runs off the event loop, in a few threads, so that a long prompt holds up no
+    # stream (nor, while a thread is free, another prompt).
     tokenizing: anyio.CapacityLimiter = dataclasses.field(
         default_factory=lambda: anyio.CapacityLimiter(TOKENIZER_THREADS)
     )
@@ -206,7 +206,7 @@ async def _completions(state: ServerState, request: Request) -> Response:
     ]
     max_tokens = req.max_tokens if req.max_tokens is not None else state.defaults.max_new_tokens
     trace = req.logprobs
-    config = _config(state, lambda: req.options(max(1, max_tokens)), trace)
+    config = _config(state, req, max(1, max_tokens), trace)
     prompt_tokens = 0
     for p in prompts:
         prompt_tokens += await _counted(state, p, config, max_tokens)
@@ -303,7 +303,7 @@ async def _chat(state: ServerState, request: Request) -> Response:
     messages = req.chat()
     max_tokens = req.max_new_tokens or state.defaults.max_new_tokens
     trace = (req.top_logprobs or 0) if req.logprobs else None
-    config = _config(state, lambda: req.options(max_tokens), trace)
+    config = _config(state, req, max_tokens, trace)
     prompt_tokens = await _counted(state, messages, config, max_tokens)
     wrap = _envelope(
         state, "chat.completion.chunk" if req.stream else "chat.completion", "chatcmpl"
@@ -446,12 +446,15 @@ def _client_error(state: ServerState, exc: BaseException) -> APIError:
 
 
 def _config(
-    state: ServerState, options: Callable[[], dict[str, Any]], trace: int | None
+    state: ServerState,
+    req: CompletionRequest | ChatRequest,
+    max_tokens: int,
+    trace: int | None,
 ) -> GenerationConfig:
-    """The server's defaults with the request's options (``options()``, which checks their JSON
-    types) applied; an APIError naming the field at fault."""
+    """The server's defaults with the request's options applied (their JSON types checked);
+    an APIError naming the field at fault."""
     try:
-        given = options()
+        given = req.options(max_tokens)
         if trace is not None:
             given["trace"] = trace
         return dataclasses.replace(state.defaults, **given)
