@@ -36,6 +36,17 @@ class Usage:
     accepted_draft_tokens: int = 0  # drafted tokens that became output
     cached_prompt_tokens: int | None = None  # where the server reports prompt-cache hits
 
+    def add(self, other: Usage) -> None:
+        """Count ``other``'s cost in this one (a step's into its generation's)."""
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.cached_prompt_tokens is not None:
+            cached = self.cached_prompt_tokens or 0
+            self.cached_prompt_tokens = cached + other.cached_prompt_tokens
+
+
+_COUNTS = tuple(name for name in Usage.__dataclass_fields__ if name != "cached_prompt_tokens")
+
 
 @dataclass
 class Timings:

@@ -1,6 +1,6 @@
 """Scoring a given continuation under the proxy-tuned model: what evaluation harnesses ask for
-multiple-choice tasks (loglikelihood). Pure tensor math over what the models said; the requests
-are the tuner's (``ProxyTuner.ascore``).
+multiple-choice tasks (loglikelihood). Pure math over what the step combined at each position;
+the requests and the combination are the engine's (``Engine.score``), the same as a generation's.
 
 Each continuation token's log-prob is the proxy-tuned distribution's (temperature 1) over that
 position's candidates, as in the trace: with the whole vocabulary (k = -1) it is exactly the
@@ -11,16 +11,13 @@ the rest (under ``restrict`` a token outside the base's top-k gets -inf).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from proxyclient.adapters.base import TopLogprobs
-from proxyclient.combine import combine
-from proxyclient.config import GenerationConfig
+from proxyclient.combine import Candidates
 from proxyclient.result import TokenTrace, Usage
-from proxyclient.trace import trace_token
 
 
 @dataclass
@@ -42,38 +39,14 @@ class Score:
 
 
 def score_tokens(
-    continuation: Sequence[int],
-    tops: Sequence[TopLogprobs],
-    expert: torch.Tensor,
-    anti: torch.Tensor,
-    config: GenerationConfig,
-    twin: torch.Tensor,
-    text_of: Callable[[int], str],
-    bytes_of: Callable[[int], bytes],
+    continuation: Sequence[int], candidates: Sequence[Candidates], steps: Sequence[TokenTrace]
 ) -> Score:
-    """``continuation``'s score from the base's top-k before each of its tokens (``tops``) and
-    the proxies' log-probs there (``expert``, ``anti``: [len(continuation), V]); ``text_of`` and
-    ``bytes_of`` a base id's text and bytes."""
-    steps, greedy = [], True
-    for i, token in enumerate(continuation):
-        top = tops[i]
-        candidates = combine(
-            torch.tensor(top.token_ids, dtype=torch.int64),
-            torch.tensor(top.logprobs, dtype=torch.float64),
-            expert[i],
-            anti[i],
-            alpha=config.alpha,
-            policy=config.unseen,
-            twin=twin,
-        )
-        step = trace_token(
-            token, candidates, top, expert[i], anti[i], twin, config.trace or 0, text_of, bytes_of
-        )
-        if candidates.ids.numel():
-            greedy &= int(candidates.ids[torch.argmax(candidates.scores)]) == token
-        else:
-            greedy = False
-        steps.append(step)
+    """``continuation``'s score from each of its positions' ``candidates`` (what the step
+    combined there) and its tokens' traces (``steps``)."""
+    greedy = all(
+        c.ids.numel() > 0 and int(c.ids[torch.argmax(c.scores)]) == token
+        for token, c in zip(continuation, candidates, strict=True)
+    )
     logprobs = [s.logprob for s in steps]
     return Score(
         logprob=math.fsum(logprobs),
@@ -81,5 +54,5 @@ def score_tokens(
         tokens=list(continuation),
         token_texts=[s.text for s in steps],
         token_logprobs=logprobs,
-        steps=steps,
+        steps=list(steps),
     )

@@ -6,7 +6,7 @@ timings and the finish reason. Steps read and grow it; it is what a failure hand
 partial result.
 
 Two layers: ``append`` puts tokens on both sides (what the models condition on next), ``emit``
-makes an appended token output (text, usage, stop/EOS/length). Appended tokens that were never
+makes an appended token output (text, stop/EOS/length). Appended tokens that were never
 emitted — a speculative draft — can be taken back with ``rollback(appended)``, on both
 sides at once: the base ids, the proxy ids, the realigner's bytes and the KV caches.
 """
@@ -58,8 +58,6 @@ class Sequence:
     error: str | None = None
     draft_length: int = 0  # the next speculative draft's length (adapted by the step)
     traces: list[TokenTrace] = field(default_factory=list)  # one per output token (config.trace)
-    # The traces of the tokens the current step chose, in order, until accept() takes them.
-    pending_traces: list[TokenTrace] = field(default_factory=list)
     _marks: list[_Mark] = field(default_factory=list)
 
     @classmethod
@@ -155,19 +153,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, token: int) -> str:
-        """The chosen ``token`` becomes output; the text that became safe to show. A draft that
-        already put it next on both sides is kept, a draft that put another token there is taken
-        back. EOS ends the generation and is neither appended nor output."""
-        trace = self.pending_traces.pop(0) if self.pending_traces else None
+    def accept(self, token: int, trace: TokenTrace | None = None) -> str:
+        """The chosen ``token`` becomes output (with its ``trace``); the text that became safe
+        to show. A draft that put it next on both sides already is kept (the step took back any
+        other). EOS ends the generation and is neither appended nor output."""
         if token in self.eos_ids:
             self.finish_reason = "eos"
             return ""
         emitted = len(self.token_ids)
-        if self.appended > emitted and self.base_ids[len(self.prompt_ids.base) + emitted] != token:
-            self.rollback(emitted)
         if self.appended == emitted:
             self.append([token])
+        elif self.base_ids[len(self.prompt_ids.base) + emitted] != token:
+            raise ValueError(f"accept({token}): another token is appended there; roll it back")
         if trace is not None:
             self.traces.append(trace)
         return self.emit()
@@ -178,7 +175,6 @@ class Sequence:
             raise ValueError("emit() needs an appended token that is not output yet")
         token = self.base_ids[len(self.prompt_ids.base) + len(self.token_ids)]
         self.token_ids.append(token)
-        self.usage.completion_tokens += 1
         piece = self.assembler.add(token)
         if self.assembler.stopped:
             self.finish_reason = "stop"
@@ -200,7 +196,7 @@ class Sequence:
             text=self.assembler.text,
             token_ids=list(self.token_ids),
             finish_reason=self.finish_reason or "error",
-            usage=dataclasses.replace(self.usage),
+            usage=dataclasses.replace(self.usage, completion_tokens=len(self.token_ids)),
             unseen_policy=self.config.unseen.value,
             timings=dataclasses.replace(self.timings),
             error=self.error,

@@ -5,9 +5,11 @@ not depend on each other, so a step costs max(round trip, local forwards), not t
 combines (base + alpha * (expert - anti) over the candidates, under the unseen-token policy) and
 chooses. ``OneTokenStep`` makes one request per token; ``BaseDraftStep`` and ``ExpertDraftStep``
 return several tokens per request behind the same ``__call__`` (speculation: the output is the
-same as one token per request, greedy token for token, sampled in distribution). Every request,
-candidate count and second spent is recorded here, on the Sequence's usage and timings, and
-nowhere else.
+same as one token per request, greedy token for token, sampled in distribution). A step returns
+what it chose (``Chosen``): the tokens, their traces and what the step cost (``Usage``), which the
+engine adds to the generation's; the seconds spent go on the Sequence's timings as they pass. A
+drafting step takes back what it appended and will not keep (``Sequence.rollback``) before it
+returns.
 
 The draft length adapts per sequence, as transformers' assisted decoding does: +2 after a draft
 that was accepted whole, -1 after one that was not, between 1 and ``draft_tokens``. At length 1 a
@@ -38,6 +40,7 @@ from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig, UntwinnedRule
 from proxyclient.errors import ProxyClientError, ResponseFormatError
 from proxyclient.proxies import ProxyLogprobs, ProxyPair
+from proxyclient.result import TokenTrace, Usage
 from proxyclient.sampling import choose, distribution, verify
 from proxyclient.sequence import Sequence
 from proxyclient.tokens import TokenSpace
@@ -53,6 +56,26 @@ class Observation:
     anti: torch.Tensor | None  # [V_a]
 
 
+@dataclass
+class Chosen:
+    """What a step chose: the tokens to accept in order (EOS included), each one's trace (None
+    unless the config asks for one) and what the step cost."""
+
+    tokens: list[int]
+    traces: list[TokenTrace | None]
+    usage: Usage
+
+
+def request_usage(prompt: Prompt, answer: ServerUsage, completion_tokens: int) -> Usage:
+    """One answered request's cost: the prompt resent, what the base generated or scored."""
+    return Usage(
+        requests=1,
+        prompt_tokens=len(prompt.ids),
+        base_completion_tokens=completion_tokens,
+        cached_prompt_tokens=answer.cached_prompt_tokens,
+    )
+
+
 class OneTokenStep:
     """One request to the base per generated token."""
 
@@ -64,19 +87,19 @@ class OneTokenStep:
         self.tokens = tokens
         self.overlap = overlap
 
-    async def __call__(self, seq: Sequence) -> list[int]:
-        """The next token(s) of ``seq``, chosen but not yet accepted (EOS included)."""
-        seq.pending_traces.clear()
-        observation = await self.observe(seq)
-        candidates = self.candidates(seq, observation)
+    async def __call__(self, seq: Sequence) -> Chosen:
+        """The next token of ``seq``, chosen but not yet accepted (EOS included)."""
+        observation, usage = await self.observe(seq)
+        candidates = self.candidates(seq.config, observation)
+        usage.add(self.tally(observation.top, candidates))
         token = self.pick(seq, candidates)
-        self.record(seq, observation, candidates, token)
-        return [token]
+        return Chosen([token], [self.trace(seq.config, observation, candidates, token)], usage)
 
-    async def observe(self, seq: Sequence) -> Observation:
-        """Ask the base and run the proxies for the position after ``seq``'s last token."""
+    async def observe(self, seq: Sequence) -> tuple[Observation, Usage]:
+        """Ask the base and run the proxies for the position after ``seq``'s last token; what
+        they said, and the request's cost."""
         prompt = seq.base_prompt
-        self.count_request(seq, prompt)
+        seq.timings.steps += 1
 
         async def ask_base() -> TopLogprobs:
             started = time.perf_counter()
@@ -92,92 +115,74 @@ class OneTokenStep:
             local = await seq.proxy_logprobs(self.pair)
         else:
             top, local = await _both(ask_base(), seq.proxy_logprobs(self.pair))
-        self.count_answer(seq, ServerUsage(), 1)
         if seq.appended == 0:
             self.tokens.check_unresolved(top)
+        usage = request_usage(prompt, ServerUsage(), 1)
         if local is None:
-            return Observation(top, None, None)
-        return Observation(top, local.expert[-1], local.anti[-1])
+            return Observation(top, None, None), usage
+        return Observation(top, local.expert[-1], local.anti[-1]), usage
 
     def candidates(
-        self,
-        seq: Sequence,
-        observation: Observation,
-        *,
-        alpha: float | None = None,
-        count: bool = True,
+        self, config: GenerationConfig, observation: Observation, *, alpha: float | None = None
     ) -> Candidates:
         """The candidates' proxy-tuned scores (``alpha`` overrides the config's: 0 gives the
-        base's own); ``count`` records them in the sequence's usage."""
-        config, bridge, top = seq.config, self.tokens.bridge, observation.top
-        base_ids = torch.tensor(top.token_ids, dtype=torch.int64)  # [k]
-        base_lp = torch.tensor(top.logprobs, dtype=torch.float64)  # [k]
+        base's own)."""
+        top = observation.top
         expert, anti = observation.expert, observation.anti
         if expert is None or anti is None:  # alpha == 0: no proxy forward was run
             expert = anti = torch.zeros(self.tokens.vocab_size)
         candidates = combine(
-            base_ids,
-            base_lp,
+            torch.tensor(top.token_ids, dtype=torch.int64),
+            torch.tensor(top.logprobs, dtype=torch.float64),
             expert,
             anti,
             alpha=config.alpha if alpha is None else alpha,
             policy=config.unseen,
-            twin=self.twin(seq.config),
+            twin=self.twin(config),
         )
-        if count:
-            usage = seq.usage
-            returned = base_ids[base_ids < bridge.base_size]
-            usage.untwinned_candidates += int((bridge.twin[returned] < 0).sum())
-            usage.candidates += len(top) + top.unresolved
-            usage.dropped_candidates += candidates.dropped + top.unresolved
-            usage.retokenized_steps += top.retokenized
         if candidates.ids.numel() == 0:
             raise ResponseFormatError(
                 f"none of the base's {len(top)} candidates is in the vocabulary it shares with "
-                f"the proxies ({bridge.shared} tokens) under unseen={config.unseen.value!r}, "
-                f"untwinned={config.untwinned.value!r}: check base_tokenizer, or keep more "
-                f"candidates (untwinned='prefix', unseen='residual', a larger base_k)"
+                f"the proxies ({self.tokens.bridge.shared} tokens) under "
+                f"unseen={config.unseen.value!r}, untwinned={config.untwinned.value!r}: check "
+                f"base_tokenizer, or keep more candidates (untwinned='prefix', "
+                f"unseen='residual', a larger base_k)"
             )
         return candidates
+
+    def tally(self, top: TopLogprobs, candidates: Candidates) -> Usage:
+        """What one verified position's candidates count in the usage."""
+        bridge = self.tokens.bridge
+        returned = [t for t in top.token_ids if t < bridge.base_size]
+        return Usage(
+            candidates=len(top) + top.unresolved,
+            dropped_candidates=candidates.dropped + top.unresolved,
+            untwinned_candidates=int((bridge.twin[returned] < 0).sum()) if returned else 0,
+            retokenized_steps=top.retokenized,
+        )
 
     def twin(self, config: GenerationConfig) -> torch.Tensor:
         """The base-to-proxy id map the step combines with, under the config's untwinned rule."""
         bridge = self.tokens.bridge
         return bridge.prefix if config.untwinned is UntwinnedRule.PREFIX else bridge.twin
 
-    def record(
-        self, seq: Sequence, observation: Observation, candidates: Candidates, token: int
-    ) -> None:
-        """The chosen token's trace, for accept() to keep, when the config asks for one."""
-        if seq.config.trace is None:
-            return
-        seq.pending_traces.append(
-            trace_token(
-                token,
-                candidates,
-                observation.top,
-                observation.expert,
-                observation.anti,
-                self.twin(seq.config),
-                seq.config.trace,
-                self.tokens.token_text,
-                self.tokens.token_bytes,
-            )
+    def trace(
+        self, config: GenerationConfig, observation: Observation, candidates: Candidates, token: int
+    ) -> TokenTrace | None:
+        """The chosen token's trace, when the config asks for one."""
+        if config.trace is None:
+            return None
+        return trace_token(
+            token,
+            candidates,
+            observation.top,
+            observation.expert,
+            observation.anti,
+            self.twin(config),
+            config.trace,
+            self.tokens.token_text,
+            self.tokens.token_bytes,
         )
-
-    @staticmethod
-    def count_request(seq: Sequence, prompt: Prompt) -> None:
-        seq.usage.requests += 1
-        seq.usage.prompt_tokens += len(prompt.ids)
-        seq.timings.steps += 1
-
-    @staticmethod
-    def count_answer(seq: Sequence, usage: ServerUsage, completion_tokens: int) -> None:
-        seq.usage.base_completion_tokens += completion_tokens
-        if usage.cached_prompt_tokens is not None:
-            seq.usage.cached_prompt_tokens = (
-                seq.usage.cached_prompt_tokens or 0
-            ) + usage.cached_prompt_tokens
 
     @staticmethod
     def pick(seq: Sequence, candidates: Candidates) -> int:
@@ -200,22 +205,6 @@ Position = tuple[Observation, int | None, Callable[[Candidates], torch.Tensor] |
 
 class _DraftStep(OneTokenStep):
     """What both drafting strategies share: verifying a draft position by position."""
-
-    def verify(
-        self,
-        seq: Sequence,
-        observation: Observation,
-        drafted: int | None,
-        draft_p: Callable[[Candidates], torch.Tensor] | None,
-        drafted_logprob: float | None,
-    ) -> tuple[int, bool]:
-        """The token proxy-tuned decoding emits at this position, and whether it is the drafted
-        one. Greedy: the argmax, kept iff it is the draft's. Sampled: speculative acceptance
-        against the draft distribution ``draft_p(candidates)`` (over the candidates)."""
-        candidates = self.candidates(seq, observation)
-        token, kept = self._verified(seq, candidates, drafted, draft_p, drafted_logprob)
-        self.record(seq, observation, candidates, token)
-        return token, kept
 
     def _verified(
         self,
@@ -244,28 +233,36 @@ class _DraftStep(OneTokenStep):
         )
         return int(candidates.ids[chosen]), accepted
 
-    def verify_draft(self, seq: Sequence, positions: Iterable[Position], drafted: int) -> list[int]:
-        """The tokens proxy-tuned decoding emits over a draft's ``positions``: the accepted ones
-        and the first differing one (or the one after a full draft). A failure at a later
-        position keeps those verified before it (the next step meets it again); the draft
-        length adapts to what was accepted."""
-        emitted, accepted = [], 0
+    def verify_draft(
+        self, seq: Sequence, positions: Iterable[Position], drafted: int, usage: Usage
+    ) -> Chosen:
+        """What proxy-tuned decoding emits over a draft's ``positions``: the accepted tokens and
+        the first differing one (or the one after a full draft). A failure at a later position
+        keeps those verified before it (the next step meets it again). The drafted tokens after
+        the last one kept are taken back; the draft length adapts to what was accepted."""
+        emitted: list[int] = []
+        traces: list[TokenTrace | None] = []
+        accepted = 0
         for observation, token, draft_p, logprob in positions:
             try:
-                chosen, kept = self.verify(seq, observation, token, draft_p, logprob)
+                candidates = self.candidates(seq.config, observation)
             except ProxyClientError:
                 if not emitted:
                     raise
                 break
+            usage.add(self.tally(observation.top, candidates))
+            chosen, kept = self._verified(seq, candidates, token, draft_p, logprob)
             emitted.append(chosen)
+            traces.append(self.trace(seq.config, observation, candidates, chosen))
             accepted += kept
             if not kept:
                 break
+        usage.accepted_draft_tokens += accepted
         self.adapt(seq, drafted, accepted)
-        return emitted
+        _keep_draft(seq, emitted)
+        return Chosen(emitted, traces, usage)
 
     def adapt(self, seq: Sequence, drafted: int, accepted: int) -> None:
-        seq.usage.accepted_draft_tokens += accepted
         longest = seq.config.draft_tokens
         if accepted >= drafted:
             seq.draft_length = min(longest, seq.draft_length + 2)
@@ -288,8 +285,7 @@ class BaseDraftStep(_DraftStep):
     position; the drafted ones follow in one batched forward.
     """
 
-    async def __call__(self, seq: Sequence) -> list[int]:
-        seq.pending_traces.clear()
+    async def __call__(self, seq: Sequence) -> Chosen:
         config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         greedy = config.temperature == 0
         n = self.length(seq)
@@ -303,15 +299,17 @@ class BaseDraftStep(_DraftStep):
             finally:
                 seq.timings.base_s += time.perf_counter() - started
 
-        self.count_request(seq, prompt)
+        seq.timings.steps += 1
         if config.alpha == 0:
             draft, first = await ask_base(), None
         else:
             draft, first = await _both(ask_base(), seq.proxy_logprobs(self.pair))
-        self.count_answer(seq, draft.usage, len(draft))
+        usage = request_usage(prompt, draft.usage, len(draft))
         if not draft.tops:  # it ended at once (some APIs leave EOS out): ask for one position
             seq.draft_length = 1
-            return await super().__call__(seq)
+            chosen = await super().__call__(seq)
+            chosen.usage.add(usage)
+            return chosen
         if seq.appended == 0:
             self.tokens.check_unresolved(draft.tops[0])
         # Positions up to the first token we cannot identify (or cannot spell on the proxy
@@ -333,15 +331,13 @@ class BaseDraftStep(_DraftStep):
                 def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
                     # What the draft was sampled from: the base's raw distribution, as the
                     # unseen-token policy estimates it outside the top-k.
-                    alone = self.candidates(
-                        seq, Observation(top, None, None), alpha=0.0, count=False
-                    )
+                    alone = self.candidates(config, Observation(top, None, None), alpha=0.0)
                     return alone.scores.exp()
 
                 observation = Observation(top, *rows.at(i))
                 yield observation, draft.tokens[i], base_p, draft.token_logprobs[i]
 
-        return self.verify_draft(seq, positions(), len(draft))
+        return self.verify_draft(seq, positions(), len(draft), usage)
 
     async def read_draft(
         self, seq: Sequence, tokens: list[int], first: ProxyLogprobs
@@ -369,8 +365,7 @@ class ExpertDraftStep(_DraftStep):
     drafted position and after the last. Accepted: the longest prefix proxy-tuned decoding
     would have chosen, plus its own token at the first disagreement (or after a full draft)."""
 
-    async def __call__(self, seq: Sequence) -> list[int]:
-        seq.pending_traces.clear()
+    async def __call__(self, seq: Sequence) -> Chosen:
         config, base = seq.config, cast(DraftingBaseModel, self.base)  # checked by the tuner
         n = self.length(seq)
         vocab = self.tokens.vocab_size
@@ -389,13 +384,13 @@ class ExpertDraftStep(_DraftStep):
         seq.timings.local_s += draft.seconds
         prompt = seq.base_prompt
         seq.append(draft.tokens)
-        self.count_request(seq, prompt)
+        seq.timings.steps += 1
         started = time.perf_counter()
         try:
             scored = await base.score(prompt, draft.tokens, config.base_k)
         finally:
             seq.timings.base_s += time.perf_counter() - started
-        self.count_answer(seq, scored.usage, len(draft.tokens) + 1)
+        usage = request_usage(prompt, scored.usage, len(draft.tokens) + 1)
         if seq.appended == len(draft.tokens):
             self.tokens.check_unresolved(scored.tops[0])
 
@@ -410,7 +405,7 @@ class ExpertDraftStep(_DraftStep):
                 logprob = math.log(float(probs[drafted])) if drafted is not None else None
                 yield Observation(top, draft.expert[i], draft.anti[i]), drafted, expert_p, logprob
 
-        return self.verify_draft(seq, positions(), len(draft.tokens))
+        return self.verify_draft(seq, positions(), len(draft.tokens), usage)
 
 
 @dataclass(frozen=True)
@@ -439,6 +434,18 @@ async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any
         if isinstance(result, BaseException):
             raise result
     return outcome[0], outcome[1]
+
+
+def _keep_draft(seq: Sequence, emitted: list[int]) -> None:
+    """Take back the drafted tokens after those ``emitted`` starts with."""
+    start = len(seq.token_ids)
+    drafted = seq.base_ids[len(seq.prompt_ids.base) + start :]
+    kept = 0
+    for token, draft in zip(emitted, drafted, strict=False):
+        if token != draft:
+            break
+        kept += 1
+    seq.rollback(start + kept)
 
 
 def _seed(seq: Sequence) -> int | None:
