@@ -61,10 +61,12 @@ class TopLogprobs:
         *,
         k: int = -1,
         complete: bool = False,
+        retokenized: bool = False,
     ) -> TopLogprobs:
         """Build from (id, logprob) pairs: sentinels dropped, the best of duplicates kept, and at
         most the k best kept (servers add the sampled token). An id of None (a token the answer
-        did not identify) still takes its place in the ranking, then counts as unresolved."""
+        did not identify) still takes its place in the ranking, then counts as unresolved.
+        ``retokenized``: the server conditioned on its own split of the prompt's text."""
         best: dict[int, float] = {}
         unknown: list[float] = []
         for token_id, logprob in pairs:
@@ -84,6 +86,7 @@ class TopLogprobs:
             logprobs=tuple(lp for _, lp in known),
             complete=complete,
             unresolved=len(ranked) - len(known),
+            retokenized=retokenized,
         )
 
     def __len__(self) -> int:

@@ -43,15 +43,18 @@ from proxyclient.adapters.base import (
     Prompt,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import (
-    DialectAdapter,
-    DialectOptions,
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.adapters.openai_wire import (
+    CHAT_PATH,
+    chat_body,
     chat_conversation,
     chat_logprobs_content,
     chat_token_id,
+    chat_top,
+    sampling,
     server_usage,
 )
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
     APIStatusError,
     AuthenticationError,
@@ -117,17 +120,10 @@ class DeepSeekChat(DialectAdapter):
         messages: list[dict[str, Any]] = list(turns)
         if answer is not None:
             messages.append({"role": "assistant", "content": answer, "prefix": True})
-        payload: dict[str, Any] = {
-            "model": self.name,
-            "messages": messages,
-            "max_tokens": 1,
-            "temperature": 1.0,
-            "logprobs": True,
-            "top_logprobs": k,
-        }
+        payload = chat_body(self.name, messages, k)
         if self.thinking is not None:
             payload["thinking"] = {"type": self.thinking}
-        return "/chat/completions", payload
+        return CHAT_PATH, payload
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
@@ -135,8 +131,7 @@ class DeepSeekChat(DialectAdapter):
         """Up to ``n`` tokens of the answer, greedy (temperature 0) or sampled at temperature 1
         (``seed`` is not sent: DeepSeek takes none)."""
         path, payload = self.build_request(prompt, k)
-        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
-        return path, payload
+        return path, payload | sampling(n, greedy=greedy, seed=None)
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
         content = self._content(body)
@@ -144,7 +139,7 @@ class DeepSeekChat(DialectAdapter):
             raise ResponseFormatError(
                 "the DeepSeek answer ended before its first token, so it holds no logprobs"
             )
-        return self._top(content[0], k)
+        return chat_top(self.tokenizer, content[0], k)
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every generated position: the token, its logprob, the top-k before it. The final stop
@@ -152,7 +147,7 @@ class DeepSeekChat(DialectAdapter):
         content = self._content(body)
         return Continuation(
             tuple(chat_token_id(self.tokenizer, position) for position in content),
-            tuple(self._top(position, k) for position in content),
+            tuple(chat_top(self.tokenizer, position, k) for position in content),
             tuple(position.get("logprob") for position in content),
             server_usage(body),
         )
@@ -185,11 +180,6 @@ class DeepSeekChat(DialectAdapter):
                     f"been seen to answer so: try again later, or use another base model"
                 )
         return content
-
-    def _top(self, position: dict[str, Any], k: int) -> TopLogprobs:
-        entries = position.get("top_logprobs") or []
-        pairs = ((chat_token_id(self.tokenizer, e), e.get("logprob")) for e in entries)
-        return TopLogprobs.from_pairs(pairs, k=k)
 
     @staticmethod
     def _thinking_fix() -> str:

@@ -8,13 +8,12 @@ read; the flow around them — send, map errors to what the user should do — l
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, TypedDict, Unpack
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.discovery import HUGE_K, dialect_hint
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import (
@@ -27,7 +26,6 @@ from proxyclient.errors import (
     TopKTooLargeError,
 )
 from proxyclient.tokenizer import BaseTokenizer
-from proxyclient.vocab import bytes_of_token_string
 
 # How servers word "k is over my cap", each with the cap as group 1.
 _K_CAP = (
@@ -46,6 +44,10 @@ _CONTEXT = re.compile(
 )
 
 
+# How often ``DialectAdapter.resampled`` asks again for an answer that came back without logprobs.
+RESAMPLE_ATTEMPTS = 8
+
+
 def k_cap_in(message: str) -> int | None:
     """The cap on k that an error message states, or None."""
     if not _K_WORDS.search(message):
@@ -54,84 +56,6 @@ def k_cap_in(message: str) -> int | None:
         if match := pattern.search(message):
             return int(match.group(1))
     return None
-
-
-def server_usage(body: Any) -> ServerUsage:
-    """The ``usage`` of an OpenAI-style answer, cached prompt tokens included where reported
-    (OpenAI and vLLM: ``prompt_tokens_details.cached_tokens``; DeepSeek:
-    ``prompt_cache_hit_tokens``)."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return ServerUsage()
-    details = usage.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    if cached is None:
-        cached = usage.get("prompt_cache_hit_tokens")
-    return ServerUsage(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
-
-
-def choice_logprobs(body: Any) -> Any:
-    """``choices[0].logprobs`` of an OpenAI-style answer (possibly null), or a clear error."""
-    try:
-        return body["choices"][0]["logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise ResponseFormatError(
-            f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
-        ) from None
-
-
-def completion_top_logprobs(body: Any) -> dict[str, Any]:
-    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
-    logprobs = choice_logprobs(body)
-    top = (logprobs or {}).get("top_logprobs") or []
-    if not top or not top[0]:
-        raise ResponseFormatError(
-            "the server returned no top logprobs; does it support the `logprobs` parameter "
-            "of /v1/completions? (vLLM does; for other servers pick their --api)"
-        )
-    return top[0]
-
-
-def chat_logprobs_content(body: Any) -> list[dict[str, Any]] | None:
-    """``choices[0].logprobs.content`` of an OpenAI-style chat answer ([] for an answer without
-    tokens), or None when the answer has no logprobs."""
-    try:
-        logprobs = body["choices"][0]["logprobs"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if not isinstance(logprobs, dict):
-        return None
-    content = logprobs.get("content") or []
-    return content if isinstance(content, list) else None
-
-
-def chat_token_id(tokenizer: BaseTokenizer, entry: dict[str, Any]) -> int | None:
-    """The id of a token that a chat answer's logprobs entry names by its ``bytes`` (else by its
-    text); None for U+FFFD's bytes, which vLLM sends for part of a character, not its own."""
-    raw = entry.get("bytes")
-    data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
-    if data is not None and "\ufffd".encode() in data:
-        return None
-    return tokenizer.token_id(data)
-
-
-def chat_conversation(
-    prompt: Prompt, decode: Callable[[Sequence[int]], str]
-) -> tuple[list[dict[str, str]], str | None]:
-    """What a chat dialect sends for ``prompt``: the conversation, and the assistant's answer so
-    far (None: there is none, a new answer starts).
-
-    A chat prompt (``prompt.messages``) goes as its messages, with their roles, and its answer is
-    the response prefix and the generated ids' text; the prompt's own ids (the base's rendering
-    of the conversation) are not decoded. A text prompt is one user turn, its ids decoded."""
-    generated = decode(prompt.generated) if prompt.generated else ""
-    if prompt.messages is None:
-        turns = [{"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}]
-        return turns, generated if prompt.generated else None
-    turns = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]
-    if not prompt.generated and not prompt.response_prefix:
-        return turns, None
-    return turns, prompt.response_prefix + generated
 
 
 # What a parser raises when an answer has another shape than its dialect's (a key missing, a list
@@ -191,10 +115,6 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
-class _Default(enum.Enum):
-    MAX_K = "the dialect's default_capabilities.max_k"
-
-
 class DialectOptions(TypedDict, total=False):
     """The options every DialectAdapter takes (for subclasses that add their own)."""
 
@@ -229,20 +149,20 @@ class DialectAdapter:
     tokenizer: BaseTokenizer | None  # the base's; None when none was given and none is needed
 
     def __init__(
-        self,
-        transport: HTTPTransport,
-        model: str,
-        *,
-        tokenizer: BaseTokenizer | None = None,
-        max_k: int | _Default | None = _Default.MAX_K,
+        self, transport: HTTPTransport, model: str, **options: Unpack[DialectOptions]
     ) -> None:
+        """``max_k``, where given (None included: not known until probed), replaces the default
+        capabilities' own."""
+        unknown = options.keys() - DialectOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes no option {', '.join(sorted(unknown))}")
         self.transport = transport
         self.name = model
-        self.tokenizer = tokenizer
-        if (caps := self.default_capabilities) is not None:
-            k = caps.max_k if max_k is _Default.MAX_K else max_k
-            self.capabilities = dataclasses.replace(caps, max_k=k)
-        elif max_k is not _Default.MAX_K:
+        self.tokenizer = options.get("tokenizer")
+        caps = self.default_capabilities
+        if caps is not None:
+            self.capabilities = dataclasses.replace(caps, max_k=options.get("max_k", caps.max_k))
+        elif "max_k" in options:
             raise TypeError(f"{type(self).__name__} has no default_capabilities to set max_k in")
 
     @classmethod
@@ -287,6 +207,26 @@ class DialectAdapter:
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
         path, payload = self.build_request(prompt, k)
         return await self.send(path, payload, prompt, k)
+
+    async def resampled(
+        self,
+        prompt: Prompt,
+        k: int,
+        seeded: Callable[[dict[str, Any], int], dict[str, Any]],
+        empty: type[Exception],
+        failure: str,
+    ) -> TopLogprobs:
+        """``top_logprobs`` for a server that may sample a token it gives no logprobs for (the
+        parser raises ``empty``): asked again with the seeds 0, 1, ... (``seeded(payload,
+        seed)`` is the request with one), ``RESAMPLE_ATTEMPTS`` times; then a
+        ResponseFormatError that says ``failure``."""
+        path, payload = self.build_request(prompt, k)
+        for seed in range(RESAMPLE_ATTEMPTS):
+            try:
+                return await self.send(path, seeded(payload, seed), prompt, k)
+            except empty:
+                continue
+        raise ResponseFormatError(failure)
 
     async def generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
@@ -401,3 +341,20 @@ class DialectAdapter:
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+
+class TextPromptAdapter(DialectAdapter):
+    """Base of the dialects whose servers take the prompt as text (tgi, together, ollama): the
+    ids the loop tracks are decoded, the server tokenizes them again, and where its split
+    differs from ours every answer for that prompt is marked ``retokenized``."""
+
+    needs_tokenizer = True
+    tokenizer: BaseTokenizer
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        return self.tokenizer.decode(prompt.ids)
+
+    def retokenized(self, prompt: Prompt) -> bool:
+        """Whether the server, tokenizing the prompt's text, splits it differently from our
+        ids."""
+        return self.tokenizer.encode(self.prompt_text(prompt)) != list(prompt.ids)

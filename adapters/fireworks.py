@@ -20,44 +20,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
+from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.openai_wire import (
+    COMPLETIONS_PATH,
+    choice_logprobs,
+    content_top,
+    sampling,
+    server_usage,
+)
 from proxyclient.errors import ConfigError, ResponseFormatError
 
-COMPLETIONS_PATH = "/completions"
 FIREWORKS_MAX_TOP_LOGPROBS = 5  # the documented range of top_logprobs
-
-
-def build_request(
-    model: str,
-    prompt_ids: Sequence[int],
-    k: int,
-    *,
-    max_tokens: int = 1,
-    temperature: float = 1.0,
-    seed: int | None = None,
-    echo_last: int | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """Path and body: ``max_tokens`` after ``prompt_ids`` with the top-k at each (and at the
-    prompt's last ``echo_last`` tokens). The ``logprob`` fields are the model's whatever the
-    sampler does; top_p 1 keeps a sampled draft on the model's distribution (top_k is left at its
-    default, which the schema does not state)."""
-    if k < 0:
-        raise ConfigError("Fireworks has no whole-vocabulary mode: pass a top-logprobs k >= 0")
-    payload: dict[str, Any] = {
-        "model": model,
-        "prompt": list(prompt_ids),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": 1.0,
-        "logprobs": True,
-        "top_logprobs": k,
-        "context_length_exceeded_behavior": "error",
-    }
-    if seed is not None:
-        payload["seed"] = seed
-    if echo_last is not None:
-        payload["echo_last"] = echo_last
-    return COMPLETIONS_PATH, payload
 
 
 def _content(body: Any) -> list[dict[str, Any]]:
@@ -73,50 +46,7 @@ def _content(body: Any) -> list[dict[str, Any]]:
 
 
 def _top(entry: dict[str, Any], k: int) -> TopLogprobs:
-    alternatives = entry.get("top_logprobs") or []
-    pairs = ((e.get("token_id"), e.get("logprob")) for e in alternatives if isinstance(e, dict))
-    return TopLogprobs.from_pairs(pairs, k=k)
-
-
-def parse_generate(body: Any, *, k: int, skip: int = 0) -> Continuation:
-    """The positions of ``content`` after the first ``skip`` (echoed prompt tokens): each token,
-    its logprob and the top-k before it. A final EOS is included as Fireworks sends it."""
-    content = _content(body)[skip:]
-    if content and not content[0].get("top_logprobs"):
-        raise ResponseFormatError(
-            "Fireworks sent logprobs without top_logprobs; was top_logprobs > 0?"
-        )
-    return Continuation(
-        tuple(entry.get("token_id") for entry in content),
-        tuple(_top(entry, k) for entry in content),
-        tuple(entry.get("logprob") for entry in content),
-        server_usage(body),
-    )
-
-
-def parse_response(body: Any, *, k: int) -> TopLogprobs:
-    """The top-k before the first generated token."""
-    generated = parse_generate(body, k=k)
-    if not generated.tops:
-        raise ResponseFormatError("Fireworks sent no logprobs for the generated token")
-    return generated.tops[0]
-
-
-def parse_score(body: Any, continuation: Sequence[int], *, k: int) -> Continuation:
-    """The echoed continuation's top-k at each of its tokens, then the generated token's."""
-    n = len(continuation)
-    scored = parse_generate(body, k=k)
-    if len(scored) < n + 1 or list(scored.tokens[:n]) != list(continuation):
-        raise ResponseFormatError(
-            f"asked to echo the last {n} prompt tokens and got {len(scored)} positions that do "
-            f"not start with them: does this deployment support echo_last?"
-        )
-    return Continuation(
-        scored.tokens[: n + 1],
-        scored.tops[: n + 1],
-        scored.token_logprobs[: n + 1],
-        scored.usage,
-    )
+    return content_top(entry, k, lambda alternative: alternative.get("token_id"))
 
 
 class FireworksCompletions(DialectAdapter):
@@ -138,35 +68,75 @@ class FireworksCompletions(DialectAdapter):
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        return build_request(self.name, prompt.ids, k)
-
-    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        return parse_response(body, k=k)
+        """One token after the prompt's ids with the top-k before it. The ``logprob`` fields are
+        the model's whatever the sampler does; top_p 1 keeps a sampled draft on the model's
+        distribution (top_k is left at its default, which the schema does not state)."""
+        if k < 0:
+            raise ConfigError("Fireworks has no whole-vocabulary mode: pass a top-logprobs k >= 0")
+        return COMPLETIONS_PATH, {
+            "model": self.name,
+            "prompt": list(prompt.ids),
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "logprobs": True,
+            "top_logprobs": k,
+            "context_length_exceeded_behavior": "error",
+        }
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
     ) -> tuple[str, dict[str, Any]]:
         """Up to ``n`` tokens, greedy (temperature 0) or sampled at temperature 1 with top_p 1;
         the ``logprob`` fields are the model's either way."""
-        return build_request(
-            self.name,
-            prompt.ids,
-            k,
-            max_tokens=n,
-            temperature=0.0 if greedy else 1.0,
-            seed=None if greedy else seed,
-        )
-
-    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
-        return parse_generate(body, k=k)
+        path, payload = self.build_request(prompt, k)
+        return path, payload | sampling(n, greedy=greedy, seed=seed)
 
     def build_score(
         self, prompt: Prompt, continuation: Sequence[int], k: int
     ) -> tuple[str, dict[str, Any]]:
-        ids = [*prompt.ids, *continuation]
-        return build_request(self.name, ids, k, echo_last=len(continuation))
+        """The continuation after the prompt, its last tokens echoed (``echo_last``) with the
+        top-k at each, and one token generated after it."""
+        path, payload = self.build_request(Prompt((*prompt.ids, *continuation), 0), k)
+        return path, payload | {"echo_last": len(continuation)}
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        """The top-k before the first generated token."""
+        generated = self.parse_generate(body, prompt, k)
+        if not generated.tops:
+            raise ResponseFormatError("Fireworks sent no logprobs for the generated token")
+        return generated.tops[0]
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """The positions of ``content`` (echoed prompt tokens first, after ``build_score``):
+        each token, its logprob and the top-k before it. A final EOS is included as Fireworks
+        sends it."""
+        content = _content(body)
+        if content and not content[0].get("top_logprobs"):
+            raise ResponseFormatError(
+                "Fireworks sent logprobs without top_logprobs; was top_logprobs > 0?"
+            )
+        return Continuation(
+            tuple(entry.get("token_id") for entry in content),
+            tuple(_top(entry, k) for entry in content),
+            tuple(entry.get("logprob") for entry in content),
+            server_usage(body),
+        )
 
     def parse_score(
         self, body: Any, prompt: Prompt, continuation: Sequence[int], k: int
     ) -> Continuation:
-        return parse_score(body, continuation, k=k)
+        """The echoed continuation's top-k at each of its tokens, then the generated token's."""
+        n = len(continuation)
+        scored = self.parse_generate(body, prompt, k)
+        if len(scored) < n + 1 or list(scored.tokens[:n]) != list(continuation):
+            raise ResponseFormatError(
+                f"asked to echo the last {n} prompt tokens and got {len(scored)} positions that "
+                f"do not start with them: does this deployment support echo_last?"
+            )
+        return Continuation(
+            scored.tokens[: n + 1],
+            scored.tops[: n + 1],
+            scored.token_logprobs[: n + 1],
+            scored.usage,
+        )

@@ -47,8 +47,9 @@ import re
 from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, DialectOptions, chat_conversation
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
 from proxyclient.adapters.http import HTTPTransport
+from proxyclient.adapters.openai_wire import chat_conversation
 from proxyclient.errors import (
     APIStatusError,
     AuthenticationError,

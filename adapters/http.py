@@ -19,6 +19,15 @@ missing). It waits with exponential backoff and jitter, or what the server names
 (``retry-after-ms``, ``retry-after`` in seconds or as an HTTP date), and is bounded twice: by
 attempts (``max_retries`` + 1) and by total time (``max_retry_time``, waits included; no attempt
 starts that could not end in time, and none runs past it).
+
+Under httpx, the connections are aiohttp's (``httpx-aiohttp``'s transport, what openai-python
+offers as ``DefaultAioHttpClient`` for the same reason): httpcore's pool rescans every connection
+on every request (``is_idle``, ``has_expired``: a ``getpeername`` and a ``select`` each), which at
+64 concurrent generations cost more CPU than everything else the client does per request, and it
+keeps only 20 of them alive, so most requests opened a new connection. aiohttp's pool hands out an
+idle connection in O(1) and keeps every one alive (at most ``POOL_LIMITS.max_connections``). Its
+errors are mapped to the httpx errors httpcore raises for the same fault (``_as_httpx_error``),
+so retries and messages do not depend on which library holds the socket.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,6 +71,8 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# httpx's default connection count; all of them are kept alive, for keepalive_expiry seconds.
+POOL_LIMITS = httpx.Limits(max_connections=100, keepalive_expiry=5.0)
 DEFAULT_MAX_RETRIES = 3
 # All attempts of one request together, waits included: four read timeouts of 30 s fit.
 DEFAULT_MAX_RETRY_TIME_S = 150.0
@@ -290,6 +301,100 @@ def _limiter(per_minute: float | None) -> Any:
     return AsyncLimiter(per_minute, 60)
 
 
+def _as_httpx_error(exc: BaseException) -> BaseException:
+    """The httpx error httpcore raises for the fault behind ``exc`` (an aiohttp error, or
+    httpx-aiohttp's mapping of one, which turns resets and refused connections into timeouts);
+    ``exc`` itself when it is neither."""
+    import aiohttp
+
+    original = exc
+    if isinstance(exc, httpx.TransportError) and isinstance(exc.__cause__, aiohttp.ClientError):
+        original = exc.__cause__
+    if not isinstance(original, aiohttp.ClientError):
+        return exc
+    message = str(original) or type(original).__name__
+    mapped: type[httpx.TransportError]
+    if isinstance(original, aiohttp.ConnectionTimeoutError):
+        mapped = httpx.ConnectTimeout
+    elif isinstance(original, aiohttp.ServerTimeoutError):
+        mapped = httpx.ReadTimeout
+    elif isinstance(original, aiohttp.ClientConnectorError):
+        mapped = httpx.ConnectError
+    elif isinstance(original, aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError):
+        mapped = httpx.RemoteProtocolError  # closed before the answer, or not HTTP
+    elif isinstance(original, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        mapped = httpx.ReadError  # reset, or the body cut short
+    elif isinstance(original, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        mapped = httpx.UnsupportedProtocol
+    else:
+        mapped = httpx.TransportError
+    return mapped(message)
+
+
+class _MappedStream(httpx.AsyncByteStream):
+    """A response body whose read errors are httpx's (see ``_as_httpx_error``)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except Exception as exc:
+            mapped = _as_httpx_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _aiohttp_transport(proxy: httpx.Proxy | None = None) -> httpx.AsyncBaseTransport:
+    """httpx-aiohttp's transport with our pool (``POOL_LIMITS``, every connection kept alive; no
+    cookie jar of its own: httpx keeps the cookies) and httpcore's errors."""
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    class Transport(AiohttpTransport):
+        def get_client(self) -> aiohttp.ClientSession:
+            keepalive = self.limits.keepalive_expiry
+            connector = aiohttp.TCPConnector(
+                limit=self.limits.max_connections or 0,
+                ssl=self.ssl_context,
+                **({} if keepalive is None else {"keepalive_timeout": keepalive}),
+            )
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                response = await super().handle_async_request(request)
+            except Exception as exc:
+                mapped = _as_httpx_error(exc)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            response.stream = _MappedStream(response.stream)
+            return response
+
+    return Transport(limits=POOL_LIMITS, proxy=proxy)
+
+
+def _environment_proxies() -> dict[str, httpx.AsyncBaseTransport | None]:
+    """httpx's ``mounts`` for the proxies the environment names (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``ALL_PROXY``, ``NO_PROXY``), read as httpx reads them: a client given a transport does not."""
+    try:
+        from httpx._utils import get_environment_proxies
+    except ImportError:  # pragma: no cover - httpx moved it; no proxies rather than no client
+        return {}
+    return {
+        pattern: None if url is None else _aiohttp_transport(proxy=httpx.Proxy(url))
+        for pattern, url in get_environment_proxies().items()
+    }
+
+
 class _Home:
     """Where one transport does its I/O: a private loop thread, and the client and the gate that
     live on its loop (the client is opened there on first use)."""
@@ -380,11 +485,13 @@ class HTTPTransport:
         if home.client is None or home.client.is_closed:
             name, value = self._auth_header
             headers = {name: value.format(key=self._api_key)} if self._api_key else {}
+            injected = self._transport is not None  # tests inject httpx.MockTransport
             home.client = httpx.AsyncClient(
                 base_url=self.base_url,
                 headers=headers,
                 timeout=self.timeout,
-                transport=self._transport,
+                transport=self._transport if injected else _aiohttp_transport(),
+                mounts=None if injected else _environment_proxies(),
             )
         return home.client
 

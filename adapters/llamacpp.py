@@ -17,10 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, DialectAdapter
 from proxyclient.errors import ResponseFormatError
-
-RESAMPLE_ATTEMPTS = 8
 
 
 class _HeldBack(Exception):
@@ -57,15 +55,13 @@ class LlamaCppCompletion(DialectAdapter):
         }
 
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
-        path, payload = self.build_request(prompt, k)
-        for seed in range(RESAMPLE_ATTEMPTS):
-            try:
-                return await self.send(path, payload | {"seed": seed}, prompt, k)
-            except _HeldBack:
-                continue
-        raise ResponseFormatError(
+        return await self.resampled(
+            prompt,
+            k,
+            lambda payload, seed: payload | {"seed": seed},
+            _HeldBack,
             f"llama-server sent no probabilities {RESAMPLE_ATTEMPTS} times: each time the token "
-            f"it sampled was an incomplete UTF-8 character"
+            f"it sampled was an incomplete UTF-8 character",
         )
 
     def build_generate(

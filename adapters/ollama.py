@@ -21,14 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, TextPromptAdapter
+from proxyclient.adapters.openai_wire import content_top
 from proxyclient.errors import ConfigError, ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
 
 GENERATE_PATH = "/api/generate"
 OLLAMA_MAX_TOP_LOGPROBS = 20
-RESAMPLE_ATTEMPTS = 8
 # Ollama's defaults are 40, 0.9, 0.0 and 1.1: these turn every warper and the penalty off.
 _NO_WARPERS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
 
@@ -37,11 +36,9 @@ class _NoLogprobs(Exception):
     """Ollama answered without a single logprob (it generated only the end of the text)."""
 
 
-class OllamaGenerate(DialectAdapter):
+class OllamaGenerate(TextPromptAdapter):
     dialect = "ollama"
     default_base_url = "http://127.0.0.1:11434"
-    needs_tokenizer = True
-    tokenizer: BaseTokenizer
 
     default_capabilities = Capabilities(
         max_k=OLLAMA_MAX_TOP_LOGPROBS,
@@ -57,7 +54,7 @@ class OllamaGenerate(DialectAdapter):
             raise ConfigError("Ollama has no whole-vocabulary mode: pass a top-logprobs k >= 0")
         return GENERATE_PATH, {
             "model": self.name,
-            "prompt": self.tokenizer.decode(prompt.ids),
+            "prompt": self.prompt_text(prompt),
             "raw": True,
             "stream": False,
             "logprobs": True,
@@ -66,16 +63,13 @@ class OllamaGenerate(DialectAdapter):
         }
 
     async def top_logprobs(self, prompt: Prompt, k: int) -> TopLogprobs:
-        path, payload = self.build_request(prompt, k)
-        for seed in range(RESAMPLE_ATTEMPTS):
-            options = payload["options"] | {"seed": seed}
-            try:
-                return await self.send(path, payload | {"options": options}, prompt, k)
-            except _NoLogprobs:
-                continue
-        raise ResponseFormatError(
+        return await self.resampled(
+            prompt,
+            k,
+            lambda payload, seed: payload | {"options": payload["options"] | {"seed": seed}},
+            _NoLogprobs,
             f"Ollama sent no logprobs {RESAMPLE_ATTEMPTS} times: each time the token it sampled "
-            f"ended the text (or the prompt was empty)"
+            f"ended the text (or the prompt was empty)",
         )
 
     def build_generate(
@@ -97,10 +91,6 @@ class OllamaGenerate(DialectAdapter):
         except _NoLogprobs:
             return Continuation((), (), ())  # it ended at once: the engine asks for one position
 
-    def _retokenized(self, prompt: Prompt) -> bool:
-        """Whether Ollama, tokenizing the prompt's text, splits it differently from our ids."""
-        return self.tokenizer.encode(self.tokenizer.decode(prompt.ids)) != list(prompt.ids)
-
     def _token_id(self, entry: dict[str, Any]) -> int | None:
         """The id of a ``{token, logprob, bytes}`` entry: by its bytes where they are the token's
         own (not valid UTF-8 alone), else by its text; U+FFFD and "" cannot be mapped."""
@@ -115,17 +105,6 @@ class OllamaGenerate(DialectAdapter):
         if not isinstance(text, str):
             return None
         return self.tokenizer.token_id(bytes_of_token_string(text))
-
-    def _top(self, entry: dict[str, Any], k: int, retokenized: bool) -> TopLogprobs:
-        alternatives = [e for e in entry.get("top_logprobs") or [] if isinstance(e, dict)]
-        pairs = [(self._token_id(e), e.get("logprob")) for e in alternatives]
-        result = TopLogprobs.from_pairs(pairs, k=k)
-        return TopLogprobs(
-            result.token_ids,
-            result.logprobs,
-            unresolved=result.unresolved,
-            retokenized=retokenized,
-        )
 
     def _positions(self, body: Any) -> list[dict[str, Any]]:
         if not isinstance(body, dict) or "response" not in body:
@@ -145,16 +124,17 @@ class OllamaGenerate(DialectAdapter):
         return positions
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        return self._top(self._positions(body)[0], k, self._retokenized(prompt))
+        top = self._positions(body)[0]
+        return content_top(top, k, self._token_id, retokenized=self.retokenized(prompt))
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every position Ollama gave logprobs for: the token (by its text), its logprob and the
         top-k before it; all share the prompt's ``retokenized``."""
         positions = self._positions(body)
-        retokenized = self._retokenized(prompt)
+        retokenized = self.retokenized(prompt)
         return Continuation(
             tuple(self._token_id(p) for p in positions),
-            tuple(self._top(p, k, retokenized) for p in positions),
+            tuple(content_top(p, k, self._token_id, retokenized=retokenized) for p in positions),
             tuple(p.get("logprob") for p in positions),
             ServerUsage(body.get("prompt_eval_count"), body.get("eval_count")),
         )

@@ -13,14 +13,16 @@ import dataclasses
 from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import (
-    DialectAdapter,
-    DialectOptions,
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.adapters.openai_wire import (
+    COMPLETIONS_PATH,
+    completion_positions,
     completion_top_logprobs,
+    completions_body,
+    sampling,
     server_usage,
 )
-from proxyclient.adapters.http import HTTPTransport
-from proxyclient.errors import ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 from proxyclient.vocab import bytes_of_token_string
 
@@ -68,13 +70,7 @@ class OpenAICompletions(DialectAdapter):
             if self.capabilities.token_id_prompts
             else self.tokenizer.decode(prompt.ids)
         )
-        return "/completions", {
-            "model": self.name,
-            "prompt": sent,
-            "max_tokens": 1,
-            "temperature": 1.0,
-            "logprobs": k,
-        }
+        return COMPLETIONS_PATH, completions_body(self.name, sent, k)
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
@@ -82,10 +78,7 @@ class OpenAICompletions(DialectAdapter):
         """Up to ``n`` tokens, greedy (temperature 0) or sampled from the raw distribution; the
         logprobs are the raw model's either way."""
         path, payload = self.build_request(prompt, k)
-        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
-        if seed is not None and not greedy:
-            payload["seed"] = seed
-        return path, payload
+        return path, payload | sampling(n, greedy=greedy, seed=seed)
 
     def _token_id(self, token: str) -> int | None:
         return self.tokenizer.token_id(bytes_of_token_string(token))
@@ -102,19 +95,10 @@ class OpenAICompletions(DialectAdapter):
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every generated position: the token (by its text), its logprob, the top-k before it.
         A server that leaves a final end-of-text token out may answer a stop with no position."""
-        try:
-            logprobs = body["choices"][0]["logprobs"]
-        except (KeyError, IndexError, TypeError):
-            logprobs = None
-        if not isinstance(logprobs, dict) or logprobs.get("tokens"):
-            completion_top_logprobs(body)  # the clear error when there are no top logprobs
-        texts = logprobs.get("tokens") or []
-        tops = [self._top(entries or {}, k) for entries in logprobs.get("top_logprobs") or []]
-        if len(texts) != len(tops):
-            raise ResponseFormatError(
-                f"the answer has {len(texts)} tokens but {len(tops)} top-logprob entries"
-            )
-        own = logprobs.get("token_logprobs") or [None] * len(texts)
+        texts, tops, own = completion_positions(body, empty_ok=True)
         return Continuation(
-            tuple(self._token_id(t) for t in texts), tuple(tops), tuple(own), server_usage(body)
+            tuple(self._token_id(t) for t in texts),
+            tuple(self._top(entries, k) for entries in tops),
+            tuple(own),
+            server_usage(body),
         )

@@ -22,15 +22,18 @@ import dataclasses
 from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import (
-    DialectAdapter,
-    DialectOptions,
+from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
+from proxyclient.adapters.http import HTTPTransport
+from proxyclient.adapters.openai_wire import (
+    CHAT_PATH,
+    chat_body,
     chat_conversation,
     chat_logprobs_content,
     chat_token_id,
+    chat_top,
+    sampling,
     server_usage,
 )
-from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 
@@ -80,14 +83,7 @@ class OpenAIChat(DialectAdapter):
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         messages, answer = chat_conversation(prompt, self.tokenizer.decode)
-        payload: dict[str, Any] = {
-            "model": self.name,
-            "messages": messages,
-            "max_tokens": 1,
-            "temperature": 1.0,
-            "logprobs": True,
-            "top_logprobs": k,
-        }
+        payload = chat_body(self.name, messages, k)
         if answer is not None:
             if not prompt.generated and not self.continue_final_message:
                 raise ConfigError(
@@ -97,7 +93,7 @@ class OpenAIChat(DialectAdapter):
                 )
             messages.append({"role": "assistant", "content": answer})
             payload |= {"continue_final_message": True, "add_generation_prompt": False}
-        return "/chat/completions", payload
+        return CHAT_PATH, payload
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
@@ -105,19 +101,7 @@ class OpenAIChat(DialectAdapter):
         """Up to ``n`` tokens of the answer, greedy (temperature 0) or sampled from the raw
         distribution; the logprobs are the raw model's either way."""
         path, payload = self.build_request(prompt, k)
-        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0, "top_p": 1.0}
-        if seed is not None and not greedy:
-            payload["seed"] = seed
-        return path, payload
-
-    def _token_id(self, entry: dict[str, Any]) -> int | None:
-        """The id of a token the answer names by its ``bytes`` (else its text)."""
-        return chat_token_id(self.tokenizer, entry)
-
-    def _top(self, position: dict[str, Any], k: int) -> TopLogprobs:
-        """One ``logprobs.content`` entry's top logprobs, as ids."""
-        entries = position.get("top_logprobs") or []
-        return TopLogprobs.from_pairs(((self._token_id(e), e.get("logprob")) for e in entries), k=k)
+        return path, payload | sampling(n, greedy=greedy, seed=seed)
 
     @staticmethod
     def _no_logprobs() -> ResponseFormatError:
@@ -130,7 +114,7 @@ class OpenAIChat(DialectAdapter):
         content = chat_logprobs_content(body)
         if not content or not content[0].get("top_logprobs"):
             raise self._no_logprobs()
-        return self._top(content[0], k)
+        return chat_top(self.tokenizer, content[0], k)
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every generated position: the token, its logprob, the top-k before it. The final stop
@@ -139,8 +123,8 @@ class OpenAIChat(DialectAdapter):
         if content is None or (content and not content[0].get("top_logprobs")):
             raise self._no_logprobs()
         return Continuation(
-            tuple(self._token_id(position) for position in content),
-            tuple(self._top(position, k) for position in content),
+            tuple(chat_token_id(self.tokenizer, position) for position in content),
+            tuple(chat_top(self.tokenizer, position, k) for position in content),
             tuple(position.get("logprob") for position in content),
             server_usage(body),
         )

@@ -45,40 +45,6 @@ _NO_WARPERS = {
 }
 
 
-def build_request(
-    prompt_ids: Sequence[int],
-    k: int,
-    *,
-    max_new_tokens: int = 1,
-    temperature: float = 1.0,
-    seed: int | None = None,
-    logprob_start_len: int = -1,
-) -> tuple[str, dict[str, Any]]:
-    """Path and body: ``max_new_tokens`` after ``prompt_ids`` with the top-k at each, and the
-    prompt's own logprobs from ``logprob_start_len`` on (-1: none)."""
-    if k < 0:
-        raise ConfigError(
-            "SGLang has no whole-vocabulary mode (top_logprobs_num -1): pass a top-logprobs k "
-            "of at most the vocabulary size"
-        )
-    sampling: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        **_NO_WARPERS,
-    }
-    if seed is not None:
-        sampling["sampling_seed"] = seed
-    return GENERATE_PATH, {
-        "input_ids": list(prompt_ids),
-        "sampling_params": sampling,
-        "return_logprob": True,
-        "top_logprobs_num": k,
-        "logprob_start_len": logprob_start_len,
-        "return_text_in_logprobs": False,
-        "stream": False,
-    }
-
-
 def _meta(body: Any) -> dict[str, Any]:
     meta = body.get("meta_info") if isinstance(body, dict) else None
     if not isinstance(meta, dict) or "output_top_logprobs" not in meta:
@@ -101,58 +67,6 @@ def _usage(meta: dict[str, Any]) -> ServerUsage:
     )
 
 
-def parse_response(body: Any, *, k: int) -> TopLogprobs:
-    """The top-k before the first generated token."""
-    tops = _meta(body)["output_top_logprobs"] or []
-    if not tops or not tops[0]:
-        raise ResponseFormatError(
-            "SGLang sent no output_top_logprobs; was top_logprobs_num > 0 and max_new_tokens >= 1?"
-        )
-    return _top(tops[0], k)
-
-
-def parse_generate(body: Any, *, k: int) -> Continuation:
-    """Every generated position (a final EOS included): the token, its logprob, the top-k."""
-    meta = _meta(body)
-    chosen = meta.get("output_token_logprobs") or []
-    tops = meta["output_top_logprobs"] or []
-    if len(chosen) != len(tops):
-        raise ResponseFormatError(
-            f"the answer has {len(chosen)} output_token_logprobs but {len(tops)} "
-            f"output_top_logprobs entries"
-        )
-    return Continuation(
-        tuple(entry[1] for entry in chosen),
-        tuple(_top(entries, k) for entries in tops),
-        tuple(entry[0] for entry in chosen),
-        _usage(meta),
-    )
-
-
-def parse_score(body: Any, continuation: Sequence[int], *, k: int) -> Continuation:
-    """The top-k before each continuation token (the last prompt positions of the answer) and
-    before the token SGLang generated after them."""
-    meta = _meta(body)
-    after = parse_generate(body, k=k)
-    n = len(continuation)
-    scored = meta.get("input_top_logprobs") or []
-    own = meta.get("input_token_logprobs") or []
-    tail, tail_own = scored[len(scored) - n :], own[len(own) - n :]
-    ids = [entry[1] if entry else None for entry in tail_own]
-    if len(tail) < n or not after.tops or ids != list(continuation) or not all(tail):
-        raise ResponseFormatError(
-            f"asked for the top logprobs of a {n}-token continuation and got {len(scored)} prompt "
-            f"positions that do not end in it; if SGLang's radix cache cut the prompt's logprobs "
-            f"short, restart it with --disable-radix-cache"
-        )
-    return Continuation(
-        (*continuation, after.tokens[0]),
-        (*(_top(entries, k) for entries in tail), after.tops[0]),
-        (*(entry[0] for entry in tail_own), after.token_logprobs[0]),
-        after.usage,
-    )
-
-
 class SGLangGenerate(DialectAdapter):
     """A base model served by SGLang's own server. ``tokenizer`` is optional: answers
     name tokens by id; given one, k is checked against its vocabulary before anything is sent."""
@@ -169,7 +83,45 @@ class SGLangGenerate(DialectAdapter):
         drafts=True,
     )
 
-    def _check_k(self, k: int) -> None:
+    def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
+        return GENERATE_PATH, self._body(prompt.ids, k)
+
+    def build_generate(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Up to ``n`` tokens, greedy (temperature 0) or sampled at temperature 1 with no other
+        warper; the logprobs are the raw model's either way."""
+        temperature = 0.0 if greedy else 1.0
+        body = self._body(
+            prompt.ids, k, max_new_tokens=n, temperature=temperature, seed=None if greedy else seed
+        )
+        return GENERATE_PATH, body
+
+    def build_score(
+        self, prompt: Prompt, continuation: Sequence[int], k: int
+    ) -> tuple[str, dict[str, Any]]:
+        """The prompt and continuation as one input, its logprobs from the prompt's last token on
+        (that first position comes back empty), and one generated token."""
+        ids = [*prompt.ids, *continuation]
+        return GENERATE_PATH, self._body(ids, k, logprob_start_len=max(0, len(prompt.ids) - 1))
+
+    def _body(
+        self,
+        ids: Sequence[int],
+        k: int,
+        *,
+        max_new_tokens: int = 1,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        logprob_start_len: int = -1,
+    ) -> dict[str, Any]:
+        """``max_new_tokens`` after ``ids`` with the top-k at each, and the prompt's own logprobs
+        from ``logprob_start_len`` on (-1: none); k checked first."""
+        if k < 0:
+            raise ConfigError(
+                "SGLang has no whole-vocabulary mode (top_logprobs_num -1): pass a top-logprobs "
+                "k of at most the vocabulary size"
+            )
         vocab = len(self.tokenizer.vocab) if self.tokenizer is not None else None
         if vocab is not None and k > vocab:
             raise TopKTooLargeError(
@@ -179,44 +131,74 @@ class SGLangGenerate(DialectAdapter):
                 body=None,
                 server_max=vocab,
             )
-
-    def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        self._check_k(k)
-        return build_request(prompt.ids, k)
+        sampling: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            **_NO_WARPERS,
+        }
+        if seed is not None:
+            sampling["sampling_seed"] = seed
+        return {
+            "input_ids": list(ids),
+            "sampling_params": sampling,
+            "return_logprob": True,
+            "top_logprobs_num": k,
+            "logprob_start_len": logprob_start_len,
+            "return_text_in_logprobs": False,
+            "stream": False,
+        }
 
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        return parse_response(body, k=k)
-
-    def build_generate(
-        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
-    ) -> tuple[str, dict[str, Any]]:
-        """Up to ``n`` tokens, greedy (temperature 0) or sampled at temperature 1 with no other
-        warper; the logprobs are the raw model's either way."""
-        self._check_k(k)
-        return build_request(
-            prompt.ids,
-            k,
-            max_new_tokens=n,
-            temperature=0.0 if greedy else 1.0,
-            seed=None if greedy else seed,
-        )
+        """The top-k before the first generated token."""
+        tops = _meta(body)["output_top_logprobs"] or []
+        if not tops or not tops[0]:
+            raise ResponseFormatError(
+                "SGLang sent no output_top_logprobs; was top_logprobs_num > 0 and "
+                "max_new_tokens >= 1?"
+            )
+        return _top(tops[0], k)
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
-        return parse_generate(body, k=k)
-
-    def build_score(
-        self, prompt: Prompt, continuation: Sequence[int], k: int
-    ) -> tuple[str, dict[str, Any]]:
-        """The prompt and continuation as one input, its logprobs from the prompt's last token on
-        (that first position comes back empty), and one generated token."""
-        self._check_k(k)
-        ids = [*prompt.ids, *continuation]
-        return build_request(ids, k, logprob_start_len=max(0, len(prompt.ids) - 1))
+        """Every generated position (a final EOS included): the token, its logprob, the top-k."""
+        meta = _meta(body)
+        chosen = meta.get("output_token_logprobs") or []
+        tops = meta["output_top_logprobs"] or []
+        if len(chosen) != len(tops):
+            raise ResponseFormatError(
+                f"the answer has {len(chosen)} output_token_logprobs but {len(tops)} "
+                f"output_top_logprobs entries"
+            )
+        return Continuation(
+            tuple(entry[1] for entry in chosen),
+            tuple(_top(entries, k) for entries in tops),
+            tuple(entry[0] for entry in chosen),
+            _usage(meta),
+        )
 
     def parse_score(
         self, body: Any, prompt: Prompt, continuation: Sequence[int], k: int
     ) -> Continuation:
-        return parse_score(body, continuation, k=k)
+        """The top-k before each continuation token (the last prompt positions of the answer) and
+        before the token SGLang generated after them."""
+        meta = _meta(body)
+        after = self.parse_generate(body, prompt, k)
+        n = len(continuation)
+        scored = meta.get("input_top_logprobs") or []
+        own = meta.get("input_token_logprobs") or []
+        tail, tail_own = scored[len(scored) - n :], own[len(own) - n :]
+        ids = [entry[1] if entry else None for entry in tail_own]
+        if len(tail) < n or not after.tops or ids != list(continuation) or not all(tail):
+            raise ResponseFormatError(
+                f"asked for the top logprobs of a {n}-token continuation and got {len(scored)} "
+                f"prompt positions that do not end in it; if SGLang's radix cache cut the "
+                f"prompt's logprobs short, restart it with --disable-radix-cache"
+            )
+        return Continuation(
+            (*continuation, after.tokens[0]),
+            (*(_top(entries, k) for entries in tail), after.tops[0]),
+            (*(entry[0] for entry in tail_own), after.token_logprobs[0]),
+            after.usage,
+        )
 
     async def _served_models_hint(self) -> str:
         return "SGLang serves one model, whatever --base-model says; check --base-url."

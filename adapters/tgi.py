@@ -13,18 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.dialect import TextPromptAdapter
 from proxyclient.errors import ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 
 TGI_DEFAULT_MAX_TOP_N = 5
 
 
-class TGIGenerate(DialectAdapter):
+class TGIGenerate(TextPromptAdapter):
     dialect = "tgi"
-    needs_tokenizer = True
     raise_k_cap = "restart TGI with a larger --max-top-n-tokens"
-    tokenizer: BaseTokenizer
 
     default_capabilities = Capabilities(
         max_k=TGI_DEFAULT_MAX_TOP_N,
@@ -37,7 +34,7 @@ class TGIGenerate(DialectAdapter):
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         return "/generate", {
-            "inputs": self.tokenizer.decode(prompt.ids),
+            "inputs": self.prompt_text(prompt),
             "parameters": {
                 "max_new_tokens": 1,
                 "details": True,
@@ -60,20 +57,11 @@ class TGIGenerate(DialectAdapter):
                 parameters["seed"] = seed
         return path, payload | {"parameters": parameters}
 
-    def _retokenized(self, prompt: Prompt) -> bool:
-        """Whether TGI, tokenizing the prompt's text, splits it differently from our ids."""
-        return self.tokenizer.encode(self.tokenizer.decode(prompt.ids)) != list(prompt.ids)
-
     @staticmethod
     def _top(entries: list[dict[str, Any]], k: int, retokenized: bool) -> TopLogprobs:
         """One position's ``top_tokens`` list."""
-        result = TopLogprobs.from_pairs(((e.get("id"), e.get("logprob")) for e in entries), k=k)
-        return TopLogprobs(
-            result.token_ids,
-            result.logprobs,
-            unresolved=result.unresolved,
-            retokenized=retokenized,
-        )
+        pairs = ((e.get("id"), e.get("logprob")) for e in entries)
+        return TopLogprobs.from_pairs(pairs, k=k, retokenized=retokenized)
 
     @staticmethod
     def _no_top_tokens() -> ResponseFormatError:
@@ -87,7 +75,7 @@ class TGIGenerate(DialectAdapter):
             top = body["details"]["top_tokens"][0]
         except (KeyError, IndexError, TypeError):
             raise self._no_top_tokens() from None
-        return self._top(top, k, self._retokenized(prompt))
+        return self._top(top, k, self.retokenized(prompt))
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
         """Every generated position (a final EOS included, as TGI sends it): the token, its
@@ -101,7 +89,7 @@ class TGIGenerate(DialectAdapter):
         top_tokens = details.get("top_tokens") or []
         if len(top_tokens) != len(tokens) or (tokens and not top_tokens[0]):
             raise self._no_top_tokens()
-        retokenized = self._retokenized(prompt)
+        retokenized = self.retokenized(prompt)
         return Continuation(
             tuple(token.get("id") for token in tokens),
             tuple(self._top(top or [], k, retokenized) for top in top_tokens),

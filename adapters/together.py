@@ -23,21 +23,25 @@ from __future__ import annotations
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, choice_logprobs, server_usage
+from proxyclient.adapters.dialect import TextPromptAdapter
+from proxyclient.adapters.openai_wire import (
+    COMPLETIONS_PATH,
+    choice_logprobs,
+    completions_body,
+    sampling,
+    server_usage,
+)
 from proxyclient.errors import ConfigError, ResponseFormatError
-from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
 
 TOGETHER_MAX_LOGPROBS = 20  # the schema's maximum for `logprobs`
 _SAME_LOGPROB = 1e-6
 
 
-class TogetherCompletions(DialectAdapter):
+class TogetherCompletions(TextPromptAdapter):
     dialect = "together"
     default_base_url = "https://api.together.xyz/v1"
     api_key_env = "TOGETHER_API_KEY"
-    needs_tokenizer = True
-    tokenizer: BaseTokenizer
 
     default_capabilities = Capabilities(
         max_k=TOGETHER_MAX_LOGPROBS,
@@ -51,27 +55,14 @@ class TogetherCompletions(DialectAdapter):
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         if k < 0:
             raise ConfigError("Together has no whole-vocabulary mode: pass a top-logprobs k >= 0")
-        return "/completions", {
-            "model": self.name,
-            "prompt": self.tokenizer.decode(prompt.ids),
-            "max_tokens": 1,
-            "temperature": 1.0,
-            "logprobs": k,
-        }
+        return COMPLETIONS_PATH, completions_body(self.name, self.prompt_text(prompt), k)
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
     ) -> tuple[str, dict[str, Any]]:
         """Up to ``n`` tokens, greedy (temperature 0) or sampled at temperature 1 (no top_p)."""
         path, payload = self.build_request(prompt, k)
-        payload |= {"max_tokens": n, "temperature": 0.0 if greedy else 1.0}
-        if seed is not None and not greedy:
-            payload["seed"] = seed
-        return path, payload
-
-    def _retokenized(self, prompt: Prompt) -> bool:
-        """Whether Together, tokenizing the prompt's text, splits it differently from our ids."""
-        return self.tokenizer.encode(self.tokenizer.decode(prompt.ids)) != list(prompt.ids)
+        return path, payload | sampling(n, greedy=greedy, seed=seed, top_p=False)
 
     def _token_id(self, text: str) -> int | None:
         return self.tokenizer.token_id(bytes_of_token_string(text))
@@ -95,13 +86,7 @@ class TogetherCompletions(DialectAdapter):
             return found
 
         pairs = [(resolve(key, value), value) for key, value in entries.items()]
-        result = TopLogprobs.from_pairs(pairs, k=k)
-        return TopLogprobs(
-            result.token_ids,
-            result.logprobs,
-            unresolved=result.unresolved,
-            retokenized=retokenized,
-        )
+        return TopLogprobs.from_pairs(pairs, k=k, retokenized=retokenized)
 
     def _positions(self, body: Any) -> dict[str, Any]:
         logprobs = choice_logprobs(body)
@@ -128,7 +113,7 @@ class TogetherCompletions(DialectAdapter):
                 f"the answer has {len(texts)} tokens, {len(ids)} token_ids, {len(own)} "
                 f"token_logprobs and {len(tops)} top_logprobs entries"
             )
-        retokenized = self._retokenized(prompt)
+        retokenized = self.retokenized(prompt)
         tokens = tuple(
             int(i) if i is not None else (self._token_id(t) if t is not None else None)
             for i, t in zip(ids, texts, strict=True)

@@ -12,47 +12,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter, completion_top_logprobs, server_usage
+from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.discovery import HUGE_K
+from proxyclient.adapters.openai_wire import (
+    COMPLETIONS_PATH,
+    completion_positions,
+    completion_top_logprobs,
+    completions_body,
+    sampling,
+    server_usage,
+)
 from proxyclient.errors import ProxyClientError, ResponseFormatError
 
-COMPLETIONS_PATH = "/completions"
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
-
-
-def build_request(model: str, prompt_ids: list[int], k: int) -> tuple[str, dict[str, Any]]:
-    """Path and JSON body asking for the top-k logprobs of the token after ``prompt_ids``."""
-    return COMPLETIONS_PATH, {
-        "model": model,
-        "prompt": list(prompt_ids),
-        "max_tokens": 1,
-        "temperature": 1.0,
-        "logprobs": k,
-        "return_tokens_as_token_ids": True,
-    }
-
-
-def build_generate(
-    model: str, prompt_ids: list[int], k: int, n: int, *, greedy: bool, seed: int | None
-) -> tuple[str, dict[str, Any]]:
-    """Up to ``n`` tokens, greedy or sampled from the raw distribution, top-k at each. The
-    logprobs are the raw model's either way (``--logprobs-mode raw_logprobs``)."""
-    payload: dict[str, Any] = build_request(model, prompt_ids, k)[1] | {
-        "max_tokens": n,
-        "temperature": 0.0 if greedy else 1.0,
-        "top_p": 1.0,
-    }
-    if seed is not None and not greedy:
-        payload["seed"] = seed
-    return COMPLETIONS_PATH, payload
-
-
-def build_score(
-    model: str, prompt_ids: list[int], continuation: list[int], k: int
-) -> tuple[str, dict[str, Any]]:
-    """The top-k at every position of ``continuation`` (``prompt_logprobs``) and after it."""
-    path, payload = build_request(model, [*prompt_ids, *continuation], k)
-    return path, payload | {"prompt_logprobs": k}
 
 
 def _token_id(key: str) -> int:
@@ -72,53 +44,6 @@ def _top(entries: dict[str, Any], k: int) -> TopLogprobs:
     return TopLogprobs.from_pairs(pairs, k=k, complete=k == -1)
 
 
-def parse_response(body: Any, *, k: int) -> TopLogprobs:
-    """The first generated position's top logprobs from a completions answer."""
-    return _top(completion_top_logprobs(body), k)
-
-
-def parse_generate(body: Any, *, k: int) -> Continuation:
-    """Every generated position: the token, its logprob, and the top-k before it."""
-    completion_top_logprobs(body)  # the same clear error when there are none
-    logprobs = body["choices"][0]["logprobs"]
-    tokens = tuple(_token_id(t) for t in logprobs.get("tokens") or [])
-    tops = tuple(_top(entries or {}, k) for entries in logprobs["top_logprobs"])
-    if len(tokens) != len(tops):
-        raise ResponseFormatError(
-            f"the answer has {len(tokens)} tokens but {len(tops)} top-logprob entries"
-        )
-    token_logprobs = tuple(logprobs.get("token_logprobs") or [None] * len(tokens))
-    return Continuation(tokens, tops, token_logprobs, server_usage(body))
-
-
-def parse_score(body: Any, continuation: list[int], *, k: int) -> Continuation:
-    """The top-k before each continuation token (from ``prompt_logprobs``: each position's best
-    entries, ranked, plus the prompt token itself, which is kept only where it ranks within k)
-    and before the token the server generated after them."""
-    after = parse_generate(body, k=k)
-    scored = body["choices"][0].get("prompt_logprobs") or []
-    if len(scored) < len(continuation) or not after.tops:
-        raise ResponseFormatError(
-            f"asked for the logprobs of a {len(continuation)}-token continuation and got "
-            f"{len(scored)} prompt positions: does this vLLM support prompt_logprobs?"
-        )
-    tops, token_logprobs = [], []
-    for token, entries in zip(continuation, scored[len(scored) - len(continuation) :], strict=True):
-        entries = entries or {}
-        ranked = {
-            int(i): e["logprob"] for i, e in entries.items() if k == -1 or e.get("rank", k + 1) <= k
-        }
-        tops.append(TopLogprobs.from_pairs(ranked.items(), k=k, complete=k == -1))
-        own = entries.get(str(token))
-        token_logprobs.append(own["logprob"] if own else None)
-    return Continuation(
-        (*continuation, after.tokens[0]),
-        (*tops, after.tops[0]),
-        (*token_logprobs, after.token_logprobs[0]),
-        after.usage,
-    )
-
-
 class VLLMCompletions(DialectAdapter):
     """A base model served by vLLM. ``tokenizer`` is optional: answers name tokens by id."""
 
@@ -136,28 +61,70 @@ class VLLMCompletions(DialectAdapter):
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
-        return build_request(self.name, list(prompt.ids), k)
-
-    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
-        return parse_response(body, k=k)
+        """The top-k logprobs of the token after the prompt's ids, named by id."""
+        body = completions_body(self.name, list(prompt.ids), k)
+        return COMPLETIONS_PATH, body | {"return_tokens_as_token_ids": True}
 
     def build_generate(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None
     ) -> tuple[str, dict[str, Any]]:
-        return build_generate(self.name, list(prompt.ids), k, n, greedy=greedy, seed=seed)
-
-    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
-        return parse_generate(body, k=k)
+        """Up to ``n`` tokens, greedy or sampled from the raw distribution, top-k at each. The
+        logprobs are the raw model's either way (``--logprobs-mode raw_logprobs``)."""
+        path, payload = self.build_request(prompt, k)
+        return path, payload | sampling(n, greedy=greedy, seed=seed)
 
     def build_score(
         self, prompt: Prompt, continuation: Sequence[int], k: int
     ) -> tuple[str, dict[str, Any]]:
-        return build_score(self.name, list(prompt.ids), list(continuation), k)
+        """The top-k at every position of ``continuation`` (``prompt_logprobs``) and after it."""
+        path, payload = self.build_request(Prompt((*prompt.ids, *continuation), 0), k)
+        return path, payload | {"prompt_logprobs": k}
+
+    def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
+        """The first generated position's top logprobs from a completions answer."""
+        return _top(completion_top_logprobs(body), k)
+
+    def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
+        """Every generated position: the token, its logprob, and the top-k before it."""
+        tokens, tops, own = completion_positions(body)
+        return Continuation(
+            tuple(_token_id(t) for t in tokens),
+            tuple(_top(entries, k) for entries in tops),
+            tuple(own),
+            server_usage(body),
+        )
 
     def parse_score(
         self, body: Any, prompt: Prompt, continuation: Sequence[int], k: int
     ) -> Continuation:
-        return parse_score(body, list(continuation), k=k)
+        """The top-k before each continuation token (from ``prompt_logprobs``: each position's
+        best entries, ranked, plus the prompt token itself, which is kept only where it ranks
+        within k) and before the token the server generated after them."""
+        after = self.parse_generate(body, prompt, k)
+        scored = body["choices"][0].get("prompt_logprobs") or []
+        if len(scored) < len(continuation) or not after.tops:
+            raise ResponseFormatError(
+                f"asked for the logprobs of a {len(continuation)}-token continuation and got "
+                f"{len(scored)} prompt positions: does this vLLM support prompt_logprobs?"
+            )
+        tops, token_logprobs = [], []
+        tail = scored[len(scored) - len(continuation) :]
+        for token, entries in zip(continuation, tail, strict=True):
+            entries = entries or {}
+            ranked = {
+                int(i): e["logprob"]
+                for i, e in entries.items()
+                if k == -1 or e.get("rank", k + 1) <= k
+            }
+            tops.append(TopLogprobs.from_pairs(ranked.items(), k=k, complete=k == -1))
+            own = entries.get(str(token))
+            token_logprobs.append(own["logprob"] if own else None)
+        return Continuation(
+            (*continuation, after.tokens[0]),
+            (*tops, after.tops[0]),
+            (*token_logprobs, after.token_logprobs[0]),
+            after.usage,
+        )
 
     async def tokenize(self, text: str) -> list[int] | None:
         """The server's own token ids for ``text`` (vLLM's /tokenize), or None if unavailable."""

@@ -1,0 +1,175 @@
+"""OpenAI's wire shapes, built and read in one place: the bodies of ``/v1/completions`` and
+``/v1/chat/completions``, their sampling fields, and the answers' logprobs and usage.
+
+Completions (legacy) logprobs: ``choices[0].logprobs`` holds ``tokens``, ``token_logprobs`` and,
+per position, ``top_logprobs``: ``{token: logprob}`` (vllm, openai, together). Chat logprobs (and
+Fireworks' completions with ``logprobs: true``): ``choices[0].logprobs.content[]``, one entry per
+token with its ``logprob`` and ``top_logprobs[]`` of ``{token, logprob, bytes}`` (openai-chat,
+deepseek, fireworks). The dialects add what their servers take beyond these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from proxyclient.adapters.base import Prompt, ServerUsage, TopLogprobs
+from proxyclient.errors import ResponseFormatError
+from proxyclient.tokenizer import BaseTokenizer
+from proxyclient.vocab import bytes_of_token_string
+
+COMPLETIONS_PATH = "/completions"
+CHAT_PATH = "/chat/completions"
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+def completions_body(model: str, prompt: list[int] | str, k: int) -> dict[str, Any]:
+    """One token after ``prompt`` at temperature 1, with the top-k logprobs."""
+    return {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 1.0, "logprobs": k}
+
+
+def chat_body(model: str, messages: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """One token of the answer to ``messages`` at temperature 1, with the top-k logprobs."""
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": 1,
+        "temperature": 1.0,
+        "logprobs": True,
+        "top_logprobs": k,
+    }
+
+
+def sampling(n: int, *, greedy: bool, seed: int | None, top_p: bool = True) -> dict[str, Any]:
+    """The fields of a draft: up to ``n`` tokens, greedy (temperature 0) or sampled at
+    temperature 1 (with ``seed``, if given), with top_p 1 unless ``top_p`` is False."""
+    fields: dict[str, Any] = {"max_tokens": n, "temperature": 0.0 if greedy else 1.0}
+    if top_p:
+        fields["top_p"] = 1.0
+    if seed is not None and not greedy:
+        fields["seed"] = seed
+    return fields
+
+
+def chat_conversation(
+    prompt: Prompt, decode: Callable[[Sequence[int]], str]
+) -> tuple[list[dict[str, str]], str | None]:
+    """What a chat dialect sends for ``prompt``: the conversation, and the assistant's answer so
+    far (None: there is none, a new answer starts).
+
+    A chat prompt (``prompt.messages``) goes as its messages, with their roles, and its answer is
+    the response prefix and the generated ids' text; the prompt's own ids (the base's rendering
+    of the conversation) are not decoded. A text prompt is one user turn, its ids decoded."""
+    generated = decode(prompt.generated) if prompt.generated else ""
+    if prompt.messages is None:
+        turns = [{"role": "user", "content": decode(prompt.ids[: prompt.prompt_len])}]
+        return turns, generated if prompt.generated else None
+    turns = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]
+    if not prompt.generated and not prompt.response_prefix:
+        return turns, None
+    return turns, prompt.response_prefix + generated
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def server_usage(body: Any) -> ServerUsage:
+    """The ``usage`` of an OpenAI-style answer, cached prompt tokens included where reported
+    (OpenAI and vLLM: ``prompt_tokens_details.cached_tokens``; DeepSeek:
+    ``prompt_cache_hit_tokens``)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return ServerUsage()
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if cached is None:
+        cached = usage.get("prompt_cache_hit_tokens")
+    return ServerUsage(usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
+
+
+def choice_logprobs(body: Any) -> Any:
+    """``choices[0].logprobs`` of an OpenAI-style answer (possibly null), or a clear error."""
+    try:
+        return body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        raise ResponseFormatError(
+            f"the answer has no choices[0].logprobs: {str(body)[:200]!r}"
+        ) from None
+
+
+def completion_top_logprobs(body: Any) -> dict[str, Any]:
+    """``choices[0].logprobs.top_logprobs[0]`` of an OpenAI-style completion, or a clear error."""
+    logprobs = choice_logprobs(body)
+    top = (logprobs or {}).get("top_logprobs") or []
+    if not top or not top[0]:
+        raise ResponseFormatError(
+            "the server returned no top logprobs; does it support the `logprobs` parameter "
+            "of /v1/completions? (vLLM does; for other servers pick their --api)"
+        )
+    return top[0]
+
+
+def completion_positions(
+    body: Any, *, empty_ok: bool = False
+) -> tuple[list[Any], list[dict[str, Any]], list[Any]]:
+    """The generated positions of a completion: each token, its ``{token: logprob}`` top
+    logprobs and its own logprob. ``empty_ok``: an answer with no token (a server that leaves a
+    final end-of-text out) has no positions, rather than being an error."""
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        logprobs = None
+    if not (empty_ok and isinstance(logprobs, dict) and not logprobs.get("tokens")):
+        completion_top_logprobs(body)  # the clear error when there are no top logprobs
+    tokens = logprobs.get("tokens") or []
+    tops = [entries or {} for entries in logprobs.get("top_logprobs") or []]
+    if len(tokens) != len(tops):
+        raise ResponseFormatError(
+            f"the answer has {len(tokens)} tokens but {len(tops)} top-logprob entries"
+        )
+    return tokens, tops, logprobs.get("token_logprobs") or [None] * len(tokens)
+
+
+def chat_logprobs_content(body: Any) -> list[dict[str, Any]] | None:
+    """``choices[0].logprobs.content`` of an OpenAI-style chat answer ([] for an answer without
+    tokens), or None when the answer has no logprobs."""
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content") or []
+    return content if isinstance(content, list) else None
+
+
+def chat_token_id(tokenizer: BaseTokenizer, entry: dict[str, Any]) -> int | None:
+    """The id of a token that a chat answer's logprobs entry names by its ``bytes`` (else by its
+    text); None for U+FFFD's bytes, which vLLM sends for part of a character, not its own."""
+    raw = entry.get("bytes")
+    data = bytes(raw) if raw is not None else bytes_of_token_string(entry.get("token", ""))
+    if data is not None and "\ufffd".encode() in data:
+        return None
+    return tokenizer.token_id(data)
+
+
+def content_top(
+    position: dict[str, Any],
+    k: int,
+    token_id: Callable[[dict[str, Any]], int | None],
+    *,
+    retokenized: bool = False,
+) -> TopLogprobs:
+    """One ``content`` entry's ``top_logprobs[]`` as ids (``token_id`` names each entry's);
+    entries that are not objects are skipped."""
+    entries: Iterable[Any] = position.get("top_logprobs") or []
+    pairs = ((token_id(e), e.get("logprob")) for e in entries if isinstance(e, dict))
+    return TopLogprobs.from_pairs(pairs, k=k, retokenized=retokenized)
+
+
+def chat_top(tokenizer: BaseTokenizer, position: dict[str, Any], k: int) -> TopLogprobs:
+    """One chat ``logprobs.content`` entry's top logprobs, named by their ``bytes`` (else their
+    text), as ids."""
+    return content_top(position, k, lambda entry: chat_token_id(tokenizer, entry))
