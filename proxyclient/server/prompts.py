@@ -8,6 +8,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig
 from proxyclient.server.protocol import APIError
 from proxyclient.server.served import ServedTuner
@@ -19,11 +20,8 @@ class PromptTokens:
 
     def __init__(self, tuner: ServedTuner) -> None:
         self.tuner = tuner
-        given = tuner.tokens.base_tokenizer
-        self.tokenizer: BaseTokenizer = (
-            given if given is not None else BaseTokenizer(tuner.tokenizer)
-        )
-        self.vocab_size: int = tuner.tokens.bridge.base_size
+        self.tokenizer: BaseTokenizer = tuner.base_text_tokenizer
+        self.vocab_size: int = tuner.base_vocab_size
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
         """Base ids of ``text``; with ``special`` the tokenizer's own additions (BOS) too."""
@@ -59,17 +57,16 @@ class PromptTokens:
     def longest_token_bytes(self) -> int:
         return max((len(b) for b in self.tokenizer.vocab.token_bytes if b), default=1)
 
-    def fewest_tokens(self, prompt: str | list[dict[str, str]]) -> int:
+    def fewest_tokens(self, prompt: str | Chat) -> int:
         """A lower bound on the tokens of ``prompt``, without tokenizing it: no token spells more
         bytes than the vocabulary's longest (chat: its messages' text alone)."""
-        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt.messages]
         size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         return -(-size // self.longest_token_bytes)
 
-    def count(self, prompt: str | list[dict[str, str]], config: GenerationConfig) -> int:
+    def count(self, prompt: str | Chat, config: GenerationConfig) -> int:
         """Tokens the base reads for ``prompt`` (chat: rendered as the tuner renders it)."""
-        _, ids = self.tuner.tokens.encode(prompt, config)
-        return len(ids.base)
+        return self.tuner.count_base_tokens(prompt, config)
 
     def info(self) -> dict[str, Any]:
         """What lm-eval's RemoteTokenizer reads from ``/tokenizer_info``."""

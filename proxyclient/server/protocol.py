@@ -5,8 +5,8 @@ unknown fields are ignored, as OpenAI's and vLLM's servers do, but OpenAI option
 cannot honour (penalties, logit bias, suffix, tools) are refused unless left at their neutral
 values. Proxy-tuning knobs are extra body fields, one per generation option that config.py gives
 an HTTP name (``alpha``, ``base_k`` — k, the logprobs asked of the base per step, not OpenAI's
-``top_logprobs`` — ``unseen``, ``speculate``, ``draft_tokens``, ``top_k``, ``response_prefix``,
-...).
+``top_logprobs`` — ``unseen``, ``speculate``, ``draft_tokens``, ``top_k``, ...), and for chats
+how the conversation is read (``response_prefix``, ``base_chat_template``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from proxyclient.chat import Chat
 from proxyclient.config import json_overrides
 from proxyclient.result import Generation
 
@@ -197,6 +198,9 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
+    # Extensions: how the conversation is read (proxyclient.Chat).
+    response_prefix: str = ""
+    base_chat_template: bool | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -234,8 +238,10 @@ class ChatRequest(_Request):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def chat(self) -> list[dict[str, str]]:
-        return [m.as_dict() for m in self.messages]
+    def chat(self) -> Chat:
+        """The conversation, and how the sides read it."""
+        messages = [m.as_dict() for m in self.messages]
+        return Chat(messages, self.response_prefix, self.base_chat_template)
 
 
 def parse(body: bytes, kind: type[_Request]) -> Any:

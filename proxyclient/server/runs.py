@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig
 from proxyclient.errors import ProxyClientError
 from proxyclient.result import Generation
@@ -33,7 +34,7 @@ class Job:
     """One choice: what to generate from, under which config, at which index of the answer."""
 
     index: int
-    prompt: str | list[dict[str, str]]
+    prompt: str | Chat
     config: GenerationConfig
 
 
