@@ -12,6 +12,7 @@ The base answers over HTTP with its top-k next-token logprobs; expert and anti-e
 """
 
 from proxyclient.adapters import RateLimits, connect
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
 from proxyclient.errors import (
     APIConnectionError,
@@ -34,6 +35,7 @@ __all__ = [
     "APIStatusError",
     "Alternative",
     "BaseModelError",
+    "Chat",
     "Choice",
     "ConfigError",
     "ContextLengthError",

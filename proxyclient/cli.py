@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from proxyclient.batch import DEFAULT_CONCURRENCY
 from proxyclient.errors import ProxyClientError
-from proxyclient.flags import add_generation_flags
+from proxyclient.flags import add_generation_flags, on_off
 
 if TYPE_CHECKING:
     pass
@@ -165,6 +165,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--system", metavar="TEXT", help="a system message; --prompt becomes the user turn"
+    )
+    gen.add_argument(
+        "--response-prefix",
+        default="",
+        metavar="TEXT",
+        help="a chat: the text the answer starts with, on every side (--prompt becomes the user "
+        "turn)",
+    )
+    gen.add_argument(
+        "--base-chat-template",
+        type=on_off,
+        choices=[None, True, False],
+        metavar="{auto,on,off}",
+        default=None,
+        help="a chat: the base reads its chat template (auto: when it has one) or plain text",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument(

@@ -11,8 +11,9 @@ import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig, default_base_k
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.flags import as_flags, config_from_flags, generation_options
@@ -72,9 +73,9 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
     )
 
 
-def _prompt(args: argparse.Namespace) -> str | list[dict[str, Any]]:
-    """The prompt the flags give: text, or chat messages (--messages, or --system with --prompt,
-    or --response-prefix / --base-chat-template on with --prompt)."""
+def _prompt(args: argparse.Namespace) -> str | Chat:
+    """The prompt the flags give: text, or a chat (--messages, or --prompt as the user turn with
+    --system, --response-prefix or --base-chat-template)."""
     if getattr(args, "messages", None) is not None:
         source = args.messages
         try:
@@ -84,19 +85,17 @@ def _prompt(args: argparse.Namespace) -> str | list[dict[str, Any]]:
             raise ConfigError(
                 f"--messages {source}: cannot read a JSON array of messages from it ({exc})"
             ) from None
-        if args.system is not None:
-            messages = [{"role": "system", "content": args.system}, *messages]
-        return messages
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    chat = getattr(args, "system", None) is not None or _chat_options_given(args)
-    if not chat:
-        return prompt
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    return [*system, {"role": "user", "content": prompt}]
-
-
-def _chat_options_given(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "response_prefix", "")) or getattr(args, "base_chat_template", None)
+    system = getattr(args, "system", None)
+    response_prefix = getattr(args, "response_prefix", "")
+    base_template = getattr(args, "base_chat_template", None)
+    if getattr(args, "messages", None) is None:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if system is None and not response_prefix and base_template is None:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    return Chat(messages, response_prefix, base_template)
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
@@ -131,7 +130,11 @@ def generate(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
         except ProxyClientError as exc:
             # What `--resume` needs to go on: the prompt (and its ids, to check), the options.
-            state = {"prompt": prompt, "prompt_token_ids": encoded(), "config": config.to_dict()}
+            state = {
+                "prompt": prompt.to_dict() if isinstance(prompt, Chat) else prompt,
+                "prompt_token_ids": encoded(),
+                "config": config.to_dict(),
+            }
             _print_result(args, stream.generation.to_dict() | {"error": str(exc), "resume": state})
             _write_trace(args, stream.generation)
             fail(str(exc), debug=args.debug)
@@ -324,7 +327,7 @@ def _print_result(args: argparse.Namespace, result: dict) -> None:
         print()
 
 
-def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int]]:
+def _read_resume(path: str) -> tuple[str | Chat, GenerationConfig, Generation, list[int]]:
     """What `--resume FILE` goes on with: the failed run's prompt, options, partial generation and
     prompt ids, from its --json output (the last line of FILE; - reads stdin)."""
     try:
@@ -341,7 +344,8 @@ def _read_resume(path: str) -> tuple[str, GenerationConfig, Generation, list[int
             )
         state = record["resume"]
         partial = Generation.from_dict(record)
-        prompt = state["prompt"] if isinstance(state["prompt"], list) else str(state["prompt"])
+        saved = state["prompt"]
+        prompt = Chat(**saved) if isinstance(saved, dict) else str(saved)
         prompt_ids = list(state["prompt_token_ids"])
         options = dict(state["config"])
     except ConfigError:

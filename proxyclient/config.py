@@ -137,10 +137,8 @@ class GenerationConfig:
     """Decoding options of one generation. Validated on construction.
 
     Each field is declared once, here, with its help text, CLI flag and HTTP field (``OPTIONS``
-    lists them); the CLI, batch lines, the server and ``--resume`` files derive from it.
-    A prompt given as chat messages is rendered for the base and the anti-expert with the base's
-    chat template when ``base_chat_template`` is True (None: when it has one), else as plain text
-    (the system text, ``User: ...`` lines, ``Assistant:``); the expert gets its own chat template.
+    lists them); the CLI, batch lines, the server and ``--resume`` files derive from it. How a
+    chat prompt is rendered travels with the prompt (``proxyclient.Chat``).
     """
 
     max_new_tokens: int = _option(64, "the most tokens to generate", http="max_tokens")
@@ -187,12 +185,6 @@ class GenerationConfig:
         f"{MAX_TRACE_ALTERNATIVES}); None: off",
         flag=None,
         http=None,
-    )
-    base_chat_template: bool | None = _option(
-        None, "chat prompts: the base reads its chat template (auto: when it has one) or plain text"
-    )
-    response_prefix: str = _option(
-        "", "chat prompts: text after the generation prompt on every side", metavar="TEXT"
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,13 +249,6 @@ class GenerationConfig:
                 f"trace must be None (off) or the number of alternatives per token, 0 to "
                 f"{MAX_TRACE_ALTERNATIVES}, got {trace!r}"
             )
-        if self.base_chat_template not in (None, True, False):
-            raise ConfigError(
-                f"base_chat_template must be None (auto), True or False, got "
-                f"{self.base_chat_template!r}"
-            )
-        if not isinstance(self.response_prefix, str):
-            raise ConfigError(f"response_prefix must be a string, got {self.response_prefix!r}")
 
 
 def _check_types(config: GenerationConfig) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence as Options
 from typing import Any, cast
 
 from proxyclient.adapters.base import BaseModel, DraftingBaseModel, Prompt
+from proxyclient.chat import Chat
 from proxyclient.combine import Candidates
 from proxyclient.config import GenerationConfig, Speculate, default_base_k
 from proxyclient.errors import ConfigError, ProxyClientError, UnsupportedError
@@ -52,15 +53,15 @@ class Engine:
 
     def start(
         self,
-        prompt: str | list[dict[str, Any]],
+        prompt: str | Chat | list[dict[str, Any]],
         config: GenerationConfig | None,
         options: dict[str, Any],
     ) -> Sequence:
         """A new Sequence for ``prompt`` under ``config`` with ``options`` applied and k
         resolved against this base's cap."""
-        if not isinstance(prompt, (str, list, tuple)):
+        if not isinstance(prompt, (str, Chat, list, tuple)):
             raise ConfigError(
-                f"the prompt must be a string or a list of chat messages, got "
+                f"the prompt must be a string, a Chat or a list of chat messages, got "
                 f"{type(prompt).__name__}"
             )
         if not prompt:

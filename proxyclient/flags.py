@@ -69,16 +69,11 @@ PARAMETER_FLAGS: dict[str, str] = {
 
 
 def _argparse_kwargs(option: Option) -> dict[str, Any]:
-    hint, optional = option.value_type, option.optional
+    hint = option.value_type
     default, help = option.default, option.edges.help
     kwargs: dict[str, Any] = {"default": default}
     if option.edges.metavar:
         kwargs["metavar"] = option.edges.metavar
-    if hint is bool and optional:
-        kwargs.update(
-            type=_on_off, choices=list(_ON_OFF.values()), metavar="{auto,on,off}", default=None
-        )
-        return kwargs | {"help": f"{help} (auto, on, off; default: auto)"}
     if hint is bool:
         return {"action": "store_true", "default": default, "help": help}
     if typing.get_origin(hint) is tuple:
@@ -91,7 +86,8 @@ def _argparse_kwargs(option: Option) -> dict[str, Any]:
     return kwargs | {"help": help + shown}
 
 
-def _on_off(text: str) -> bool | None:
+def on_off(text: str) -> bool | None:
+    """An auto/on/off flag's value: None, True or False."""
     if text not in _ON_OFF:
         raise argparse.ArgumentTypeError(f"must be auto, on or off, got {text!r}")
     return _ON_OFF[text]

@@ -22,6 +22,7 @@ import torch
 
 from proxyclient.adapters.base import Prompt
 from proxyclient.bridge import Realigner
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
 from proxyclient.proxies import PairState, ProxyLogprobs, ProxyPair
@@ -62,9 +63,9 @@ class Sequence:
 
     @classmethod
     def start(
-        cls, prompt: str | list[dict[str, Any]], config: GenerationConfig, tokens: TokenSpace
+        cls, prompt: str | Chat | list[dict[str, Any]], config: GenerationConfig, tokens: TokenSpace
     ) -> Sequence:
-        """A new generation of ``prompt``: a string, or chat messages (rendered per side)."""
+        """A new generation of ``prompt``: a string, or a chat (rendered per side)."""
         prompt, ids = tokens.encode(prompt, config)
         seed = config.seed
         return cls(

@@ -18,7 +18,7 @@ from typing import Any
 from proxyclient.adapters.base import BaseModel, TopLogprobs
 from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
-from proxyclient.chat import check_messages, has_template, plain_text, templated_text
+from proxyclient.chat import Chat, has_template, plain_text, templated_text
 from proxyclient.config import GenerationConfig
 from proxyclient.errors import ConfigError
 from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer
@@ -68,7 +68,7 @@ class TokenSpace:
             if _same_vocabulary(adopted.vocab, self._proxy_vocab):
                 adopted = None  # the same tokenizer under another name: ids are shared
         self.base_tokenizer: BaseTokenizer | None = adopted
-        self._base_text = adopted if adopted is not None else BaseTokenizer(tokenizer)
+        self.base_text_tokenizer = adopted if adopted is not None else BaseTokenizer(tokenizer)
         if adopted is None:
             self.bridge = VocabBridge.identity(vocab_size)
             self.eos_ids = proxy_eos
@@ -100,33 +100,25 @@ class TokenSpace:
         return PromptIds(base=base, proxy=proxy, expert=expert)
 
     def encode(self, prompt: Any, config: GenerationConfig) -> tuple[str, PromptIds]:
-        """A prompt as ``config`` has it read: text (the expert's chat template if asked), or
-        chat messages rendered per side. Returns the base's text and the ids of every side."""
+        """A prompt as it is read: text (the expert's chat template if ``config`` asks), or a
+        conversation (a ``Chat`` or its messages) rendered per side. Returns the base's text
+        and the ids of every side."""
         if isinstance(prompt, str):
             ids = self.encode_prompt(prompt, expert_chat_template=config.expert_chat_template)
             return prompt, ids
-        return self.encode_chat(
-            prompt,
-            base_chat_template=config.base_chat_template,
-            response_prefix=config.response_prefix,
-        )
+        return self.encode_chat(Chat.of(prompt))
 
-    def encode_chat(
-        self,
-        messages: Any,
-        *,
-        base_chat_template: bool | None = None,
-        response_prefix: str = "",
-    ) -> tuple[str, PromptIds]:
+    def encode_chat(self, chat: Chat) -> tuple[str, PromptIds]:
         """A conversation, rendered and encoded for each side (``proxyclient.chat``): the base's
-        text (the base's chat template when it has one and ``base_chat_template`` is not False,
+        text (the base's chat template when it has one and ``chat.base_template`` is not False,
         else plain text) and its ids on every side; the expert reads its own template. The
-        checked messages travel with the ids, for chat dialects to send with their roles."""
-        messages = check_messages(messages)
+        messages travel with the ids, for chat dialects to send with their roles."""
+        messages, response_prefix = chat.messages, chat.response_prefix
+        base_chat_template = chat.base_template
         holder = self._base_template_holder()
         if base_chat_template and holder is None:
             raise ConfigError(
-                "base_chat_template=True but the base's tokenizer has no chat template; leave it "
+                "base_template=True but the base's tokenizer has no chat template; leave it "
                 "out (plain text) or give the base's tokenizer (base_tokenizer=DIR)"
             )
         use_template = holder is not None if base_chat_template is None else base_chat_template
@@ -164,7 +156,7 @@ class TokenSpace:
 
     def decode(self, base_ids: Sequence[int]) -> str:
         """Text of base ids, without special tokens."""
-        return self._base_text.decode(list(base_ids))
+        return self.base_text_tokenizer.decode(list(base_ids))
 
     def token_text(self, base_id: int) -> str:
         """One base token's text (U+FFFD for a part of a character)."""
@@ -173,7 +165,7 @@ class TokenSpace:
     def token_bytes(self, base_id: int) -> bytes:
         """One base token's bytes: for a part of a character, the raw bytes its decoded text
         shows as U+FFFD; for a special token, those of its decoded text (none)."""
-        vocab = self._base_text.vocab
+        vocab = self.base_text_tokenizer.vocab
         data = vocab.token_bytes[base_id] if 0 <= base_id < len(vocab) else None
         return data if data is not None else self.decode([base_id]).encode()
 

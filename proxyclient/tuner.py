@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from proxyclient.adapters.base import BaseModel
+from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig, Speculate
 from proxyclient.engine import Engine, with_options
 from proxyclient.errors import ConfigError, ProxyClientError
@@ -33,10 +34,13 @@ from proxyclient.proxies import ProxyPair
 from proxyclient.result import Choice, Generation
 from proxyclient.scoring import Score
 from proxyclient.stream import AsyncGenerationStream, GenerationStream
-from proxyclient.tokenizer import load_base_tokenizer
+from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer
 from proxyclient.tokens import TokenSpace
 
 logger = logging.getLogger(__name__)
+
+# Text, or a conversation: a Chat, or its messages (a Chat with the defaults).
+Prompt = str | Chat | list[dict[str, Any]]
 
 # Generations in flight at once in generate_many: enough to fill a batched forward of small
 # proxies while each waits for its round trip.
@@ -141,24 +145,53 @@ class ProxyTuner:
                 lengths.append(length)
         return min(lengths) if lengths else None
 
+    # What the OpenAI-compatible server reads of the base (``server.served.ServedTuner``).
+    @property
+    def base_name(self) -> str | None:
+        """The base model's name at its API (None where the adapter has none)."""
+        for name in ("model", "name"):
+            value = getattr(self.base, name, None)
+            if isinstance(value, str):
+                return value
+        return None
+
+    @property
+    def base_text_tokenizer(self) -> BaseTokenizer:
+        """The tokenizer the base reads prompts in."""
+        return self.tokens.base_text_tokenizer
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.tokens.bridge.base_size
+
+    def count_base_tokens(self, prompt: Prompt, config: GenerationConfig) -> int:
+        """The tokens the base reads for ``prompt`` (a chat rendered as a generation renders it)."""
+        return len(self.tokens.encode(prompt, config)[1].base)
+
+    def redact(self, text: str) -> str:
+        """``text`` with the base's secrets (its API key) blanked."""
+        redact = getattr(getattr(self.base, "transport", None), "redact", None)
+        return redact(text) if callable(redact) else text
+
     # -- generate -----------------------------------------------------------------------------
 
     def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         config: GenerationConfig | None = None,
         *,
         resume: Generation | None = None,
         **options: Any,
     ) -> Generation:
-        """Generate from ``prompt``. ``options`` override fields of ``config``. ``resume``: the
+        """Generate from ``prompt`` (text, or a ``Chat``: a conversation and how it is read).
+        ``options`` override fields of ``config``. ``resume``: the
         ``partial`` of an error a generation of this prompt and config raised; it goes on from
         there (greedy: exactly as if it had never failed) and returns the whole generation."""
         return self._runner.run(self.agenerate(prompt, config, resume=resume, **options))
 
     async def agenerate(
         self,
-        prompt: str,
+        prompt: Prompt,
         config: GenerationConfig | None = None,
         *,
         resume: Generation | None = None,
@@ -212,7 +245,7 @@ class ProxyTuner:
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         config: GenerationConfig | None = None,
         *,
         resume: Generation | None = None,
@@ -227,7 +260,7 @@ class ProxyTuner:
 
     def astream(
         self,
-        prompt: str,
+        prompt: Prompt,
         config: GenerationConfig | None = None,
         *,
         resume: Generation | None = None,
@@ -245,7 +278,7 @@ class ProxyTuner:
 
     def choose(
         self,
-        prompt: str,
+        prompt: Prompt,
         choices: Options[str],
         config: GenerationConfig | None = None,
         **options: Any,
@@ -256,7 +289,7 @@ class ProxyTuner:
 
     async def achoose(
         self,
-        prompt: str,
+        prompt: Prompt,
         choices: Options[str],
         config: GenerationConfig | None = None,
         **options: Any,
