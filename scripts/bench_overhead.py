@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
 
 
 def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
@@ -35,11 +34,10 @@ def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
 
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    from make_tiny_models import build_tiny_models
-
+    sys.path.append(str(REPO))  # `scripts.` imports; the baseline proxyclient stays first
     from proxyclient import GenerationConfig, ProxyTuner
     from proxyclient.adapters.base import Capabilities, TopLogprobs
+    from scripts.make_tiny_models import build_tiny_models
 
     torch.set_num_threads(1)
     tiny = build_tiny_models(REPO / ".cache" / "tiny-models")

@@ -80,7 +80,8 @@ import httpx
 # torch, the engine and the miniature are imported where the benchmark runs: the relay process
 # (this script with --relay-worker) and --check-proxy need none of them.
 SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if TYPE_CHECKING:
     from proxyclient import Generation, GenerationConfig, ProxyTuner
@@ -591,10 +592,10 @@ def identical_line(samples: Sequence[Sample], reference: dict[int, list[int]]) -
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from miniature import BASE_NAME, load_eval
-    from vllm_server import VLLMServer
 
     from proxyclient import GenerationConfig, ProxyClientError, ProxyTuner, connect
+    from scripts.miniature import BASE_NAME, load_eval
+    from scripts.vllm_server import VLLMServer
 
     started = time.perf_counter()
     # One torch thread: client and server share the 2 cores (see bench_step.py).

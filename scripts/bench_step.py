@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tiny_models import build_proxy_pair, build_tiny_models
-from vllm_server import VLLMServer
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.kvcache import KVState
 from proxyclient.local import LocalModel
+from scripts.make_tiny_models import build_proxy_pair, build_tiny_models
+from scripts.vllm_server import VLLMServer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -25,16 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from make_tiny_models import build_tiny_models
-from real_tokenizers import hf_tokenizer, openai_encoding
 from transformers.utils import logging as hf_logging
 
 from proxyclient.bridge import VocabBridge
 from proxyclient.bridge_cache import cached_bridge
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import ByteVocab, from_hf, from_tiktoken
+from scripts.make_tiny_models import build_tiny_models
+from scripts.real_tokenizers import hf_tokenizer, openai_encoding
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_FILES = ("json/decoder.py", "email/utils.py", "http/cookies.py", "textwrap.py")

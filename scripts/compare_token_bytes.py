@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tiny_models import build_tiny_models
-from real_tokenizers import hf_tokenizer, openai_encoding
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxyclient.vocab import ByteVocab, from_hf, from_tiktoken
+from scripts.make_tiny_models import build_tiny_models
+from scripts.real_tokenizers import hf_tokenizer, openai_encoding
 
 REPO = Path(__file__).resolve().parent.parent
 

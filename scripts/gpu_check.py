@@ -23,19 +23,17 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from local_base import LocalBase  # noqa: E402
-from make_tiny_models import build_proxy_pair, build_tiny_models  # noqa: E402
-from reference import assert_same_tokens, proxy_tuned_greedy  # noqa: E402
-
-from proxyclient import ProxyTuner  # noqa: E402
-from proxyclient.adapters.base import Capabilities, TopLogprobs  # noqa: E402
-from proxyclient.devices import resolve_device, resolve_dtype  # noqa: E402
-from proxyclient.kvcache import KVState  # noqa: E402
-from proxyclient.local import LocalModel  # noqa: E402
+from proxyclient import ProxyTuner
+from proxyclient.adapters.base import Capabilities, TopLogprobs
+from proxyclient.devices import resolve_device, resolve_dtype
+from proxyclient.kvcache import KVState
+from proxyclient.local import LocalModel
+from scripts.make_tiny_models import build_proxy_pair, build_tiny_models
+from tests.support.local_base import LocalBase
+from tests.support.reference import assert_same_tokens, proxy_tuned_greedy
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    ", "for i in range(10):"]
 

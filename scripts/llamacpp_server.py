@@ -14,7 +14,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from managed_server import ManagedServer, serve_in_foreground, start_many
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.managed_server import ManagedServer, serve_in_foreground, start_many
 
 __all__ = ["LlamaCppServer", "default_binary", "start_many"]
 

@@ -50,9 +50,13 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from miniature_train import (
+from proxyclient import ProxyTuner, connect
+from proxyclient.combine import combine
+from proxyclient.config import DEFAULT_BASE_K, GenerationConfig, UnseenPolicy
+from scripts.miniature_train import (
     DEFAULT_DIR,
     build,
     exact_match,
@@ -60,12 +64,8 @@ from miniature_train import (
     load_model,
     quiet,
 )
-from miniature_world import ATTRIBUTES, WORLDS, Spec
-from vllm_server import VLLMServer
-
-from proxyclient import ProxyTuner, connect
-from proxyclient.combine import combine
-from proxyclient.config import DEFAULT_BASE_K, GenerationConfig, UnseenPolicy
+from scripts.miniature_world import ATTRIBUTES, WORLDS, Spec
+from scripts.vllm_server import VLLMServer
 
 logger = logging.getLogger("miniature")
 

@@ -18,8 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from make_tiny_models import build_metaspace_tokenizer, build_tokenizer, llama_config
-from miniature_world import (
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from scripts.make_tiny_models import build_metaspace_tokenizer, build_tokenizer, llama_config
+from scripts.miniature_world import (
     ATTRIBUTES,
     PROSE_PROBES,
     Person,
@@ -30,9 +34,6 @@ from miniature_world import (
     question,
     quiz,
 )
-from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger("miniature")
 

@@ -1,9 +1,9 @@
 """Soak: many concurrent generations against a real vLLM server through a fault-injecting proxy.
 
 Starts a vLLM CPU server for the tiny test base (scripts/vllm_server.py) and the fault proxy of the
-tests (tests/fault_proxy.py) in front of it, both on 127.0.0.1 only, runs the prompts once without
-faults for reference, then again and again with ``--fault-rate`` of the requests faulty (drops,
-resets, hangs past the read timeout, 5xx and 429 with and without Retry-After, truncated or
+tests (tests/support/fault_proxy.py) in front of it, both on 127.0.0.1 only, runs the prompts once
+without faults for reference, then again and again with ``--fault-rate`` of the requests faulty
+(drops, resets, hangs past the read timeout, 5xx and 429 with and without Retry-After, truncated or
 malformed JSON, NaN or missing logprobs), each round ``ProxyTuner.agenerate_many`` over
 ``--concurrency`` prompts at once, until ``--duration`` seconds or ``--max-generations``.
 
@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fault_proxy import Fault, FaultProxy  # noqa: E402
+from tests.support.fault_proxy import Fault, FaultProxy  # noqa: E402
 
 FAULT_MIX = [
     Fault("drop"),
@@ -114,10 +115,10 @@ def faulted_keys(records, keys: list[tuple[int, ...]]) -> tuple[Counter, Counter
 async def soak(args: argparse.Namespace) -> dict:
     import httpx
     import torch
-    from make_tiny_models import build_tiny_models
-    from vllm_server import VLLMServer
 
     from proxyclient import GenerationConfig, ProxyTuner, connect
+    from scripts.make_tiny_models import build_tiny_models
+    from scripts.vllm_server import VLLMServer
 
     torch.set_num_threads(1)  # the server shares this machine's cores
     models = build_tiny_models(REPO / ".cache" / "tiny-models")

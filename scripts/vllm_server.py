@@ -14,7 +14,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from managed_server import (
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.managed_server import (
     LOG_TAIL_LINES,
     POLL_INTERVAL_S,
     STOP_TIMEOUT_S,

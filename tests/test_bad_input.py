@@ -11,13 +11,13 @@ import math
 
 import httpx
 import pytest
-from conftest import API_KEY, BASE_NAME
-from local_base import LocalBase
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.cli import main
 from proxyclient.errors import ConfigError, ModelLoadError, ProxyClientError
 from proxyclient.result import Generation
+from tests.support.constants import API_KEY, BASE_NAME
+from tests.support.local_base import LocalBase
 
 NOWHERE = "http://127.0.0.1:9/v1"  # nothing listens: rows that get this far fail to connect
 
@@ -250,7 +250,10 @@ def local(tiny_models, hf_models):
     ("call", "needle"),
     [
         (lambda t: t.generate(""), "the prompt is empty"),
-        (lambda t: t.generate(123), "the prompt must be a string or a list of chat messages"),
+        (
+            lambda t: t.generate(123),
+            "the prompt must be a string, a Chat or a list of chat messages",
+        ),
         (lambda t: t.generate(["a", "b"]), "messages[0] must be an object with role and content"),
         (lambda t: t.generate("x", {"max_new_tokens": 3}), "config must be a GenerationConfig"),
         (lambda t: t.generate("x", max_tokens=3), "unknown generation option(s): max_tokens"),
@@ -321,10 +324,22 @@ def test_a_wrong_model_name_lists_the_served_ones(capsys, servers, tiny_models):
     assert_one_clear_line(code, err, "the server serves ['tiny-base']")
 
 
-def test_every_error_is_a_proxyclient_error():
-    assert issubclass(ConfigError, ProxyClientError) and issubclass(
-        ModelLoadError, ProxyClientError
-    )
+def test_one_except_catches_every_error_the_package_raises():
+    """Every exception class of proxyclient.errors (what the API and the adapters raise) is a
+    ProxyClientError, so one ``except ProxyClientError`` catches them all; a new class that forgot
+    the base would escape it. ConfigError stays a ValueError for callers that catch that."""
+    import inspect
+
+    from proxyclient import errors
+
+    defined = [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, BaseException) and cls.__module__ == errors.__name__
+    ]
+    assert len(defined) > 10, defined  # the module's own classes, not an empty scan
+    assert [c.__name__ for c in defined if not issubclass(c, ProxyClientError)] == []
+    assert issubclass(ConfigError, ValueError)
 
 
 def test_inspect_of_a_text_dialect_without_a_tokenizer_says_what_to_pass(capsys):

@@ -1,7 +1,7 @@
-"""`proxyclient batch`: input validation, the output's resume rules, the bounded runner, and the
-CLI end to end against an in-process OpenAI-dialect base (tests/dialect_servers.py) with the tiny
-models: results equal `ProxyTuner.generate`, reruns skip what is done and retry what failed, and a
-SIGKILL mid-run loses nothing.
+"""`proxyclient batch`: input validation, the output's resume rules, the bounded runner, and the CLI
+end to end against an in-process OpenAI-dialect base (tests/support/dialect_servers.py) with the
+tiny models: results equal `ProxyTuner.generate`, reruns skip what is done and retry what failed,
+and a SIGKILL mid-run loses nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from dialect_servers import DialectServer
 from transformers import AutoTokenizer
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
@@ -35,6 +34,7 @@ from proxyclient.batch import (
 from proxyclient.cli import main
 from proxyclient.errors import BaseModelError, ConfigError
 from proxyclient.result import Generation, Usage
+from tests.support.dialect_servers import DialectServer
 
 KEY = "sk-batch-test-0123456789"
 DEFAULTS = GenerationConfig(max_new_tokens=8)
@@ -394,6 +394,7 @@ def requested_prompts(server, tokenizer) -> list[str]:
 PROMPTS = {"p0": "def main():", 1: "import os\n", "p2": "class Foo:", "p3": "x = [", "p4": "# a"}
 
 
+@pytest.mark.subprocess
 def test_a_batch_runs_every_line_then_a_rerun_retries_only_the_failed(
     server, tiny_models, tmp_path, reference
 ):
@@ -434,6 +435,7 @@ def test_a_batch_runs_every_line_then_a_rerun_retries_only_the_failed(
     assert {i: again[i] for i in got if i != failed} == {i: got[i] for i in got if i != failed}
 
 
+@pytest.mark.subprocess
 def test_sigkill_mid_run_then_rerun_loses_nothing(server, tiny_models, tmp_path, reference):
     prompts = {f"k{i}": f"def f{i}(x):" for i in range(8)}
     records = [{"custom_id": i, "prompt": p} for i, p in prompts.items()]

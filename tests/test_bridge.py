@@ -4,15 +4,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from other_tokenizers import (
-    metaspace_tokenizer,
-    metaspace_tokenizer_special_bytes,
-    tiktoken_encoding,
-)
 
 from proxyclient.bridge import Realigner, VocabBridge, pair_fingerprint
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import from_hf, from_tiktoken
+from tests.support.other_tokenizers import (
+    metaspace_tokenizer,
+    metaspace_tokenizer_special_bytes,
+    tiktoken_encoding,
+)
 
 TEXTS = st.lists(
     st.sampled_from([*"abcdef _():=\n\t", "é", "日本", "🙂", "   ", "\u00a0", "def ", "return"]),

@@ -1,16 +1,15 @@
 """The vocabulary bridge kept on disk (proxyclient.bridge_cache): round trip, damaged files, format
 changes, clipping to what the proxies score, and special tokens paired by role."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from other_tokenizers import metaspace_tokenizer, tiktoken_encoding
 
 from proxyclient import bridge_cache
 from proxyclient.bridge import VocabBridge, pair_fingerprint
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.other_tokenizers import metaspace_tokenizer, tiktoken_encoding
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +56,13 @@ def same(a: VocabBridge, b: VocabBridge) -> bool:
     )
 
 
-def test_the_test_session_has_its_own_cache_folder():
-    """conftest points the cache away from ~/.cache before any test runs (subprocesses too)."""
-    assert Path(os.environ["PROXYCLIENT_CACHE_DIR"]) != Path.home() / ".cache" / "proxyclient"
+def test_the_folder_is_the_variable_else_the_home_cache(cache, monkeypatch, tmp_path):
+    """$PROXYCLIENT_CACHE_DIR when set (as every test here, and conftest for the session, set
+    it), else ~/.cache/proxyclient."""
+    assert bridge_cache.cache_dir() == cache
+    monkeypatch.delenv("PROXYCLIENT_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bridge_cache.cache_dir() == tmp_path / "home" / ".cache" / "proxyclient"
 
 
 def test_saved_then_loaded_without_building_again(pair, cache, builds):

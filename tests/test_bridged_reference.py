@@ -1,5 +1,5 @@
 """The bridged loop (base and proxies on different tokenizers, alpha != 0) against a reference
-written from scratch (tests/reference_bridged.py: no vocab.py, bridge.py or combine.py).
+written from scratch (tests/support/reference_bridged.py: no vocab.py, bridge.py or combine.py).
 
 The base is the tiny byte-level BPE model served in-process (LocalBase); the proxies are
 expert_sp / anti_expert_sp, on a Metaspace + byte-fallback tokenizer. The loop's proxy ids are
@@ -10,12 +10,12 @@ every step's candidates and scores with full forwards of all three models.
 from __future__ import annotations
 
 import pytest
-from local_base import LocalBase
-from reference_bridged import BridgedWorld, check_one_token_loop
 from transformers import AutoTokenizer
 
 from proxyclient import ProxyTuner
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.local_base import LocalBase
+from tests.support.reference_bridged import BridgedWorld, check_one_token_loop
 
 N = 12
 K = 8

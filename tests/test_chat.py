@@ -7,20 +7,27 @@ from __future__ import annotations
 import contextlib
 import re
 
-import dialect_deepseek  # noqa: F401  (registers the "deepseek" fixture dialect)
-import dialect_gemini  # noqa: F401  (registers the "gemini" fixture dialect)
 import pytest
-from dialect_servers import DialectServer
-from local_base import LocalBase
-from reference import assert_same_tokens, chat_server_sees, not_utf8_alone, proxy_tuned_greedy
 
-from proxyclient import GenerationConfig, ProxyTuner, connect
+from proxyclient import Chat, GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt
 from proxyclient.adapters.gemini import CONTINUATION_PROBE
 from proxyclient.chat import check_messages, plain_text
 from proxyclient.errors import ConfigError
 from proxyclient.sequence import Sequence
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support import (
+    dialect_deepseek,  # noqa: F401  (registers the "deepseek" fixture dialect)
+    dialect_gemini,  # noqa: F401  (registers the "gemini" fixture dialect)
+)
+from tests.support.dialect_servers import DialectServer
+from tests.support.local_base import LocalBase
+from tests.support.reference import (
+    assert_same_tokens,
+    chat_server_sees,
+    not_utf8_alone,
+    proxy_tuned_greedy,
+)
 
 MESSAGES = [
     {"role": "system", "content": "You write Python."},
@@ -78,11 +85,8 @@ def test_chat_decodes_as_the_formula_with_each_side_s_rendering(
     tuner, hf_models, base_chat_template
 ):
     prefix = " def add("
-    config = GenerationConfig(
-        max_new_tokens=8, base_k=-1, unseen="restrict", response_prefix=prefix,
-        base_chat_template=base_chat_template,
-    )  # fmt: skip
-    got = tuner.generate(MESSAGES, config)
+    config = GenerationConfig(max_new_tokens=8, base_k=-1, unseen="restrict")
+    got = tuner.generate(Chat(MESSAGES, prefix, base_chat_template), config)
     tokenizer = hf_models["tokenizer"]
     templated = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     base_text = templated + prefix if base_chat_template is None else plain_text(MESSAGES, prefix)
@@ -122,8 +126,8 @@ CHAT_TOKENS = 8
 
 
 def test_the_checked_conversation_travels_with_the_prompt_and_a_text_prompt_has_none(tuner):
-    config = GenerationConfig(max_new_tokens=2, response_prefix=" def")
-    seq = Sequence.start(CONVERSATION, config, tuner.tokens)
+    config = GenerationConfig(max_new_tokens=2)
+    seq = Sequence.start(Chat(CONVERSATION, response_prefix=" def"), config, tuner.tokens)
     prompt = seq.base_prompt
     assert prompt.messages == tuple(CONVERSATION) and prompt.response_prefix == " def"
     assert prompt.ids == tuple(seq.prompt_ids.base) and prompt.prompt_len == len(prompt.ids)
@@ -213,8 +217,8 @@ def test_a_conversation_reaches_each_chat_base_with_its_roles_and_decodes_as_the
     server.conversations.clear()
     with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
         got = t.generate(
-            CONVERSATION, max_new_tokens=CHAT_TOKENS, base_k=CHAT_K, unseen="restrict",
-            response_prefix=prefix,
+            Chat(CONVERSATION, response_prefix=prefix),
+            max_new_tokens=CHAT_TOKENS, base_k=CHAT_K, unseen="restrict",
         )  # fmt: skip
         expert_tokenizer = t.expert_tokenizer
     # Every request carried the conversation with its roles, then the answer so far (the prefix,
@@ -250,3 +254,24 @@ def test_a_conversation_reaches_each_chat_base_with_its_roles_and_decodes_as_the
     )  # fmt: skip
     assert_same_tokens(got.token_ids, reference, eos)
     assert got.token_ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": CONVERSATION, "response_prefix": 3}, "response_prefix must be a string"),
+        ({"messages": CONVERSATION, "base_template": "yes"}, "base_template must be None (auto)"),
+    ],
+)
+def test_a_chat_names_what_is_wrong_with_it(kwargs, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        Chat(**kwargs)
+
+
+def test_a_chat_prompt_and_its_messages_alone_read_the_same(tuner):
+    config = GenerationConfig(max_new_tokens=2)
+    alone = tuner.tokens.encode(CONVERSATION, config)
+    assert tuner.tokens.encode(Chat(CONVERSATION), config) == alone
+    prefixed = tuner.tokens.encode(Chat(CONVERSATION, response_prefix=" x"), config)
+    assert prefixed[0] == alone[0] + " x"

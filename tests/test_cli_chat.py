@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from dialect_servers import DialectServer
 
-from proxyclient import ProxyTuner, connect
+from proxyclient import Chat, ProxyTuner, connect
+from tests.support.dialect_servers import DialectServer
 
 KEY = "sk-cli-chat-test-0123456789"
 MESSAGES = [
@@ -45,12 +45,11 @@ def expected(server, tiny_models):
     with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
         yield {
             "chat": t.generate(MESSAGES, max_new_tokens=6, trace=2),
-            "plain": t.generate(
-                MESSAGES, max_new_tokens=6, base_chat_template=False, response_prefix="  "
-            ),
+            "plain": t.generate(Chat(MESSAGES, "  ", base_template=False), max_new_tokens=6),
         }
 
 
+@pytest.mark.subprocess
 def test_system_and_prompt_make_a_chat_and_trace_writes_a_line_per_token(
     server, tiny_models, expected, tmp_path
 ):
@@ -75,6 +74,7 @@ def test_system_and_prompt_make_a_chat_and_trace_writes_a_line_per_token(
         assert line["token_bytes"] == step.token_bytes
 
 
+@pytest.mark.subprocess
 def test_messages_file_with_plain_base_text(server, tiny_models, expected, tmp_path):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(MESSAGES))
@@ -86,6 +86,7 @@ def test_messages_file_with_plain_base_text(server, tiny_models, expected, tmp_p
     assert json.loads(run.stdout)["token_ids"] == expected["plain"].token_ids
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -1,6 +1,6 @@
 """The deepseek adapter: payloads and parsing of literal JSON in DeepSeek's documented shape, its
 errors, and, against a server that speaks DeepSeek's beta chat prefix completion with the real tiny
-model (tests/dialect_deepseek.py), the same equivalence every adapter meets: with k = 20 and
+model (tests/support/dialect_deepseek.py), the same equivalence every adapter meets: with k = 20 and
 `restrict`, proxy-tuned greedy output equals the local reference restricted to that top-k."""
 
 from __future__ import annotations
@@ -8,23 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import dialect_deepseek  # noqa: F401  (registers the "deepseek" fixture dialect)
 import httpx
 import pytest
-from conftest import (
-    alpha_0_text,
-    assert_one_clear_error,
-    connected,
-    dialect_cli,
-    dialect_tuner,
-    headers_sent,
-    ids_of,
-    run_step,
-)
-from dialect_deepseek import DEGENERATE, REASONER, THINKING
-from dialect_servers import DialectServer
 from openai.types.chat import ChatCompletion
-from reference import assert_chat_tuner_equals_the_formula, assert_greedy_drafts, chat_server_sees
 
 from proxyclient import connect
 from proxyclient.adapters.base import Prompt, ServerUsage
@@ -38,6 +24,24 @@ from proxyclient.errors import (
     TopKTooLargeError,
 )
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support import dialect_deepseek  # noqa: F401  (registers the "deepseek" fixture dialect)
+from tests.support.dialect_deepseek import DEGENERATE, REASONER, THINKING
+from tests.support.dialect_servers import DialectServer
+from tests.support.hosted import (
+    alpha_0_text,
+    assert_one_clear_error,
+    connected,
+    dialect_cli,
+    dialect_tuner,
+    headers_sent,
+    ids_of,
+    run_step,
+)
+from tests.support.reference import (
+    assert_chat_tuner_equals_the_formula,
+    assert_greedy_drafts,
+    chat_server_sees,
+)
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 N_TOKENS = 10
@@ -385,6 +389,7 @@ def cli(tiny_models, *args):
     return dialect_cli("deepseek", "DEEPSEEK_API_KEY", KEY, tiny_models, *args)
 
 
+@pytest.mark.subprocess
 def test_cli_inspect_reports_what_deepseek_can_do(deepseek, tiny_models):
     run = cli(tiny_models, "inspect", "--base-url", deepseek.base_url, "--base-model", MODEL)
     assert run.returncode == 0, run.stderr
@@ -394,6 +399,7 @@ def test_cli_inspect_reports_what_deepseek_can_do(deepseek, tiny_models):
     assert report["prompt_scoring"] is False and report["token_id_prompts"] is False
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("model", "expected"),
     [

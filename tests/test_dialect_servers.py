@@ -14,7 +14,11 @@ import openai
 import pytest
 import tiktoken
 import torch
-from dialect_servers import (
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.support.dialect_servers import (
     DialectServer,
     char_offsets,
     mask_api_key,
@@ -22,9 +26,6 @@ from dialect_servers import (
     tgi_token_texts,
     token_bytes,
 )
-from openai.types import Completion
-from openai.types.chat import ChatCompletion
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MODEL = "tiny-base"
 PROMPT = "def main():\n    return"

@@ -1,10 +1,10 @@
 """Faults: nothing generated is lost, and a failed generation resumes where it stopped.
 
-Unit tests run the loop against an in-process base that fails on cue (tests/local_base.py). The
-integration tests put tests/fault_proxy.py between the client and a real vLLM server and inject
-each fault there (drops, resets, hangs, error statuses, broken 200s), or kill the server itself;
-each asserts the outcome (recovered, or a clean error carrying the partial result) and that a
-recovered or resumed greedy generation equals the fault-free one, token for token.
+Unit tests run the loop against an in-process base that fails on cue (tests/support/local_base.py).
+The integration tests put tests/support/fault_proxy.py between the client and a real vLLM server and
+inject each fault there (drops, resets, hangs, error statuses, broken 200s), or kill the server
+itself; each asserts the outcome (recovered, or a clean error carrying the partial result) and that
+a recovered or resumed greedy generation equals the fault-free one, token for token.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 
 import httpx
 import pytest
-from conftest import BASE_NAME
-from fault_proxy import PASS, Fault, FaultProxy
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.errors import (
@@ -32,6 +30,8 @@ from proxyclient.errors import (
     ServerError,
 )
 from proxyclient.result import Generation
+from tests.support.constants import BASE_NAME
+from tests.support.fault_proxy import PASS, Fault, FaultProxy
 
 PROMPT = "def main():"
 N = 12
@@ -309,7 +309,7 @@ def _kill(server) -> None:
 
 @pytest.mark.integration
 def test_the_server_killed_mid_generation_and_restarted(tiny_models, tmp_path):
-    from vllm_server import VLLMServer
+    from scripts.vllm_server import VLLMServer
 
     log = tmp_path / "vllm.log"
 

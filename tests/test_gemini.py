@@ -1,7 +1,7 @@
 """The gemini adapter: payloads and parsing of literal JSON in the documented shape, its errors,
 and, against a server that speaks Gemini's generateContent with the real tiny model
-(tests/dialect_gemini.py), the same equivalence every adapter meets: with k = 20 and `restrict`,
-proxy-tuned greedy output equals the local reference restricted to that top-k."""
+(tests/support/dialect_gemini.py), the same equivalence every adapter meets: with k = 20 and
+`restrict`, proxy-tuned greedy output equals the local reference restricted to that top-k."""
 
 from __future__ import annotations
 
@@ -10,27 +10,8 @@ import functools
 import json
 import logging
 
-import dialect_gemini  # noqa: F401  (registers the "gemini" fixture dialect)
 import httpx
 import pytest
-from conftest import (
-    alpha_0_text,
-    assert_one_clear_error,
-    connected,
-    dialect_cli,
-    dialect_tuner,
-    headers_sent,
-    ids_of,
-    run_step,
-)
-from dialect_gemini import MODEL_TURN_REFUSED, NO_LOGPROBS, NO_PREFILL
-from dialect_servers import DialectServer, token_bytes
-from reference import (
-    assert_chat_tuner_equals_the_formula,
-    assert_greedy_drafts,
-    chat_server_sees,
-    valid_utf8,
-)
 
 from proxyclient import connect
 from proxyclient.adapters.base import Prompt, ServerUsage
@@ -44,6 +25,25 @@ from proxyclient.errors import (
     TopKTooLargeError,
 )
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support import dialect_gemini  # noqa: F401  (registers the "gemini" fixture dialect)
+from tests.support.dialect_gemini import MODEL_TURN_REFUSED, NO_LOGPROBS, NO_PREFILL
+from tests.support.dialect_servers import DialectServer, token_bytes
+from tests.support.hosted import (
+    alpha_0_text,
+    assert_one_clear_error,
+    connected,
+    dialect_cli,
+    dialect_tuner,
+    headers_sent,
+    ids_of,
+    run_step,
+)
+from tests.support.reference import (
+    assert_chat_tuner_equals_the_formula,
+    assert_greedy_drafts,
+    chat_server_sees,
+    valid_utf8,
+)
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 N_TOKENS = 10
@@ -465,6 +465,7 @@ def cli(tiny_models, *args, key=KEY):
     return dialect_cli("gemini", "GEMINI_API_KEY", key, tiny_models, *args)
 
 
+@pytest.mark.subprocess
 def test_cli_inspect_reports_what_each_model_can_do(gemini, tiny_models):
     for model, multi_step in ((MODEL, True), (MODEL + NO_PREFILL, False)):
         run = cli(tiny_models, "inspect", "--base-url", gemini.base_url, "--base-model", model)
@@ -481,6 +482,7 @@ def test_cli_inspect_reports_what_each_model_can_do(gemini, tiny_models):
             assert report["steering"].startswith("one-step choice only")
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("server", "model", "expected"),
     [
@@ -503,6 +505,7 @@ def test_cli_bad_models_exit_2_with_one_clear_message(
     assert next(v for k, v in advice.items() if k in expected) in line
 
 
+@pytest.mark.subprocess
 def test_cli_generate_on_a_model_that_refuses_a_model_turn_exits_2(gemini, tiny_models):
     run = cli(
         tiny_models, "generate", "--base-url", gemini.base_url, "--base-model", MODEL + NO_PREFILL,

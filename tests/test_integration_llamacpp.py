@@ -8,12 +8,12 @@ import asyncio
 import httpx
 import pytest
 import torch
-from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.reference import assert_same_tokens, proxy_tuned_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +27,8 @@ LLAMACPP_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def llama_server(tiny_models, tmp_path_factory):
-    from llamacpp_server import LlamaCppServer
-    from make_gguf import build_gguf
+    from scripts.llamacpp_server import LlamaCppServer
+    from scripts.make_gguf import build_gguf
 
     gguf = build_gguf(tiny_models["base"], tiny_models["base"].parent / "base-f32.gguf")
     logs = tmp_path_factory.mktemp("llamacpp-logs")

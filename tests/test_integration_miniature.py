@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from miniature import DEFAULT_CONFIG, QUICK_QUESTIONS
-from miniature_train import BUILD_VERSION, DEFAULT_DIR
+
+from scripts.miniature import DEFAULT_CONFIG, QUICK_QUESTIONS
+from scripts.miniature_train import BUILD_VERSION, DEFAULT_DIR
+from tests.support.constants import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ restricted to the base's top-20, given what each dialect lets us see:
 from __future__ import annotations
 
 import pytest
-from conftest import API_KEY, BASE_NAME
-from reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 from proxyclient import ConfigError, ProxyTuner, connect
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.constants import API_KEY, BASE_NAME
+from tests.support.reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 pytestmark = pytest.mark.integration
 

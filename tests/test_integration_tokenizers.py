@@ -14,23 +14,24 @@ import sys
 
 import httpx
 import pytest
-from conftest import BASE_NAME, server_greedy
-from dialect_servers import DialectServer
 from hypothesis import given
 from hypothesis import strategies as st
-from other_tokenizers import tiktoken_twin
-from reference_bridged import BridgedWorld
-from speculation_checks import (
+from transformers import AutoTokenizer
+
+from proxyclient import ConfigError, ProxyTuner, connect
+from proxyclient.tokenizer import BaseTokenizer
+from tests.support.constants import BASE_NAME
+from tests.support.dialect_servers import DialectServer
+from tests.support.other_tokenizers import tiktoken_twin
+from tests.support.reference import server_greedy
+from tests.support.reference_bridged import BridgedWorld
+from tests.support.speculation_checks import (
     DRAFT_TOKENS,
     UNSEEN,
     UNTWINNED,
     assert_drafts_give_off_tokens,
     property_settings,
 )
-from transformers import AutoTokenizer
-
-from proxyclient import ConfigError, ProxyTuner, connect
-from proxyclient.tokenizer import BaseTokenizer
 
 pytestmark = pytest.mark.integration
 

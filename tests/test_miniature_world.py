@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from miniature import states_fact
-from miniature_world import (
+
+from scripts.miniature import states_fact
+from scripts.miniature_world import (
     ATTRIBUTES,
     QUESTIONS,
     QUIZ_QUESTIONS,

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from dialect_servers import DialectServer
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
@@ -28,9 +27,9 @@ from transformers import AutoTokenizer
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.dialect_servers import DialectServer
 
-TESTS = Path(__file__).resolve().parent
-SCRIPTS = TESTS.parent / "scripts"
+REPO = Path(__file__).resolve().parents[1]
 KERNEL = "proxyclient-test-python"
 KEY = "sk-notebook-test-0123456789"
 PROMPT = "def main():"
@@ -39,13 +38,15 @@ OPTIONS = ["(", ":", " return", "def"]
 SETTINGS = {"base_k": 5, "unseen": "restrict"}
 # Under "residual" every option gets a probability, even outside the base's top 5.
 CHOOSE_SETTINGS = {"base_k": 5, "unseen": "residual"}
+# Each test starts a Jupyter kernel or the CLI in another process.
+pytestmark = pytest.mark.subprocess
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory) -> Path:
     """A folder of kernelspecs holding one: ipykernel on this interpreter (sys.executable)."""
     root = tmp_path_factory.mktemp("kernels")
-    path = [str(TESTS), str(SCRIPTS)]
+    path = [str(REPO)]  # a cell may import tests.support or scripts, as the tests do
     if os.environ.get("PYTHONPATH"):
         path.append(os.environ["PYTHONPATH"])
     env = {

@@ -28,6 +28,8 @@ from proxyclient.errors import ProxyClientError
 
 PROMPT = Prompt((5, 6, 7), 2)
 K = 3
+# Examples per dialect: a quick pass in the fast suite, the whole budget under `slow`.
+QUICK_EXAMPLES = 25
 EXAMPLES = 150
 
 # Real answers of the dialects we know (trimmed), to mutate.
@@ -182,8 +184,15 @@ def calls(adapter: Any) -> list[tuple[str, Any]]:
     return found
 
 
+@pytest.mark.parametrize(
+    "examples",
+    [
+        pytest.param(QUICK_EXAMPLES, id="quick"),
+        pytest.param(EXAMPLES, id="thorough", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("dialect", sorted(BUILTIN))
-def test_any_answer_parses_or_raises_our_error(dialect, tiny_models):
+def test_any_answer_parses_or_raises_our_error(dialect, examples, tiny_models):
     cls = BUILTIN[dialect]
     keys = literals_of(cls)
     tokenizer = str(tiny_models["anti_expert"])
@@ -203,7 +212,7 @@ def test_any_answer_parses_or_raises_our_error(dialect, tiny_models):
     names = [name for name, _ in calls(adapter_for(b"{}"))]
 
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,

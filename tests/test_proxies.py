@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 import torch
-from reference import next_logprobs
 
 from proxyclient.local import LocalModel
 from proxyclient.proxies import PairState, ProxyPair
+from tests.support.reference import next_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BASE_NAME
 
 from proxyclient.batch import OUTPUT_FIELDS, BatchItem
 from proxyclient.cli import main
 from proxyclient.errors import ConfigError
 from proxyclient.ray_batch import _decode_item, _encode_item, import_ray
+from tests.support.constants import BASE_NAME
 
 
 def test_items_cross_to_the_actors_unchanged():

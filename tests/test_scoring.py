@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BASE_NAME
-from local_base import LocalBase
-from reference import next_logprobs
 
 from proxyclient import ProxyTuner, UnsupportedError, connect
+from tests.support.constants import BASE_NAME
+from tests.support.local_base import LocalBase
+from tests.support.reference import next_logprobs
 
 PROMPT = "def add(a, b):\n"
 ALPHA = 0.7

@@ -14,13 +14,13 @@ import warnings
 
 import httpx
 import pytest
-from conftest import API_KEY, BASE_NAME
-from fault_proxy import PASS, Fault, FaultProxy
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters import http as http_module
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.errors import AuthenticationError, ProxyClientError, ServerError
+from tests.support.constants import API_KEY, BASE_NAME
+from tests.support.fault_proxy import PASS, Fault, FaultProxy
 
 ECHO = "Bearer ***"  # what the echoed header must read after redaction
 CONFIG = GenerationConfig(max_new_tokens=8, base_k=20, speculate="off")

@@ -107,13 +107,16 @@ def test_append_rollback_append_equals_appending_once(setup, data):
     torch.testing.assert_close(got.anti, expected.anti, atol=1e-5, rtol=1e-5)
 
 
-def test_accept_keeps_a_matching_draft_and_replaces_another(setup):
+def test_accept_keeps_a_matching_draft_and_refuses_another(setup):
     space, pair, texty = setup
     seq = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=8), space)
     seq.append([texty[1], texty[2], texty[3]])  # a draft
     fed(seq, pair)
     seq.accept(texty[1])
     assert seq.appended == 3 and seq.token_ids == [texty[1]]  # the draft stays in place
+    with pytest.raises(ValueError, match="roll it back"):  # the step takes back what it drafted
+        seq.accept(texty[4])
+    seq.rollback(1)
     seq.accept(texty[4])  # the tuned choice differs from the draft's next token
     once = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=8), space)
     once.append([texty[1], texty[4]])
@@ -138,7 +141,7 @@ def test_accept_ends_on_eos_length_and_stop(setup):
     seq.accept(texty[20])
     assert not seq.finished
     seq.accept(texty[21])
-    assert seq.finish_reason == "length" and seq.usage.completion_tokens == 2
+    assert seq.finish_reason == "length" and seq.result().usage.completion_tokens == 2
 
     eos = next(iter(space.eos_ids))
     seq = Sequence.start(PROMPT, GenerationConfig(max_new_tokens=5), space)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server (proxyclient.server) on a base served in-process from the tiny
-base model (tests/local_base.py): no vLLM, seconds per test. Requests go through httpx's
+base model (tests/support/local_base.py): no vLLM, seconds per test. Requests go through httpx's
 ASGITransport, or, for the client-goes-away test and the openai package, to the app on uvicorn
 in a thread. What it answers is checked against ProxyTuner called directly (a separate tuner
 on the same models)."""
@@ -13,12 +13,12 @@ import time
 
 import httpx
 import pytest
-from local_base import LocalBase
 
-from proxyclient import GenerationConfig, ProxyTuner, connect, errors
+from proxyclient import Chat, GenerationConfig, ProxyTuner, connect, errors
 from proxyclient.kvcache import KVState
 from proxyclient.server import create_app
 from proxyclient.server.main import ServerThread
+from tests.support.local_base import LocalBase
 
 NAME = "tiny-proxy"
 PROMPT = "def main():"
@@ -306,22 +306,18 @@ def test_streamed_chat(app):
     assert usage_chunk["usage"]["total_tokens"] > usage_chunk["usage"]["completion_tokens"]
 
 
-def test_response_prefix_and_text_parts(app, reference):
+@pytest.mark.parametrize("base_chat_template", [None, False])
+def test_response_prefix_base_chat_template_and_text_parts(app, reference, base_chat_template):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text",
               "text": "there"}]}]  # fmt: skip
-    answer = call(
-        app,
-        "POST",
-        "/v1/chat/completions",
-        json={"model": NAME, "messages": parts, "max_tokens": 5, "response_prefix": " Sure"},
-    ).json()
-    expected = reference.generate(
-        [{"role": "user", "content": "Hi there"}],
-        DEFAULTS,
-        max_new_tokens=5,
-        response_prefix=" Sure",
-    )
+    body = {"model": NAME, "messages": parts, "max_tokens": 5, "response_prefix": " Sure"}
+    if base_chat_template is not None:
+        body["base_chat_template"] = base_chat_template
+    answer = call(app, "POST", "/v1/chat/completions", json=body).json()
+    chat = Chat([{"role": "user", "content": "Hi there"}], " Sure", base_chat_template)
+    expected = reference.generate(chat, DEFAULTS, max_new_tokens=5)
     assert answer["choices"][0]["message"]["content"] == expected.text
+    assert answer["usage"]["prompt_tokens"] == reference.count_base_tokens(chat, DEFAULTS)
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -645,6 +641,7 @@ def test_the_serve_command_builds_the_app_from_its_flags(
         state.tuner.close()
 
 
+@pytest.mark.subprocess
 def test_the_other_commands_do_not_need_the_serve_extra():
     import subprocess
     import sys

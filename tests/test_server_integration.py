@@ -14,11 +14,11 @@ import sys
 
 import httpx
 import pytest
-from conftest import API_KEY, BASE_NAME, REPO
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.server import create_app
 from proxyclient.server.main import ServerThread
+from tests.support.constants import API_KEY, BASE_NAME, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -181,9 +181,10 @@ def test_lm_eval_scores_equal_the_tuners(served, reference, monkeypatch):
 def test_the_serve_command(servers, tiny_models, reference, tmp_path):
     """The command on the capped vLLM server (which wants its own key): clients need the server's
     key; the base's key shows up in no answer and no log line."""
-    from bench_server import wait_healthy
     from openai import APIStatusError, AuthenticationError, OpenAI
-    from vllm_server import free_port
+
+    from scripts.bench_server import wait_healthy
+    from scripts.vllm_server import free_port
 
     port = free_port()
     log = tmp_path / "serve.log"
@@ -224,7 +225,7 @@ def test_the_serve_command(servers, tiny_models, reference, tmp_path):
 def test_a_base_that_goes_away_mid_stream(servers, tiny_models):
     """A relay in front of vLLM, closed while a stream runs: the stream ends with an error event
     and [DONE]; the server keeps answering (now 502 for generations, 200 for /health)."""
-    from bench_speed import LatencyRelay
+    from scripts.bench_speed import LatencyRelay
 
     relay = LatencyRelay(servers["full"].port).start()
     try:

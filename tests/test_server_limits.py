@@ -9,10 +9,10 @@ import threading
 
 import httpx
 import pytest
-from test_server import DEFAULTS, NAME, PROMPT, assert_openai_error, call, make_tuner
 
 from proxyclient.server import create_app
 from proxyclient.server.prompts import PromptTokens
+from tests.test_server import DEFAULTS, NAME, PROMPT, assert_openai_error, call, make_tuner
 
 LIMIT = 64 * 1024
 

@@ -4,23 +4,23 @@ Greedy: token for token what `speculate="off"` gives (and so the paper's formula
 vocabulary), in every mode, whatever the draft length; stop sequences, EOS and max_new_tokens act
 as without speculation. Sampling: the standard acceptance rule keeps the distribution; a chi-square
 test against the exact proxy-tuned distribution of two-token continuations checks it.
-Against an in-process base (tests/local_base.py); tests/test_integration_vllm.py does the same
-through a real vLLM server.
+Against an in-process base (tests/support/local_base.py); tests/test_integration_vllm.py does the
+same through a real vLLM server.
 """
 
 import pytest
 import torch
-from local_base import LocalBase
-from reference import (
+
+from proxyclient import ConfigError, GenerationConfig, ProxyTuner
+from proxyclient.sampling import verify, warp
+from tests.support.local_base import LocalBase
+from tests.support.reference import (
     assert_same_tokens,
     assert_samples_follow,
     joint_distribution,
     next_logprobs,
     proxy_tuned_greedy,
 )
-
-from proxyclient import ConfigError, GenerationConfig, ProxyTuner
-from proxyclient.sampling import verify, warp
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 MODES = ["base", "expert", "auto"]

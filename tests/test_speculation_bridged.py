@@ -11,8 +11,8 @@ Three tokenizer pairs whose token boundaries differ (base -> proxies):
 
 Greedy base drafts must give ``off``'s tokens, and read the proxies at every drafted position
 exactly where the one-token loop reads them; ``off`` itself is checked against the independent
-bridged reference (tests/reference_bridged.py). tests/test_integration_tokenizers.py does the same
-through a real vLLM server.
+bridged reference (tests/support/reference_bridged.py). tests/test_integration_tokenizers.py does
+the same through a real vLLM server.
 """
 
 from __future__ import annotations
@@ -20,22 +20,22 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from local_base import LocalBase
-from reference import assert_samples_follow, joint_distribution
-from reference_bridged import BridgedWorld, bridged_step, spelled
-from speculation_checks import (
-    DRAFT_TOKENS,
-    UNSEEN,
-    UNTWINNED,
-    assert_drafts_give_off_tokens,
-    property_settings,
-)
 from transformers import AutoTokenizer
 
 from proxyclient import ConfigError, ProxyTuner
 from proxyclient.config import Speculate
 from proxyclient.sampling import warp
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.local_base import LocalBase
+from tests.support.reference import assert_samples_follow, joint_distribution
+from tests.support.reference_bridged import BridgedWorld, bridged_step, spelled
+from tests.support.speculation_checks import (
+    DRAFT_TOKENS,
+    UNSEEN,
+    UNTWINNED,
+    assert_drafts_give_off_tokens,
+    property_settings,
+)
 
 PAIRS = {  # name: (base, expert, anti-expert), keys of the tiny models
     "bpe->sp": ("base", "expert_sp", "anti_expert_sp"),
@@ -87,6 +87,7 @@ def test_the_pairs_split_text_differently(bridged):
     assert several >= len(base_ids) // 4 or len(own) < len(proxy_ids) // 2, spellings
 
 
+@pytest.mark.slow  # 25 examples of several generations each, per pair: ~20 s a pair
 @property_settings(max_examples=25)
 @given(
     prompt=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=5).map("".join),

@@ -4,12 +4,12 @@ Python API bridges an OpenAI model's encoding to other proxies without being tol
 import httpx
 import pytest
 import tiktoken
-from dialect_servers import DialectServer
-from other_tokenizers import metaspace_tokenizer_special_bytes, tiktoken_twin
 
 from proxyclient import ConfigError, ProxyTuner, connect
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.tokens import TokenSpace
+from tests.support.dialect_servers import DialectServer
+from tests.support.other_tokenizers import metaspace_tokenizer_special_bytes, tiktoken_twin
 
 OPENAI_MODEL = "gpt-3.5-turbo-instruct"  # its name implies tiktoken's cl100k_base
 PROMPT = "def main():"

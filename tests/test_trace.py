@@ -1,7 +1,7 @@
 """Generation.steps: each output token's tuned, base, expert and anti-expert log-probs.
 
 Checked against the paper's formula computed with all three models local over the whole
-vocabulary (tests/reference.py's next_logprobs), with and without speculation.
+vocabulary (tests/support/reference.py's next_logprobs), with and without speculation.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-from local_base import LocalBase
-from reference import next_logprobs
 
 from proxyclient import GenerationConfig, ProxyTuner
 from proxyclient.errors import ConfigError
+from tests.support.local_base import LocalBase
+from tests.support.reference import next_logprobs
 
 PROMPT = "def add(a, b):"
 ALPHA = 0.8

@@ -5,12 +5,12 @@ import asyncio
 import shutil
 
 import pytest
-from local_base import LocalBase
-from reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy
 
 from proxyclient import GenerationConfig, ModelLoadError, ProxyTuner
 from proxyclient.adapters.base import Capabilities, TopLogprobs
 from proxyclient.errors import ServerError
+from tests.support.local_base import LocalBase
+from tests.support.reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 
@@ -85,9 +85,14 @@ def test_each_unseen_policy_equals_the_formula_extended_by_it(tuner, hf_models, 
         )
 
 
-def test_steering_changes_the_output(tuner):
+def test_steering_changes_the_output(tuner, hf_models):
+    """Alpha 0 is the base's own greedy output, alpha 2 the formula's, and on this prompt the two
+    differ (else the other checks here could pass with steering ignored)."""
     plain = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=0.0, base_k=-1)
     steered = tuner.generate(PROMPTS[0], max_new_tokens=12, alpha=2.0, base_k=-1)
+    for got, alpha in ((plain, 0.0), (steered, 2.0)):
+        expected = reference(hf_models, tuner, PROMPTS[0], alpha=alpha, n=12)
+        assert_same_tokens(got.token_ids, expected, tuner.eos_ids)
     assert plain.token_ids != steered.token_ids
 
 
@@ -327,10 +332,9 @@ def test_a_text_dialect_without_a_tokenizer_is_lent_the_proxies_one(tiny_models,
     """One door for the base tokenizer: connect() without one, then ProxyTuner, as the CLI does
     without --base-tokenizer: the adapter names tokens with the proxies' tokenizer, and the
     tokens are those of an adapter given that tokenizer explicitly."""
-    from dialect_servers import DialectServer
-
     from proxyclient import connect
     from proxyclient.tokenizer import BaseTokenizer
+    from tests.support.dialect_servers import DialectServer
 
     options = dict(max_new_tokens=6, alpha=1.0, base_k=5, unseen="restrict")
     with DialectServer("openai", tiny_models["base"]) as server:

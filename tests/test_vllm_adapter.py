@@ -10,7 +10,6 @@ import pytest
 
 from proxyclient.adapters import connect
 from proxyclient.adapters.base import Prompt
-from proxyclient.adapters.vllm import build_request, parse_response
 from proxyclient.errors import (
     BadRequestError,
     ContextLengthError,
@@ -26,8 +25,13 @@ def fixture(name):
     return json.loads((FIXTURES / name).read_text())
 
 
+def parse_response(body, *, k):
+    return connect("vllm", "http://vllm.test/v1", "m").parse_response(body, Prompt((1,), 1), k)
+
+
 def test_request_asks_for_the_models_own_distribution_by_token_id():
-    assert build_request("m", [1, 2, 3], 20) == (
+    vllm = connect("vllm", "http://vllm.test/v1", "m")
+    assert vllm.build_request(Prompt((1, 2, 3), 3), 20) == (
         "/completions",
         {
             "model": "m",

@@ -1,13 +1,13 @@
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from other_tokenizers import (
+
+from proxyclient.vocab import bytes_of_token_string, from_hf, from_tiktoken
+from tests.support.other_tokenizers import (
     metaspace_tokenizer,
     metaspace_tokenizer_special_bytes,
     tiktoken_encoding,
 )
-
-from proxyclient.vocab import bytes_of_token_string, from_hf, from_tiktoken
 
 TEXTS = st.text(
     alphabet=st.sampled_from([*"abcdef _():=\n\t", "é", "日", "本", "🙂", "\u00a0"]), max_size=40

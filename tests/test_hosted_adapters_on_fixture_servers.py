@@ -1,6 +1,6 @@
 """The together, fireworks, sglang and ollama adapters against servers that speak exactly those
-dialects (tests/dialect_together.py, dialect_fireworks.py, dialect_sglang.py, dialect_ollama.py:
-none of the real ones can run here), backed by the real tiny base model.
+dialects (tests/support/dialect_together.py, dialect_fireworks.py, dialect_sglang.py,
+dialect_ollama.py: none of the real ones can run here), backed by the real tiny base model.
 
 For each: greedy output with the dialect's largest k and `restrict` equals the local reference
 restricted to that top-k; at alpha 0 it is the server's own greedy text; speculation (base drafts
@@ -16,21 +16,23 @@ import os
 import subprocess
 import sys
 
-import dialect_fireworks  # noqa: F401  (importing registers the dialect with DialectServer)
-import dialect_ollama  # noqa: F401
-import dialect_sglang  # noqa: F401
-import dialect_together  # noqa: F401
 import httpx
 import pytest
 import torch
-from dialect_servers import DialectServer
-from reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, connect
 from proxyclient.adapters.base import Prompt
 from proxyclient.adapters.discovery import probe
 from proxyclient.errors import NotFoundError, TopKTooLargeError
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support import (
+    dialect_fireworks,  # noqa: F401  (importing registers the dialect with DialectServer)
+    dialect_ollama,  # noqa: F401
+    dialect_sglang,  # noqa: F401
+    dialect_together,  # noqa: F401
+)
+from tests.support.dialect_servers import DialectServer
+from tests.support.reference import assert_same_tokens, not_utf8_alone, proxy_tuned_greedy
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 N_TOKENS = 10
@@ -45,7 +47,9 @@ EOS = frozenset({1})
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_models):
+def dialect_bases(tiny_models):
+    """One fixture server per hosted dialect (by api name), each on the real tiny base; not
+    conftest's ``servers`` (the session's vLLM servers)."""
     running = {
         api: DialectServer(api, tiny_models["base"], api_key=KEY if api in KEYED else None)
         for api in APIS
@@ -62,13 +66,15 @@ def base_tokenizer(hf_models):
     return BaseTokenizer(hf_models["tokenizer"])
 
 
-def base_for(api, servers, base_tokenizer, model="tiny-base", **options):
+def base_for(api, dialect_bases, base_tokenizer, model="tiny-base", **options):
     key = {"api_key": KEY} if api in KEYED else {}
-    return connect(api, servers[api].base_url, model, tokenizer=base_tokenizer, **key, **options)
+    return connect(
+        api, dialect_bases[api].base_url, model, tokenizer=base_tokenizer, **key, **options
+    )
 
 
-def tuner_for(api, servers, tiny_models, base_tokenizer, **options):
-    base = base_for(api, servers, base_tokenizer, **options)
+def tuner_for(api, dialect_bases, tiny_models, base_tokenizer, **options):
+    base = base_for(api, dialect_bases, base_tokenizer, **options)
     return ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu")
 
 
@@ -90,12 +96,12 @@ def reference(api, hf_models, base_tokenizer, prompt_ids, k, alpha=1.0):
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("api", APIS)
 def test_equals_the_formula_on_the_largest_top_k(
-    servers, tiny_models, hf_models, base_tokenizer, api, prompt
+    dialect_bases, tiny_models, hf_models, base_tokenizer, api, prompt
 ):
     k = LARGEST_K[api]
-    server = servers[api]
+    server = dialect_bases[api]
     server.requests.clear()
-    with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
+    with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
         got = tuner.generate(prompt, max_new_tokens=N_TOKENS, unseen="restrict", base_k=k)
         ids = tuner.tokenizer(prompt).input_ids
     assert_same_tokens(got.token_ids, reference(api, hf_models, base_tokenizer, ids, k), EOS)
@@ -128,11 +134,11 @@ def greedy_text(api, server, prompt, n):
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_alpha_zero_is_the_servers_own_greedy_text(servers, tiny_models, base_tokenizer, api):
-    with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
+def test_alpha_zero_is_the_servers_own_greedy_text(dialect_bases, tiny_models, base_tokenizer, api):
+    with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
         got = tuner.generate(PROMPTS[1], max_new_tokens=N_TOKENS, alpha=0.0, unseen="restrict",
                              base_k=LARGEST_K[api], speculate="off")  # fmt: skip
-    assert got.text == greedy_text(api, servers[api], PROMPTS[1], N_TOKENS)
+    assert got.text == greedy_text(api, dialect_bases[api], PROMPTS[1], N_TOKENS)
     assert got.text
 
 
@@ -140,9 +146,11 @@ SPECULATION = [(api, "base") for api in APIS] + [(api, "expert") for api in sort
 
 
 @pytest.mark.parametrize(("api", "mode"), SPECULATION)
-def test_speculation_gives_the_same_greedy_output(servers, tiny_models, base_tokenizer, api, mode):
+def test_speculation_gives_the_same_greedy_output(
+    dialect_bases, tiny_models, base_tokenizer, api, mode
+):
     options = dict(max_new_tokens=12, alpha=1.5, unseen="restrict", base_k=LARGEST_K[api])
-    with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
+    with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
         assert mode in {m.value for m in tuner.speculation_modes()}
         off = tuner.generate(PROMPTS[1], speculate="off", **options)
         got = tuner.generate(PROMPTS[1], speculate=mode, draft_tokens=4, **options)
@@ -174,10 +182,10 @@ def assert_top_is_the_reference(top, expected, unidentifiable=frozenset()):
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_a_draft_carries_each_positions_top_k(servers, hf_models, base_tokenizer, api):
+def test_a_draft_carries_each_positions_top_k(dialect_bases, hf_models, base_tokenizer, api):
     k = min(LARGEST_K[api], 20)
     ids = tuple(base_tokenizer.encode(PROMPTS[1]))
-    base = base_for(api, servers, base_tokenizer)
+    base = base_for(api, dialect_bases, base_tokenizer)
     got = asyncio.run(base.generate(Prompt(ids, len(ids)), k, 6, greedy=True))
     unidentifiable = not_utf8_alone(base_tokenizer) if api in TEXT_PROMPTS else frozenset()
     assert len(got) >= 1 and len(got.tops) == len(got.tokens) == len(got.token_logprobs)
@@ -188,11 +196,11 @@ def test_a_draft_carries_each_positions_top_k(servers, hf_models, base_tokenizer
 
 
 @pytest.mark.parametrize("api", sorted(SCORES))
-def test_a_score_carries_each_positions_top_k(servers, hf_models, base_tokenizer, api):
+def test_a_score_carries_each_positions_top_k(dialect_bases, hf_models, base_tokenizer, api):
     k = min(LARGEST_K[api], 20)
     ids = list(base_tokenizer.encode(PROMPTS[0]))
     continuation = base_tokenizer.encode(" return x", add_special_tokens=False)
-    base = base_for(api, servers, base_tokenizer)
+    base = base_for(api, dialect_bases, base_tokenizer)
     got = asyncio.run(base.score(Prompt(tuple(ids), len(ids)), continuation, k))
     assert list(got.tokens[:-1]) == continuation and len(got.tops) == len(continuation) + 1
     for i, top in enumerate(got.tops):
@@ -207,9 +215,9 @@ def test_a_score_carries_each_positions_top_k(servers, hf_models, base_tokenizer
     assert list(got.token_logprobs[:-1]) == pytest.approx(own, abs=TOLERANCE)
 
 
-def test_the_text_dialects_cannot_score_a_continuation(servers, tiny_models, base_tokenizer):
+def test_the_text_dialects_cannot_score_a_continuation(dialect_bases, tiny_models, base_tokenizer):
     for api in sorted(TEXT_PROMPTS):
-        with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
+        with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
             assert [m.value for m in tuner.speculation_modes()] == ["base"]
 
 
@@ -217,10 +225,10 @@ CAPS = {"together": 20, "fireworks": 5, "ollama": 20}
 
 
 @pytest.mark.parametrize("api", sorted(CAPS))
-def test_k_over_the_cap_names_it(servers, tiny_models, base_tokenizer, api):
+def test_k_over_the_cap_names_it(dialect_bases, tiny_models, base_tokenizer, api):
     cap = CAPS[api]
     with (
-        tuner_for(api, servers, tiny_models, base_tokenizer, max_k=None) as tuner,
+        tuner_for(api, dialect_bases, tiny_models, base_tokenizer, max_k=None) as tuner,
         pytest.raises(TopKTooLargeError, match=f"pass base_k={cap} or less") as e,
     ):
         tuner.generate(PROMPTS[0], max_new_tokens=1, unseen="restrict", base_k=cap + 1)
@@ -228,12 +236,12 @@ def test_k_over_the_cap_names_it(servers, tiny_models, base_tokenizer, api):
 
 
 def test_sglang_k_over_the_vocabulary_is_refused_before_it_reaches_the_server(
-    servers, tiny_models, base_tokenizer
+    dialect_bases, tiny_models, base_tokenizer
 ):
-    server = servers["sglang"]
+    server = dialect_bases["sglang"]
     server.requests.clear()
     with (
-        tuner_for("sglang", servers, tiny_models, base_tokenizer) as tuner,
+        tuner_for("sglang", dialect_bases, tiny_models, base_tokenizer) as tuner,
         pytest.raises(TopKTooLargeError, match=f"pass base_k={VOCAB} or less"),
     ):
         tuner.generate(PROMPTS[0], max_new_tokens=1, base_k=VOCAB + 1)
@@ -248,25 +256,25 @@ UNKNOWN_MODEL = {
 
 
 @pytest.mark.parametrize("api", sorted(UNKNOWN_MODEL))
-def test_an_unknown_model_is_named(servers, base_tokenizer, api):
-    base = base_for(api, servers, base_tokenizer, model="no-such-model")
+def test_an_unknown_model_is_named(dialect_bases, base_tokenizer, api):
+    base = base_for(api, dialect_bases, base_tokenizer, model="no-such-model")
     ids = tuple(base_tokenizer.encode("def main():"))
     with pytest.raises(NotFoundError, match=UNKNOWN_MODEL[api]):
         asyncio.run(base.top_logprobs(Prompt(ids, len(ids)), 5))
 
 
-def test_sglang_serves_one_model_whatever_its_name(servers, base_tokenizer):
+def test_sglang_serves_one_model_whatever_its_name(dialect_bases, base_tokenizer):
     """SGLang's /generate has no model field: --base-model names nothing on the server."""
-    server = servers["sglang"]
-    base = base_for("sglang", servers, base_tokenizer, model="any-name")
+    server = dialect_bases["sglang"]
+    base = base_for("sglang", dialect_bases, base_tokenizer, model="any-name")
     top = asyncio.run(base.top_logprobs(Prompt((0, 321), 2), 5))
     assert len(top) == 5 and "model" not in server.requests[-1][2]
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_probe_discovers_the_cap(servers, base_tokenizer, api):
-    base = base_for(api, servers, base_tokenizer, max_k=None)
-    server = servers[api]
+def test_probe_discovers_the_cap(dialect_bases, base_tokenizer, api):
+    base = base_for(api, dialect_bases, base_tokenizer, max_k=None)
+    server = dialect_bases[api]
     server.requests.clear()
     capabilities = asyncio.run(probe(base, Prompt((0, 321), 2)))
     assert capabilities.max_k == CAPS.get(api)  # sglang: not probed (None)
@@ -275,9 +283,9 @@ def test_probe_discovers_the_cap(servers, base_tokenizer, api):
 
 
 @pytest.mark.parametrize("api", ["together", "fireworks"])
-def test_retries_ride_out_429_and_503(servers, tiny_models, base_tokenizer, api):
-    servers[api].fail_next(429, 503)
-    with tuner_for(api, servers, tiny_models, base_tokenizer) as tuner:
+def test_retries_ride_out_429_and_503(dialect_bases, tiny_models, base_tokenizer, api):
+    dialect_bases[api].fail_next(429, 503)
+    with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
         got = tuner.generate(PROMPTS[0], max_new_tokens=3, unseen="restrict", base_k=5)
     assert len(got.token_ids) == 3
 
@@ -290,10 +298,11 @@ INSPECTED = {  # api -> (max_k, token_id_prompts, prompt_scoring)
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("api", APIS)
-def test_cli_inspect_prints_the_capabilities(servers, tiny_models, api):
+def test_cli_inspect_prints_the_capabilities(dialect_bases, tiny_models, api):
     argv = [sys.executable, "-m", "proxyclient.cli", "inspect", "--api", api,
-            "--base-url", servers[api].base_url, "--base-model", "tiny-base",
+            "--base-url", dialect_bases[api].base_url, "--base-model", "tiny-base",
             "--base-tokenizer", str(tiny_models["base"])]  # fmt: skip
     if api in KEYED:
         argv += ["--base-api-key", KEY]
@@ -316,10 +325,10 @@ def post(api, server, path, body):
     return httpx.post(server.base_url + path, json=body, headers=headers, timeout=60)
 
 
-def test_together_answer_shape(servers):
+def test_together_answer_shape(dialect_bases):
     body = {"model": "tiny-base", "prompt": "def main():", "max_tokens": 2, "logprobs": 3,
             "echo": True, "temperature": 0}  # fmt: skip
-    answer = post("together", servers["together"], "/completions", body).json()
+    answer = post("together", dialect_bases["together"], "/completions", body).json()
     assert set(answer) == {"id", "object", "created", "model", "prompt", "choices", "usage"}
     assert answer["object"] == "text.completion"
     choice = answer["choices"][0]
@@ -327,13 +336,13 @@ def test_together_answer_shape(servers):
     assert set(choice["logprobs"]) == {"token_ids", "tokens", "token_logprobs", "top_logprobs"}
     assert set(answer["prompt"][0]["logprobs"]) == {"token_ids", "tokens", "token_logprobs"}
     assert answer["prompt"][0]["logprobs"]["token_logprobs"][0] is None
-    models = httpx.get(servers["together"].base_url + "/models", timeout=10,
+    models = httpx.get(dialect_bases["together"].base_url + "/models", timeout=10,
                        headers={"authorization": f"Bearer {KEY}"}).json()  # fmt: skip
     assert isinstance(models, list) and models[0]["id"] == "tiny-base"
 
 
-def test_fireworks_answer_shape_and_validation(servers):
-    server = servers["fireworks"]
+def test_fireworks_answer_shape_and_validation(dialect_bases):
+    server = dialect_bases["fireworks"]
     body = {"model": "tiny-base", "prompt": [0, 321, 530], "max_tokens": 2, "logprobs": True,
             "top_logprobs": 3, "echo_last": 1, "return_token_ids": True}  # fmt: skip
     choice = post("fireworks", server, "/completions", body).json()["choices"][0]
@@ -348,10 +357,10 @@ def test_fireworks_answer_shape_and_validation(servers):
     assert refused.json()["detail"][0]["msg"] == "Extra inputs are not permitted"
 
 
-def test_sglang_answer_shape(servers):
+def test_sglang_answer_shape(dialect_bases):
     body = {"input_ids": [0, 321, 530], "sampling_params": {"max_new_tokens": 2},
             "return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": 0}  # fmt: skip
-    answer = post("sglang", servers["sglang"], "/generate", body).json()
+    answer = post("sglang", dialect_bases["sglang"], "/generate", body).json()
     assert set(answer) == {"text", "output_ids", "meta_info"}
     meta = answer["meta_info"]
     assert [entry[1] for entry in meta["input_token_logprobs"]] == [0, 321, 530]
@@ -360,8 +369,8 @@ def test_sglang_answer_shape(servers):
     assert meta["finish_reason"]["type"] in {"length", "stop"}
 
 
-def test_ollama_answer_shape_and_defaults(servers):
-    server = servers["ollama"]
+def test_ollama_answer_shape_and_defaults(dialect_bases):
+    server = dialect_bases["ollama"]
     body = {"model": "tiny-base", "prompt": "def main():", "raw": True, "stream": False,
             "logprobs": True, "top_logprobs": 2, "options": {"num_predict": 2}}  # fmt: skip
     answer = post("ollama", server, "/api/generate", body).json()

@@ -28,7 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dialect_servers import (
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,
@@ -42,7 +44,6 @@ from dialect_servers import (
     register_dialect,
     render_token,
 )
-from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 TOGETHER_MAX_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 512  # together-python's CompletionRequest default

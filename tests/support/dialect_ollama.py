@@ -27,7 +27,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dialect_servers import (
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tests.support.dialect_servers import (
     Json,
     Refusal,
     _Core,
@@ -37,15 +47,6 @@ from dialect_servers import (
     encode_text,
     register_dialect,
     render_token,
-)
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 OLLAMA_MAX_TOP_LOGPROBS = 20

@@ -9,7 +9,7 @@ from functools import cache
 @cache
 def metaspace_tokenizer():
     """A Llama-2-style BPE: Metaspace pre-tokenizer, <0xNN> byte fallback, <s>/</s>/<unk>."""
-    from make_tiny_models import build_metaspace_tokenizer
+    from scripts.make_tiny_models import build_metaspace_tokenizer
 
     return build_metaspace_tokenizer()
 
@@ -18,7 +18,7 @@ def metaspace_tokenizer():
 def metaspace_tokenizer_special_bytes():
     """The same family, but its <0xNN> byte-fallback tokens are *special* added tokens (as the
     ``tokenizers`` BPE trainer makes them when given as its special tokens); byte fallback is on."""
-    from make_tiny_models import build_metaspace_tokenizer_special_bytes
+    from scripts.make_tiny_models import build_metaspace_tokenizer_special_bytes
 
     return build_metaspace_tokenizer_special_bytes()
 

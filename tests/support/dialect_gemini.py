@@ -49,7 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dialect_servers import (
+from transformers import LogitsProcessorList
+
+from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,
@@ -59,7 +61,6 @@ from dialect_servers import (
     _warpers,
     register_dialect,
 )
-from transformers import LogitsProcessorList
 
 GEMINI_MAX_K = 20
 OUTPUT_TOKEN_LIMIT = 8192

@@ -1,5 +1,6 @@
 """The openai, openai-chat and tgi adapters against servers that speak exactly those dialects
-(tests/dialect_servers.py: OpenAI and TGI cannot run here), backed by the real tiny base model.
+(tests/support/dialect_servers.py: OpenAI and TGI cannot run here), backed by the real tiny base
+model.
 
 For each, greedy output with the dialect's largest k and `restrict` equals the local reference
 restricted to that top-k; plus caps, retries, refusals and capability discovery.
@@ -15,14 +16,14 @@ import sys
 
 import pytest
 import torch
-from dialect_servers import DialectServer
-from reference import assert_same_tokens, proxy_tuned_greedy
 
 from proxyclient import ProxyTuner, TopKTooLargeError, connect
 from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
 from proxyclient.errors import APIStatusError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
+from tests.support.dialect_servers import DialectServer
+from tests.support.reference import assert_same_tokens, proxy_tuned_greedy
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
 N_TOKENS = 10
@@ -205,6 +206,7 @@ def test_probe_discovers_the_cap(dialect_servers, base_tokenizer, api, expected)
     assert capabilities.multi_step == (api != "openai-chat")
 
 
+@pytest.mark.subprocess
 def test_cli_inspect_prints_the_capabilities(dialect_servers, tiny_models):
     run = subprocess.run(
         [sys.executable, "-m", "proxyclient.cli", "inspect", "--api", "tgi",
@@ -239,7 +241,7 @@ def test_tgi_conditions_on_the_text_whatever_our_split(dialect_servers, base_tok
 
 
 def test_openai_recovers_ids_with_a_tiktoken_encoding(dialect_servers, tiny_models, hf_models):
-    from other_tokenizers import tiktoken_twin
+    from tests.support.other_tokenizers import tiktoken_twin
 
     encoding = BaseTokenizer(tiktoken_twin(hf_models["tokenizer"]))
     assert encoding.is_tiktoken
@@ -251,6 +253,7 @@ def test_openai_recovers_ids_with_a_tiktoken_encoding(dialect_servers, tiny_mode
     assert_same_tokens(got.token_ids, reference(hf_models, ids, 5), frozenset({1}))
 
 
+@pytest.mark.subprocess
 def test_cli_choose_with_a_one_step_chat_api(dialect_servers, tiny_models):
     run = subprocess.run(
         [sys.executable, "-m", "proxyclient.cli", "choose", "--api", "openai-chat",
@@ -422,6 +425,7 @@ def cli_generate(server, tiny_models, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.subprocess
 def test_cli_speculate_expert_without_scoring_names_the_supported_modes(
     dialect_servers, tiny_models
 ):
@@ -432,6 +436,7 @@ def test_cli_speculate_expert_without_scoring_names_the_supported_modes(
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("bad", "said"),
     [("0", "--draft-tokens must be an integer >= 1"), ("-3", "--draft-tokens must be an integer"),
@@ -443,6 +448,7 @@ def test_cli_draft_tokens_below_one_exits_2(dialect_servers, tiny_models, bad, s
     assert said in run.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_verbose_prints_one_cost_line(dialect_servers, tiny_models):
     run = cli_generate(
         dialect_servers["openai"], tiny_models, "-v", "--json", "--speculate", "base"

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from reference import assert_same_tokens
+
+from tests.support.reference import assert_same_tokens
 
 _FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

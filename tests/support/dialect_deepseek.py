@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dialect_servers import (
+from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from reference_bridged import BridgedWorld, check_one_token_loop
 
 from proxyclient import Generation, ProxyClientError
 from proxyclient.steps import OneTokenStep
+from tests.support.reference_bridged import BridgedWorld, check_one_token_loop
 
 UNSEEN = st.sampled_from(["residual", "restrict", "floor"])
 UNTWINNED = st.sampled_from(["prefix", "drop"])
@@ -40,10 +40,10 @@ def observed_rows() -> Iterator[list[Row]]:
     rows: list[Row] = []
     real = OneTokenStep.candidates
 
-    def recording(self, seq, observation, *, alpha=None, count=True):
-        if count and observation.expert is not None:
+    def recording(self, config, observation, *, alpha=None):
+        if alpha is None and observation.expert is not None:  # the tuned scores, not the base's
             rows.append((observation.top.token_ids, observation.expert, observation.anti))
-        return real(self, seq, observation, alpha=alpha, count=count)
+        return real(self, config, observation, alpha=alpha)
 
     OneTokenStep.candidates = recording
     try:

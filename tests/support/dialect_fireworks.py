@@ -32,7 +32,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dialect_servers import (
+from transformers import LogitsProcessorList
+
+from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,
@@ -46,7 +48,6 @@ from dialect_servers import (
     register_dialect,
     render_token,
 )
-from transformers import LogitsProcessorList
 
 FIREWORKS_MAX_TOP_LOGPROBS = 5
 DEFAULT_MAX_TOKENS = 16

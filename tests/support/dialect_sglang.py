@@ -28,7 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from dialect_servers import (
+from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,
@@ -40,7 +42,6 @@ from dialect_servers import (
     encode_text,
     register_dialect,
 )
-from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 SAMPLING_EPS = 1e-6  # sampling_params.py: _SAMPLING_EPS
 DEFAULT_MAX_NEW_TOKENS = 128  # SamplingParams.max_new_tokens
