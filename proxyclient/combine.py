@@ -27,6 +27,41 @@ class Candidates:
     dropped: int  # base candidates without a proxy twin (never silently lost: counted)
 
 
+@dataclass(frozen=True)
+class TwinIndex:
+    """What every step reads of a twin map, computed once per map (a step with the ``residual``
+    or ``floor`` policy scores the whole shared vocabulary: recomputing these per step is several
+    passes over it)."""
+
+    shared: torch.Tensor  # [S] int64, the base ids with a twin, ascending
+    proxy: torch.Tensor | None  # [S] their proxy ids; None when both are 0 .. S-1
+    position: torch.Tensor  # [V_base] int64, each base id's index in ``shared`` (-1: no twin)
+    largest: int  # the largest proxy id the map names (-1: none)
+
+
+_INDEXES: dict[int, tuple[torch.Tensor, TwinIndex]] = {}
+_MOST_INDEXES = 16  # a tuner has two maps (twin, prefix); tests build many
+
+
+def twin_index(twin: torch.Tensor) -> TwinIndex:
+    """``twin``'s TwinIndex (cached: twin maps are built once and never written)."""
+    cached = _INDEXES.get(id(twin))
+    if cached is not None and cached[0] is twin:
+        return cached[1]
+    shared = torch.nonzero(twin >= 0).squeeze(1)
+    proxy = twin[shared]
+    # The usual case, one tokenizer on both sides: base id i is proxy id i, for i < S.
+    same = bool(torch.equal(proxy, shared)) and int(shared[-1:].sum()) == shared.numel() - 1
+    position = torch.full((twin.numel(),), -1, dtype=torch.int64)
+    position[shared] = torch.arange(shared.numel())
+    largest = int(twin.max()) if twin.numel() else -1
+    index = TwinIndex(shared, None if same else proxy, position, largest)
+    if len(_INDEXES) >= _MOST_INDEXES:
+        del _INDEXES[next(iter(_INDEXES))]
+    _INDEXES[id(twin)] = (twin, index)
+    return index
+
+
 def base_scores(
     base_ids: torch.Tensor,
     base_logprobs: torch.Tensor,
@@ -50,8 +85,8 @@ def base_scores(
     if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
         return Candidates(seen_ids, seen_lp, dropped)
 
-    shared = torch.nonzero(twin >= 0).squeeze(1)  # [S] base ids with a twin
-    n_unseen = shared.numel() - seen_ids.numel()
+    index = twin_index(twin)
+    n_unseen = index.shared.numel() - seen_ids.numel()
     if policy is UnseenPolicy.FLOOR:
         unseen_lp = seen_lp.min()
     elif policy is UnseenPolicy.RESIDUAL:
@@ -61,9 +96,9 @@ def base_scores(
         unseen_lp = math.log(leftover / n_unseen) if leftover > 0 and n_unseen else -math.inf
     else:
         raise ValueError(f"unknown unseen policy {policy!r}")
-    scores = torch.full((twin.numel(),), float(unseen_lp), dtype=torch.float64)
-    scores[seen_ids] = seen_lp
-    return Candidates(shared, scores[shared], dropped)
+    scores = torch.full((index.shared.numel(),), float(unseen_lp), dtype=torch.float64)
+    scores[index.position[seen_ids]] = seen_lp
+    return Candidates(index.shared, scores, dropped)
 
 
 def combine(
@@ -83,16 +118,20 @@ def combine(
     (padded vocabularies allowed). twin: [V_base] proxy id per base id, -1 for none
     (``torch.arange(V)`` when both sides share a tokenizer).
     """
-    largest = int(twin.max()) if twin.numel() else -1
-    if largest >= min(expert_logprobs.shape[-1], anti_logprobs.shape[-1]):
+    index = twin_index(twin)
+    if index.largest >= min(expert_logprobs.shape[-1], anti_logprobs.shape[-1]):
         raise ValueError(
             f"proxy logprobs cover {expert_logprobs.shape[-1]} / {anti_logprobs.shape[-1]} ids, "
-            f"but the bridge maps to proxy id {largest}"
+            f"but the bridge maps to proxy id {index.largest}"
         )
     base = base_scores(base_ids, base_logprobs, twin, policy)
     if alpha == 0:
         return base
-    proxy_ids = twin[base.ids]
-    expert = expert_logprobs[proxy_ids].to(torch.float64)
-    anti = anti_logprobs[proxy_ids].to(torch.float64)
-    return Candidates(base.ids, base.scores + alpha * (expert - anti), base.dropped)
+    if base.ids is index.shared and index.proxy is None:  # the whole shared vocabulary, same ids
+        size = index.shared.numel()
+        expert, anti = expert_logprobs[:size], anti_logprobs[:size]
+    else:
+        proxy_ids = index.proxy if base.ids is index.shared else twin[base.ids]
+        expert, anti = expert_logprobs[proxy_ids], anti_logprobs[proxy_ids]
+    difference = expert.to(torch.float64) - anti.to(torch.float64)
+    return Candidates(base.ids, base.scores + alpha * difference, base.dropped)

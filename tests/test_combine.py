@@ -103,3 +103,42 @@ def test_a_bridge_maps_base_candidates_to_their_proxy_twins():
     assert out.scores.tolist() == pytest.approx([math.log(0.5) - 2.0, math.log(0.1)])
     floor = combine(ids, lp, EXPERT, ANTI, alpha=1.0, policy=UnseenPolicy.FLOOR, twin=twin)
     assert floor.ids.tolist() == [0, 1, 2, 3]  # the shared vocabulary, in base ids
+
+
+def _dense_reference(base_ids, base_lp, expert, anti, alpha, policy, twin):
+    """The formula over the shared vocabulary, written out per id (no cached index)."""
+    shared = [i for i in range(twin.numel()) if twin[i] >= 0]
+    seen = {int(i): float(lp) for i, lp in zip(base_ids, base_lp, strict=True) if int(i) in shared}
+    restricted = [i for i in base_ids.tolist() if i in seen]
+    ids = restricted if policy is UnseenPolicy.RESTRICT else shared
+    if policy is UnseenPolicy.FLOOR:
+        unseen = min(seen.values())
+    else:
+        leftover = 1.0 - float(torch.logsumexp(base_lp.double(), 0).exp())
+        unseen = math.log(leftover / (len(shared) - len(seen))) if leftover > 0 else -math.inf
+    return ids, [
+        seen.get(i, unseen) + alpha * (float(expert[twin[i]]) - float(anti[twin[i]])) for i in ids
+    ]
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+@pytest.mark.parametrize(
+    "twin",
+    [
+        torch.arange(12),  # one tokenizer
+        torch.tensor([0, 1, -1, 3, 4, -1, 6, 7, 8, 9, 10, 11]),  # gaps
+        torch.tensor([5, 0, 1, -1, 2, 3, 4, 6, 7, -1, 8, 9]),  # a bridge: other ids
+    ],
+    ids=["same-ids", "gaps", "bridge"],
+)
+def test_combine_equals_the_formula_written_out_for_each_kind_of_twin_map(policy, twin):
+    generator = torch.Generator().manual_seed(3)
+    expert = torch.log_softmax(torch.randn(12, generator=generator), 0)
+    anti = torch.log_softmax(torch.randn(12, generator=generator), 0)
+    base_ids = torch.tensor([4, 0, 7, 2])
+    base_lp = torch.log(torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64))
+    for _ in range(2):  # the second call reads the cached index
+        got = combine(base_ids, base_lp, expert, anti, alpha=0.7, policy=policy, twin=twin)
+        ids, scores = _dense_reference(base_ids, base_lp, expert, anti, 0.7, policy, twin)
+        assert got.ids.tolist() == ids
+        torch.testing.assert_close(got.scores, torch.tensor(scores, dtype=torch.float64))
