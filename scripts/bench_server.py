@@ -1,17 +1,22 @@
 """The OpenAI-compatible server under load: N concurrent streaming clients over loopback.
 
-The miniature's base-large on a real vLLM CPU server behind the latency relay of
-scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / base-small in a
-`proxyclient serve` process (torch 1 thread, the default speculation `auto`, k = 20); N clients
-(asyncio + httpx in this process) each stream R completions one after another (greedy, 64
-tokens, held-out questions of the miniature as in bench_throughput.py). Per N: generated
-tokens/s over the run, time to first token (request sent to first text chunk), inter-token
-latency (gap between successive text chunks of a stream; speculation delivers an accepted draft
-as several chunks at once, so its gaps are near 0), and errors (non-200, error events,
-exceptions: must be 0).
+The miniature's base-large, steered by expert-small / base-small in a `proxyclient serve` process
+(torch 1 thread, the default speculation `auto`, k = 20); N clients (asyncio + httpx in this
+process) each stream R completions one after another (greedy, 64 tokens, held-out questions of
+the miniature as in bench_throughput.py). Per N: generated tokens/s over the run, time to first
+token (request sent to first text chunk), inter-token latency (gap between successive text chunks
+of a stream; speculation delivers an accepted draft as several chunks at once, so its gaps are
+near 0), and errors (non-200, error events, exceptions: must be 0).
 
-    .venv/bin/python scripts/bench_server.py                   # N = 1, 8, 32: about 3 min
+The base, as in bench_throughput.py (``--base``): ``replay`` (default), scripts/replay_server.py
+answering from a recording after ``--rtt`` ms (50) with no compute, recorded the first time (or
+with ``--record``) from a real vLLM CPU server (``--recording``: default under .cache/replay/, one
+per --tokens and --requests; a request it lacks fails its stream and the script's exit status);
+or ``vllm``, the real vLLM CPU server behind the latency relay of scripts/bench_speed.py.
+
+    .venv/bin/python scripts/bench_server.py                   # N = 1, 8, 32, replay base
     .venv/bin/python scripts/bench_server.py --clients 1 8 --requests 1 --rtt 20
+    .venv/bin/python scripts/bench_server.py --base vllm       # the real CPU server: about 3 min
 
 Bounded: at most 64 clients, 8 requests each, 256 tokens; every request has a deadline.
 """
@@ -31,9 +36,10 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_speed import LatencyRelay, candidate_prompts
+from scripts.bench_speed import LatencyRelay, candidate_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "scripts" / "miniature_models"
@@ -139,6 +145,36 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float 
     raise SystemExit(f"proxyclient serve did not come up:\n{log.read_text()[-3000:]}")
 
 
+def default_recording(args: argparse.Namespace) -> Path:
+    name = f"bench_server-{args.models.name}-{args.tokens}t-{args.requests}r.jsonl.gz"
+    return REPO / ".cache" / "replay" / name
+
+
+def run_loads(base_url: str, args: argparse.Namespace, prompts: list[str], log: Path) -> list:
+    """`proxyclient serve` on ``base_url``; a warm-up, then each number of clients in turn."""
+    from scripts.miniature import BASE_NAME
+    from scripts.vllm_server import free_port
+
+    rows = []
+    port = free_port()
+    proxy = start_server(base_url, BASE_NAME, args.models, port, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proxy, log)
+        completions = f"{url}/v1/completions"
+        asyncio.run(load(completions, BASE_NAME, prompts, 2, 1, 8))  # warm-up
+        for clients in args.clients:
+            streams, wall = asyncio.run(
+                load(completions, BASE_NAME, prompts, clients, args.requests, args.tokens)
+            )
+            rows.append((clients, streams, wall))
+            print(f"{clients} clients done in {wall:.1f} s", file=sys.stderr)
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -146,47 +182,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rtt", type=float, default=50.0, help="added round trip, ms")
     parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--base", choices=["replay", "vllm"], default="replay")
+    parser.add_argument("--recording", type=Path, default=None, help="replay: the recording")
+    parser.add_argument("--record", action="store_true", help="replay: record it again first")
     args = parser.parse_args(argv)
     if not all(1 <= n <= MAX_CLIENTS for n in args.clients):
         parser.error(f"--clients: 1 to {MAX_CLIENTS}")
     if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.tokens <= MAX_TOKENS:
         parser.error(f"--requests: 1 to {MAX_REQUESTS}; --tokens: 1 to {MAX_TOKENS}")
 
-    from miniature import BASE_NAME, load_eval
-    from vllm_server import VLLMServer, free_port
+    from scripts.miniature import BASE_NAME, load_eval
+    from scripts.replay_server import ReplayServer
+    from scripts.vllm_server import VLLMServer
 
     prompts = candidate_prompts(load_eval(args.models, quick=False))
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_server.log"
-    server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
-    rows = []
-    try:
-        with LatencyRelay(server.port) as relay:
+    misses = 0
+    if args.base == "replay":
+        recording = args.recording or default_recording(args)
+        if args.record or not recording.exists():
+            print(
+                f"recording the base's answers into {recording} (vLLM on the CPU)", file=sys.stderr
+            )
+            with (
+                VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20) as server,
+                ReplayServer("record", recording, upstream=server.root_url) as recorder,
+            ):
+                run_loads(f"{recorder.root_url}/v1", args, prompts, log)
+        with ReplayServer("replay", recording, rtt_ms=args.rtt) as replay:
+            rows = run_loads(f"{replay.root_url}/v1", args, prompts, log)
+            misses = replay.stats()["misses"]
+        where = f"base-large replayed from {recording.relative_to(REPO)} (no compute)"
+    else:
+        with (
+            VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20) as server,
+            LatencyRelay(server.port) as relay,
+        ):
             relay.set_rtt(args.rtt)
-            port = free_port()
-            proxy = start_server(f"{relay.root_url}/v1", BASE_NAME, args.models, port, log)
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, proxy, log)
-                completions = f"{url}/v1/completions"
-                asyncio.run(load(completions, BASE_NAME, prompts, 2, 1, 8))  # warm-up
-                for clients in args.clients:
-                    streams, wall = asyncio.run(
-                        load(completions, BASE_NAME, prompts, clients, args.requests, args.tokens)
-                    )
-                    rows.append((clients, streams, wall))
-                    print(f"{clients} clients done in {wall:.1f} s", file=sys.stderr)
-            finally:
-                proxy.terminate()
-                proxy.wait(timeout=30)
-    finally:
-        server.stop()
+            rows = run_loads(f"{relay.root_url}/v1", args, prompts, log)
+        where = "base-large on vLLM (CPU)"
 
     print(
         f"\n{args.requests} streamed completions per client, in turn; {args.tokens} tokens each "
-        f"(fewer where one ends at EOS), greedy, k = 20, speculate auto, {args.rtt:g} ms added "
-        f"round trip; base-large on vLLM (CPU), expert-small / base-small in `proxyclient serve` "
-        f"(torch 1 thread); clients, server and vLLM share this machine's "
-        f"{os.cpu_count()} cores\n"
+        f"(fewer where one ends at EOS), greedy, k = 20, speculate auto, {args.rtt:g} ms round "
+        f"trip; {where}, expert-small / base-small in `proxyclient serve` (torch 1 thread); "
+        f"clients, server and base share this machine's {os.cpu_count()} cores\n"
     )
     print(
         "| clients | streams | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms "
@@ -213,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [s.error for _, streams, _ in rows for s in streams if s.error]
     if failed:
         print(f"\n{len(failed)} streams failed, e.g. {failed[0]}", file=sys.stderr)
+    if misses:
+        print(f"{misses} requests missing from the recording: rerun with --record", file=sys.stderr)
+    if failed or misses:
         return 1
     return 0
 

@@ -1,24 +1,37 @@
-"""Many prompts at once: wall time, tokens/s and local batch sizes for 1, 4, 16 and 64 prompts.
+"""Many prompts at once: wall time, client CPU and local batch sizes for 1, 4, 16 and 64 prompts.
 
-The miniature's base-large on a real vLLM CPU server behind the latency relay of
-scripts/bench_speed.py (50 ms round trip by default), steered by expert-small / base-small on this
-CPU through ``ProxyTuner.generate_many(prompts, concurrency=N)``: N prompts (held-out questions
-followed by the start of the next, as in bench_speed.py), 64 tokens each, greedy, k = 20, the
-default speculation (``auto``). Columns: wall time, ratio to one prompt's, this process's CPU
-time (the client; the relay and the vLLM server are other processes), how busy the whole
-machine's cores were (client, relay and server together: near 100% means the hardware, not the
-client's scheduling, sets the pace), generated tokens/s, requests, the local forwards by batch
-size (how many sequences each held), and the process's peak resident memory during the run.
-Before the runs, how busy the machine is with the server idle and in the half second after one
-request: its engine keeps cores busy after each request, which the client's runs share.
+The miniature's base-large, steered by expert-small / base-small on this CPU through
+``ProxyTuner.generate_many(prompts, concurrency=N)``: N prompts (held-out questions followed by
+the start of the next, as in bench_speed.py), 64 tokens each, greedy, k = 20, the default
+speculation (``auto``).
+
+The base (``--base``):
+
+- ``replay`` (default): scripts/replay_server.py answers every request from a recording after a
+  fixed round trip (``--rtt``, 50 ms), with no compute, so the numbers are the client's. The
+  recording (``--recording``, default under .cache/replay/) is made the first time, or with
+  ``--record``: the same runs against a real vLLM CPU server through the recording proxy. A
+  request the recording lacks (a miss) fails its generation; the script then says so.
+- ``vllm``: the real vLLM CPU server behind the latency relay of scripts/bench_speed.py (``--rtt``
+  added to every request); it computes every request on the same cores as the client.
+
+Columns: wall time, ratio to one prompt's, this process's CPU time (the client; the base is
+another process) in all and per base request and per generated token, how busy the whole
+machine's cores were (client and base together), generated tokens/s, base requests, the local
+forwards by batch size (how many sequences each held), the process's peak resident memory during
+the run, and on the replay base its own CPU time and the client connections it saw. With
+``--base vllm``, before the runs, how busy the machine is with the server idle and in the half
+second after one request: its engine keeps cores busy after each request, which the client's runs
+share.
 
 Then the local step alone: one forward of both proxies for B sequences at once (``feed_many``;
 each with a 48-token cache, one new token), median of 20, against B = 1.
 
-    .venv/bin/python scripts/bench_throughput.py                  # 1, 4, 16, 64 prompts: ~2 min
+    .venv/bin/python scripts/bench_throughput.py                  # replay base: 1, 4, 16, 64
     .venv/bin/python scripts/bench_throughput.py --counts 1 16 --rtt 50
+    .venv/bin/python scripts/bench_throughput.py --base vllm      # the real CPU server
 
-torch uses 1 thread: client and server share this machine's 2 cores (see scripts/bench_step.py).
+torch uses 1 thread: client and base share this machine's cores (see scripts/bench_step.py).
 """
 
 from __future__ import annotations
@@ -31,14 +44,16 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_speed import LatencyRelay, candidate_prompts
+from scripts.bench_speed import LatencyRelay, candidate_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "scripts" / "miniature_models"
@@ -96,7 +111,7 @@ def server_busy(base_url: str, model: str) -> tuple[float, float]:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process (the client and the in-process latency relay), user + system."""
+    """CPU time of this process (the client: every thread), user + system."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -119,76 +134,166 @@ def local_step_ms(pair, batch: int, rounds: int = 20) -> float:
     return statistics.median(times) * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--rtt", type=float, default=50.0, help="added round trip, ms")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--models", type=Path, default=MODELS)
-    args = parser.parse_args(argv)
+@dataclass
+class Row:
+    count: int
+    wall: float
+    cpu: float
+    busy: float
+    tokens: int
+    requests: int
+    sizes: dict[int, int]
+    peak_mb: float
+    base_cpu: float | None  # the replay server's CPU seconds; None on vLLM
+    connections: int | None  # the client's connections the replay server saw; None on vLLM
 
-    from miniature import BASE_NAME, load_eval
-    from vllm_server import VLLMServer
 
+def default_recording(models: Path, tokens: int) -> Path:
+    return REPO / ".cache" / "replay" / f"bench_throughput-{models.name}-{tokens}t.jsonl.gz"
+
+
+def run_counts(base_url: str, args: argparse.Namespace, prompts, replay=None) -> tuple:
+    """Warm up, then ``generate_many`` for each count; the rows and the local-step times."""
     from proxyclient import GenerationConfig, ProxyTuner, connect
+    from scripts.miniature import BASE_NAME
 
-    torch.set_num_threads(1)
-    prompts = candidate_prompts(load_eval(args.models, quick=False))[: max(args.counts)]
-    server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
+    base = connect("vllm", base_url, BASE_NAME)
     rows = []
-    with contextlib.ExitStack() as stack:
-        stack.callback(server.stop)
-        relay = stack.enter_context(LatencyRelay(server.port))
-        relay.set_rtt(args.rtt)
-        base = connect("vllm", f"{relay.root_url}/v1", BASE_NAME)
-        tuner = stack.enter_context(
-            ProxyTuner(base, args.models / "expert-small", args.models / "base-small", threads=1)
-        )
+    with ProxyTuner(
+        base, args.models / "expert-small", args.models / "base-small", threads=1
+    ) as tuner:
         config = GenerationConfig(max_new_tokens=args.tokens, base_k=20)
         tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
-        idle_busy, after_request_busy = server_busy(server.base_url, BASE_NAME)
         for count in args.counts:
             tuner.proxies.batch_sizes.clear()
+            before = replay.stats(reset=True) if replay is not None else None
             started, cpu_before = time.perf_counter(), _cpu_seconds()
             busy_before, total_before = _machine_busy_seconds()
             with PeakMemory() as memory:
                 results = tuner.generate_many(prompts[:count], config, concurrency=count)
             wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
             busy_after, total_after = _machine_busy_seconds()
+            after = replay.stats() if replay is not None else None
             busy = (busy_after - busy_before) / (total_after - total_before)
             errors = [r.error for r in results if r.error]
+            misses = after["misses"] if after else 0
             if errors:
-                raise SystemExit(f"{len(errors)} generations failed, e.g. {errors[0]}")
-            tokens = sum(len(r.token_ids) for r in results)
-            requests = sum(r.usage.requests for r in results)
-            sizes = dict(sorted(tuner.proxies.batch_sizes.items()))
-            rows.append((count, wall, cpu, busy, tokens, requests, sizes, memory.peak_mb))
+                hint = ""
+                if misses:
+                    hint = (
+                        f" ({misses} requests missing from the recording, e.g. "
+                        f"{after['missed_keys'][0][:200]!r}; rerun with --record)"
+                    )
+                raise SystemExit(f"{len(errors)} generations failed, e.g. {errors[0]}{hint}")
+            rows.append(
+                Row(
+                    count,
+                    wall,
+                    cpu,
+                    busy,
+                    sum(len(r.token_ids) for r in results),
+                    sum(r.usage.requests for r in results),
+                    dict(sorted(tuner.proxies.batch_sizes.items())),
+                    memory.peak_mb,
+                    after["cpu_s"] - before["cpu_s"] if after and before else None,
+                    after["connections"] if after else None,
+                )
+            )
             print(f"{count} prompts done in {wall:.1f} s", file=sys.stderr)
-        steps = {b: local_step_ms(tuner.proxies, b) for b in (1, 4, 16, 64)}
+        steps = {b: local_step_ms(tuner.proxies, b) for b in (1, 4, 16, 64)} if args.steps else {}
+    return rows, steps
 
-    one = rows[0][1]
+
+def record(args: argparse.Namespace, prompts, recording: Path) -> None:
+    """The benchmark's runs against the real vLLM server through the recording proxy."""
+    from scripts.miniature import BASE_NAME
+    from scripts.replay_server import ReplayServer
+    from scripts.vllm_server import VLLMServer
+
+    print(f"recording the base's answers into {recording} (vLLM on the CPU)", file=sys.stderr)
+    with (
+        VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20) as server,
+        ReplayServer("record", recording, upstream=server.root_url) as recorder,
+    ):
+        no_steps = argparse.Namespace(**(vars(args) | {"steps": False}))
+        run_counts(f"{recorder.root_url}/v1", no_steps, prompts)
+        print(f"recorded: {recorder.stats()}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--rtt", type=float, default=50.0, help="round trip, ms")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--base", choices=["replay", "vllm"], default="replay")
+    parser.add_argument("--recording", type=Path, default=None, help="replay: the recording")
+    parser.add_argument("--record", action="store_true", help="replay: record it again first")
+    parser.add_argument(
+        "--no-steps", dest="steps", action="store_false", help="no local-step table"
+    )
+    args = parser.parse_args(argv)
+
+    from scripts.miniature import BASE_NAME, load_eval
+
+    torch.set_num_threads(1)
+    prompts = candidate_prompts(load_eval(args.models, quick=False))[: max(args.counts)]
+    idle_busy = after_request_busy = None
+    with contextlib.ExitStack() as stack:
+        if args.base == "replay":
+            from scripts.replay_server import ReplayServer
+
+            recording = args.recording or default_recording(args.models, args.tokens)
+            if args.record or not recording.exists():
+                record(args, prompts, recording)
+            replay = stack.enter_context(ReplayServer("replay", recording, rtt_ms=args.rtt))
+            rows, steps = run_counts(f"{replay.root_url}/v1", args, prompts, replay)
+            where = f"base-large replayed from {recording.relative_to(REPO)} (no compute)"
+        else:
+            from scripts.vllm_server import VLLMServer
+
+            server = stack.enter_context(
+                VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20)
+            )
+            relay = stack.enter_context(LatencyRelay(server.port))
+            relay.set_rtt(args.rtt)
+            idle_busy, after_request_busy = server_busy(server.base_url, BASE_NAME)
+            rows, steps = run_counts(f"{relay.root_url}/v1", args, prompts)
+            where = "base-large on vLLM (CPU)"
+
+    one = rows[0].wall
+    busy_line = ""
+    if idle_busy is not None:
+        busy_line = (
+            f" Machine busy with the vLLM server idle: {idle_busy:.0%}; in the 0.5 s after one "
+            f"request: {after_request_busy:.0%}"
+        )
     print(
         f"\n{args.tokens} tokens per prompt (fewer where one ends at EOS), greedy, k = 20, "
-        f"speculate auto, {args.rtt:g} ms added round trip; base-large on vLLM (CPU), "
-        f"expert-small / base-small local (torch 1 thread). Machine busy with the vLLM server "
-        f"idle: {idle_busy:.0%}; in the 0.5 s after one request: {after_request_busy:.0%}\n"
+        f"speculate auto, {args.rtt:g} ms round trip; {where}, expert-small / base-small local "
+        f"(torch 1 thread), {os.cpu_count()} cores.{busy_line}\n"
     )
     print(
-        "| prompts | wall s | vs 1 prompt | client CPU s | machine busy | tokens "
-        "| tokens/s | requests | local forwards by batch size | peak RSS MB |"
+        "| prompts | wall s | vs 1 prompt | client CPU s | CPU ms / request | CPU ms / token "
+        "| machine busy | tokens | tokens/s | requests | local forwards by batch size "
+        "| peak RSS MB | base CPU s | connections |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for count, wall, cpu, busy, tokens, requests, sizes, peak in rows:
-        spread = ", ".join(f"{b}: {n}" for b, n in sizes.items())
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        spread = ", ".join(f"{b}: {n}" for b, n in r.sizes.items())
+        base_cpu = "" if r.base_cpu is None else f"{r.base_cpu:.1f}"
+        connections = "" if r.connections is None else str(r.connections)
         print(
-            f"| {count} | {wall:.1f} | {wall / one:.2f}x | {cpu:.1f} | {busy:.0%} "
-            f"| {tokens} "
-            f"| {tokens / wall:.0f} | {requests} | {spread} | {peak:.0f} |"
+            f"| {r.count} | {r.wall:.2f} | {r.wall / one:.2f}x | {r.cpu:.2f} "
+            f"| {r.cpu * 1e3 / max(1, r.requests):.2f} | {r.cpu * 1e3 / max(1, r.tokens):.2f} "
+            f"| {r.busy:.0%} | {r.tokens} | {r.tokens / r.wall:.0f} | {r.requests} | {spread} "
+            f"| {r.peak_mb:.0f} | {base_cpu} | {connections} |"
         )
-    print("\n| sequences in one local step | ms (both proxies) | vs 1 |")
-    print("|---|---|---|")
-    for batch, ms in steps.items():
-        print(f"| {batch} | {ms:.2f} | {ms / steps[1]:.2f}x |")
+    if steps:
+        print("\n| sequences in one local step | ms (both proxies) | vs 1 |")
+        print("|---|---|---|")
+        for batch, ms in steps.items():
+            print(f"| {batch} | {ms:.2f} | {ms / steps[1]:.2f}x |")
     return 0
 
 
