@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -113,6 +113,7 @@ class Capabilities:
     logprobs: LogprobSemantics
     multi_step: bool = True
     drafts: bool = False  # generates several tokens per request with top-k at each (``generate``)
+    streams: bool = False  # streams a continuation with top-k at each token (``stream_draft``)
 
 
 @dataclass(frozen=True)
@@ -173,3 +174,27 @@ class DraftingBaseModel(BaseModel, Protocol):
     ) -> Continuation: ...
 
     async def score(self, prompt: Prompt, continuation: Sequence[int], k: int) -> Continuation: ...
+
+
+@dataclass(frozen=True)
+class StreamedPosition:
+    """One position of a streamed continuation: the token the base chose (None: the answer did
+    not identify it), its own logprob, and the top-k before it."""
+
+    token: int | None
+    logprob: float | None
+    top: TopLogprobs
+
+
+@runtime_checkable
+class StreamingBaseModel(BaseModel, Protocol):
+    """A base that streams a continuation with the top-k at each token (speculate=stream).
+
+    ``stream_draft``: up to ``n`` tokens after ``prompt``, greedy or sampled at temperature 1
+    (with ``seed``), one position as each arrives. Closing the iterator early closes the request,
+    so the server stops generating.
+    """
+
+    def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]: ...

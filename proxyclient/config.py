@@ -56,11 +56,17 @@ class Speculate(StrEnum):
     - ``expert``: the expert drafts locally and one request scores the draft (the base's top-k at
       every drafted position and after it); needs ``capabilities.prompt_scoring`` and a base that
       shares the proxies' tokenizer.
-    - ``auto``: the best mode the base supports; the draft length adapts to what is accepted, so
-      where drafts keep failing it falls back to one token per request.
+    - ``stream``: the base continues in one streamed request (up to ``stream_tokens`` tokens) and
+      each position is checked as it arrives; at the first disagreement the stream is closed and
+      the next request starts from the corrected text: one round trip per disagreement (an
+      adapter whose ``capabilities.streams`` is True).
+    - ``auto``: the best mode the base supports (stream, base, expert, off); the draft length
+      adapts to what is accepted, so where drafts keep failing it falls back to one token per
+      request.
     """
 
     OFF = "off"
+    STREAM = "stream"
     BASE = "base"
     EXPERT = "expert"
     AUTO = "auto"
@@ -90,6 +96,10 @@ MAX_TRACE_ALTERNATIVES = 20
 
 # The longest draft one speculative request asks for; the length adapts below it.
 DEFAULT_DRAFT_TOKENS = 8
+# Tokens one streamed request may run to: what a hosted API may bill beyond a disagreement before
+# the closed stream reaches it is bounded by this, and a longer agreement costs one more round trip
+# per this many tokens.
+DEFAULT_STREAM_TOKENS = 64
 
 
 def default_base_k(max_k: int | None) -> int:
@@ -178,6 +188,11 @@ class GenerationConfig:
     draft_tokens: int = _option(
         DEFAULT_DRAFT_TOKENS, "the longest draft (it adapts below that)", metavar="N"
     )
+    stream_tokens: int = _option(
+        DEFAULT_STREAM_TOKENS,
+        "speculate=stream: the most tokens one streamed request asks for",
+        metavar="N",
+    )
     # The CLI's --trace FILE / --trace-top N, the server's logprobs / top_logprobs.
     trace: int | None = _option(
         None,
@@ -237,6 +252,11 @@ class GenerationConfig:
                 f"draft_tokens must be an integer >= 1 (the longest draft), got "
                 f"{self.draft_tokens!r}"
             )
+        if not isinstance(self.stream_tokens, int) or self.stream_tokens < 1:
+            raise ConfigError(
+                f"stream_tokens must be an integer >= 1 (tokens per streamed request), got "
+                f"{self.stream_tokens!r}"
+            )
         if any(not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings")
         trace = self.trace
@@ -257,7 +277,11 @@ def _check_types(config: GenerationConfig) -> None:
         value = getattr(config, name)
         if not (_integer(value) or (name != "top_k" and value is None)):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
-    for name in ("max_new_tokens", "draft_tokens"):  # other types: checked with their range
+    for name in (
+        "max_new_tokens",
+        "draft_tokens",
+        "stream_tokens",
+    ):  # other types: checked with their range
         if isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be an integer, got {getattr(config, name)!r}")
     for name in ("alpha", "temperature", "top_p"):

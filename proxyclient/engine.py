@@ -10,6 +10,7 @@ one scoring request. The usage each step returns is added to the generation here
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from proxyclient.steps import (
     ExpertDraftStep,
     Observation,
     OneTokenStep,
+    StreamedDraftStep,
     request_usage,
 )
 from proxyclient.tokens import TokenSpace
@@ -45,6 +47,7 @@ class Engine:
         self.tokens = tokens
         self.step = OneTokenStep(base, proxies, tokens, overlap=overlap)
         self._drafting = {
+            Speculate.STREAM: StreamedDraftStep(base, proxies, tokens),
             Speculate.BASE: BaseDraftStep(base, proxies, tokens),
             Speculate.EXPERT: ExpertDraftStep(base, proxies, tokens),
         }
@@ -84,6 +87,8 @@ class Engine:
         """The drafting modes this base supports, best first (``auto`` takes the first)."""
         capabilities = self.base.capabilities
         modes = []
+        if capabilities.streams and hasattr(self.base, "stream_draft"):
+            modes.append(Speculate.STREAM)
         if capabilities.drafts and hasattr(self.base, "generate"):
             modes.append(Speculate.BASE)
         if capabilities.prompt_scoring and hasattr(self.base, "score") and not self.tokens.bridged:
@@ -100,8 +105,7 @@ class Engine:
             why = (
                 "the expert drafts only for a base that shares the proxies' tokenizer"
                 if speculate is Speculate.EXPERT and self.tokens.bridged
-                else f"the {self.base.name!r} base cannot "
-                + ("score a continuation" if speculate is Speculate.EXPERT else "draft")
+                else f"the {self.base.name!r} base cannot " + _CANNOT[speculate]
             )
             supported = ", ".join(m.value for m in [Speculate.OFF, *modes, Speculate.AUTO])
             raise ConfigError(f"speculate={speculate.value!r}: {why}; supported here: {supported}")
@@ -132,14 +136,17 @@ class Engine:
                         f"prompt (a plain chat API cannot continue a partial answer); use "
                         f"max_new_tokens=1 or ProxyTuner.choose(), or a server that can continue"
                     )
-                chosen = await step(seq)
-                seq.usage.add(chosen.usage)
-                for token, trace in zip(chosen.tokens, chosen.traces, strict=True):
-                    piece = new(seq.accept(token, trace))
-                    if piece:
-                        yield piece
-                    if seq.finished:
-                        break
+                async with contextlib.aclosing(step.run(seq)) as chunks:
+                    async for chosen in chunks:
+                        seq.usage.add(chosen.usage)
+                        for token, trace in zip(chosen.tokens, chosen.traces, strict=True):
+                            piece = new(seq.accept(token, trace))
+                            if piece:
+                                yield piece
+                            if seq.finished:
+                                break
+                        if seq.finished:
+                            break
         except ProxyClientError as exc:
             exc.partial = seq.fail(str(exc))
             rest = exc.partial.text[delivered:]  # held back for a stop sequence that may follow
@@ -263,6 +270,13 @@ class Engine:
         result = score_tokens(tokens, every, traces)  # type: ignore[arg-type]
         result.usage = usage
         return result
+
+
+_CANNOT = {
+    Speculate.STREAM: "stream a continuation with its top-k",
+    Speculate.BASE: "draft",
+    Speculate.EXPERT: "score a continuation",
+}
 
 
 def with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:

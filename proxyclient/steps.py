@@ -20,9 +20,11 @@ base draft is exactly a one-token request, so steering that rejects most drafts 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -34,17 +36,27 @@ from proxyclient.adapters.base import (
     DraftingBaseModel,
     Prompt,
     ServerUsage,
+    StreamedPosition,
+    StreamingBaseModel,
     TopLogprobs,
 )
 from proxyclient.combine import Candidates, combine
 from proxyclient.config import GenerationConfig, UntwinnedRule
-from proxyclient.errors import ProxyClientError, ResponseFormatError
+from proxyclient.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    ProxyClientError,
+    ResponseFormatError,
+    ServerError,
+)
 from proxyclient.proxies import ProxyLogprobs, ProxyPair
 from proxyclient.result import TokenTrace, Usage
 from proxyclient.sampling import choose, distribution, verify
 from proxyclient.sequence import Sequence
 from proxyclient.tokens import TokenSpace
 from proxyclient.trace import trace_token
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,12 @@ class OneTokenStep:
         usage.add(self.tally(observation.top, candidates))
         token = self.pick(seq, candidates)
         return Chosen([token], [self.trace(seq.config, observation, candidates, token)], usage)
+
+    async def run(self, seq: Sequence) -> AsyncIterator[Chosen]:
+        """What the step chooses for ``seq``, chunk by chunk (one request's worth: a streamed
+        step yields several as its answer arrives); the caller accepts each chunk's tokens
+        before it asks for the next, and closes the iterator when the sequence finishes."""
+        yield await self(seq)
 
     async def observe(self, seq: Sequence) -> tuple[Observation, Usage]:
         """Ask the base and run the proxies for the position after ``seq``'s last token; what
@@ -240,15 +258,26 @@ class _DraftStep(OneTokenStep):
         the first differing one (or the one after a full draft). A failure at a later position
         keeps those verified before it (the next step meets it again). The drafted tokens after
         the last one kept are taken back; the draft length adapts to what was accepted."""
+        chosen, accepted, _ = self.verify_positions(seq, positions, usage)
+        self.adapt(seq, drafted, accepted)
+        _keep_draft(seq, chosen.tokens)
+        return chosen
+
+    def verify_positions(
+        self, seq: Sequence, positions: Iterable[Position], usage: Usage
+    ) -> tuple[Chosen, int, bool]:
+        """The tokens emitted over ``positions`` (see ``verify_draft``), how many drafted ones
+        were accepted, and whether every position was verified and kept."""
         emitted: list[int] = []
         traces: list[TokenTrace | None] = []
-        accepted = 0
+        accepted, whole = 0, True
         for observation, token, draft_p, logprob in positions:
             try:
                 candidates = self.candidates(seq.config, observation)
             except ProxyClientError:
                 if not emitted:
                     raise
+                whole = False
                 break
             usage.add(self.tally(observation.top, candidates))
             chosen, kept = self._verified(seq, candidates, token, draft_p, logprob)
@@ -256,11 +285,10 @@ class _DraftStep(OneTokenStep):
             traces.append(self.trace(seq.config, observation, candidates, chosen))
             accepted += kept
             if not kept:
+                whole = False
                 break
         usage.accepted_draft_tokens += accepted
-        self.adapt(seq, drafted, accepted)
-        _keep_draft(seq, emitted)
-        return Chosen(emitted, traces, usage)
+        return Chosen(emitted, traces, usage), accepted, whole
 
     def adapt(self, seq: Sequence, drafted: int, accepted: int) -> None:
         longest = seq.config.draft_tokens
@@ -312,21 +340,41 @@ class BaseDraftStep(_DraftStep):
             return chosen
         if seq.appended == 0:
             self.tokens.check_unresolved(draft.tops[0])
-        # Positions up to the first token we cannot identify (or cannot spell on the proxy
-        # side) can be verified: the proxies read the drafted tokens before the last verifiable
-        # position in one forward.
-        unknown = next(
-            (i for i, t in enumerate(draft.tokens) if t is None or not seq.can_append(t)),
-            len(draft),
+        chosen, accepted, _ = await self.check_continuation(
+            seq, draft.tokens, draft.tops, draft.token_logprobs, first, usage
         )
-        last = min(unknown, len(draft) - 1)
+        self.adapt(seq, len(draft), accepted)
+        _keep_draft(seq, chosen.tokens)
+        return chosen
+
+    async def check_continuation(
+        self,
+        seq: Sequence,
+        tokens: Ids[int | None],
+        tops: Ids[TopLogprobs],
+        logprobs: Ids[float | None],
+        first: ProxyLogprobs | None,
+        usage: Usage,
+    ) -> tuple[Chosen, int, bool]:
+        """Verify the base's own continuation (``tokens``, the top-k before each, their
+        logprobs) from ``seq``'s end, where the proxies said ``first``: what is emitted, how many
+        drafted tokens were accepted, and whether every position was verified and kept.
+
+        Positions up to the first token we cannot identify (or cannot spell on the proxy side)
+        can be verified: the proxies read the drafted tokens before the last verifiable position
+        in one forward."""
+        config = seq.config
+        unknown = next(
+            (i for i, t in enumerate(tokens) if t is None or not seq.can_append(t)), len(tokens)
+        )
+        last = min(unknown, len(tokens) - 1)
         rows = _DraftRows(first)
         if last and first is not None:
-            rows = await self.read_draft(seq, draft.tokens[:last], first)  # type: ignore[arg-type]
+            rows = await self.read_draft(seq, list(tokens[:last]), first)  # type: ignore[arg-type]
 
         def positions() -> Iterator[Position]:
             for i in range(last + 1):
-                top = draft.tops[i]
+                top = tops[i]
 
                 def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
                     # What the draft was sampled from: the base's raw distribution, as the
@@ -334,10 +382,9 @@ class BaseDraftStep(_DraftStep):
                     alone = self.candidates(config, Observation(top, None, None), alpha=0.0)
                     return alone.scores.exp()
 
-                observation = Observation(top, *rows.at(i))
-                yield observation, draft.tokens[i], base_p, draft.token_logprobs[i]
+                yield Observation(top, *rows.at(i)), tokens[i], base_p, logprobs[i]
 
-        return self.verify_draft(seq, positions(), len(draft), usage)
+        return self.verify_positions(seq, positions(), usage)
 
     async def read_draft(
         self, seq: Sequence, tokens: list[int], first: ProxyLogprobs
@@ -406,6 +453,117 @@ class ExpertDraftStep(_DraftStep):
                 yield Observation(top, draft.expert[i], draft.anti[i]), drafted, expert_p, logprob
 
         return self.verify_draft(seq, positions(), len(draft.tokens), usage)
+
+
+class StreamedDraftStep(BaseDraftStep):
+    """The base continues in one streamed request; each position is verified as it arrives.
+
+    While the proxy-tuned choice agrees with the base's token, the stream goes on at the base's
+    own speed (up to ``stream_tokens``); at the first disagreement it is closed (the server stops
+    generating) and the corrected token emitted, and the next request starts from there: one round
+    trip per disagreement. The proxies read every position that arrived while they were busy in
+    one forward, so a slow local side falls behind in batches, not token by token. A stream that
+    breaks after some positions keeps what was verified: the next request goes on from there.
+    """
+
+    async def __call__(self, seq: Sequence) -> Chosen:
+        chunks = [chosen async for chosen in self.run(seq)]
+        return Chosen(
+            [t for c in chunks for t in c.tokens],
+            [t for c in chunks for t in c.traces],
+            _summed(c.usage for c in chunks),
+        )
+
+    async def run(self, seq: Sequence) -> AsyncIterator[Chosen]:
+        config, base = seq.config, cast(StreamingBaseModel, self.base)  # checked by the engine
+        greedy = config.temperature == 0
+        n = max(1, min(config.stream_tokens, config.max_new_tokens - len(seq.token_ids)))
+        prompt = seq.base_prompt
+        seed = None if greedy else _seed(seq)
+        seq.timings.steps += 1
+        arrived: list[StreamedPosition] = []
+        ready = asyncio.Event()
+        stream = base.stream_draft(prompt, cast(int, config.base_k), n, greedy=greedy, seed=seed)
+        reader = asyncio.ensure_future(_pull(stream, arrived, ready))
+        started, verified = time.perf_counter(), 0
+        usage = request_usage(prompt, ServerUsage(), 0)
+        try:
+            while True:
+                first = seq.proxy_logprobs(self.pair) if config.alpha != 0 else None
+                proxies = asyncio.ensure_future(first) if first is not None else None
+                while not arrived and not reader.done():
+                    await ready.wait()
+                    ready.clear()
+                seq.timings.base_s += time.perf_counter() - started
+                here = await proxies if proxies is not None else None
+                if not arrived:
+                    failure = reader.exception()
+                    if failure is not None and (verified == 0 or _not_transient(failure)):
+                        raise failure
+                    if failure is not None:  # verified positions stand: go on from there
+                        logger.info("the stream broke after %d tokens (%s)", verified, failure)
+                    elif verified == 0:  # it ended at once (EOS left out): ask for one position
+                        chosen = await OneTokenStep.__call__(self, seq)
+                        chosen.usage.add(usage)
+                        yield chosen
+                    return
+                batch = arrived[:]
+                del arrived[:]
+                usage.base_completion_tokens += len(batch)
+                if seq.appended == 0:
+                    self.tokens.check_unresolved(batch[0].top)
+                chosen, _, whole = await self.check_continuation(
+                    seq,
+                    [p.token for p in batch],
+                    [p.top for p in batch],
+                    [p.logprob for p in batch],
+                    here,
+                    usage,
+                )
+                _keep_draft(seq, chosen.tokens)
+                verified += len(chosen.tokens)
+                if not whole:  # close the stream now; bill what it delivered meanwhile
+                    await _stop(reader)
+                    chosen.usage.base_completion_tokens += len(arrived)
+                    yield chosen
+                    return
+                usage = Usage()
+                started = time.perf_counter()
+                yield chosen
+        finally:
+            await _stop(reader)
+
+
+async def _stop(reader: asyncio.Future[None]) -> None:
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+async def _pull(
+    stream: AsyncIterator[StreamedPosition], arrived: list[StreamedPosition], ready: asyncio.Event
+) -> None:
+    """Read ``stream`` into ``arrived`` as it comes, waking the verifier each time."""
+    try:
+        async for position in stream:
+            arrived.append(position)
+            ready.set()
+    finally:
+        ready.set()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _not_transient(failure: BaseException) -> bool:
+    """A failure the next request would meet again (not a dropped connection or a timeout)."""
+    return not isinstance(failure, (APIConnectionError, APITimeoutError, ServerError))
+
+
+def _summed(usages: Iterable[Usage]) -> Usage:
+    total = Usage()
+    for usage in usages:
+        total.add(usage)
+    return total
 
 
 @dataclass(frozen=True)

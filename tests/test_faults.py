@@ -51,7 +51,7 @@ def failed(tuner: ProxyTuner, config: GenerationConfig, at: int) -> Generation:
     return partial
 
 
-@pytest.mark.parametrize("speculate", ["off", "base", "expert"])
+@pytest.mark.parametrize("speculate", ["off", "stream", "base", "expert"])
 @pytest.mark.parametrize("at", [1, 2, 5])
 def test_a_resumed_generation_equals_an_uninterrupted_one(local_tuner, speculate, at):
     config = GenerationConfig(max_new_tokens=N, base_k=20, speculate=speculate)

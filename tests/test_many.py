@@ -48,7 +48,7 @@ def sequential(tiny_models, hf_models):
         yield {p: tuner.generate(p, max_new_tokens=12, base_k=20) for p in PROMPTS}
 
 
-@pytest.mark.parametrize("speculate", ["off", "base"])
+@pytest.mark.parametrize("speculate", ["off", "stream", "base"])
 def test_concurrent_batched_generations_equal_sequential_ones(
     tiny_models, hf_models, sequential, speculate
 ):

@@ -23,7 +23,7 @@ from tests.support.reference import (
 )
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
-MODES = ["base", "expert", "auto"]
+MODES = ["stream", "base", "expert", "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,60 @@ def test_eos_inside_a_draft_ends_the_generation(tiny_models, hf_models, tuner, m
     assert got.token_ids == off.token_ids and len(got.token_ids) == 5
 
 
+def test_auto_prefers_a_stream_then_base_drafts_then_expert_drafts(tuner):
+    assert [m.value for m in tuner.speculation_modes()] == ["stream", "base", "expert"]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_a_stream_is_closed_at_the_first_disagreement(tiny_models, hf_models, alpha):
+    base = LocalBase(hf_models["base"], drafts=True)
+    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
+        off = t.generate(PROMPTS[1], max_new_tokens=24, alpha=alpha, speculate="off")
+        base.requests.clear()
+        base.streamed.clear()
+        got = t.generate(PROMPTS[1], max_new_tokens=24, alpha=alpha, speculate="stream")
+    assert got.token_ids == off.token_ids and got.text == off.text
+    assert got.usage.requests == len(base.requests) == len(base.streamed)
+    # What the base generated for us is billed, read or not.
+    assert got.usage.base_completion_tokens == sum(base.streamed)
+    if alpha == 0:  # the base's own text: one request for all of it
+        assert got.usage.requests == 1 and got.usage.accepted_draft_tokens == 24
+        assert base.streamed == [24]
+    else:  # one request per disagreement, each closed there unless it had delivered all
+        assert got.usage.requests == 24 - got.usage.accepted_draft_tokens
+        ends = zip(base.closed_early, base.streamed, base.asked, strict=True)
+        assert all(closed or streamed == asked for closed, streamed, asked in ends)
+        assert any(base.closed_early)
+    assert base.open_streams == 0  # every stream was closed when its step ended
+
+
+@pytest.mark.parametrize("stream_tokens", [1, 3])
+def test_stream_tokens_caps_each_request(tuner, stream_tokens):
+    options = dict(max_new_tokens=12, alpha=0.0)
+    off = tuner.generate(PROMPTS[0], speculate="off", **options)
+    got = tuner.generate(PROMPTS[0], speculate="stream", stream_tokens=stream_tokens, **options)
+    assert got.token_ids == off.token_ids
+    assert got.usage.requests == -(-12 // stream_tokens)
+
+
+def test_a_stream_that_breaks_keeps_what_was_verified(tiny_models, hf_models):
+    base = LocalBase(hf_models["base"], drafts=True, break_stream=(1, 5))
+    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
+        off = t.generate(PROMPTS[0], max_new_tokens=16, alpha=0.0, speculate="off")
+        base.requests.clear()
+        base.streamed.clear()
+        got = t.generate(PROMPTS[0], max_new_tokens=16, alpha=0.0, speculate="stream")
+    assert got.token_ids == off.token_ids and got.error is None
+    assert base.streamed == [5, 11]  # dropped after 5; the next request went on from there
+    assert base.requests[1] == base.requests[0] + off.token_ids[:5]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_stream_tokens_below_one_is_refused(bad):
+    with pytest.raises(ConfigError, match="stream_tokens must be an integer >= 1"):
+        GenerationConfig(stream_tokens=bad)
+
+
 def test_an_unsupported_mode_names_the_supported_ones(tiny_models, hf_models):
     plain = LocalBase(hf_models["base"])  # neither drafts nor scores
     with ProxyTuner(plain, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
@@ -161,7 +215,7 @@ def exact_two_token_distribution(hf_models, prompt_ids, alpha, top_k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["off", "base", "expert"])
+@pytest.mark.parametrize("mode", ["off", "stream", "base", "expert"])
 def test_sampling_with_drafts_keeps_the_distribution(tuner, hf_models, mode):
     """Chi-square of 1500 two-token samples against the exact distribution (top-k 4 at
     temperature 1: 16 outcomes). A p-value under 1e-4 fails; seeds are fixed, so the verdict is

@@ -96,14 +96,18 @@ def test_the_pairs_split_text_differently(bridged):
     k=st.sampled_from([5, 20]),
     unseen=UNSEEN,
     untwinned=UNTWINNED,
+    mode=st.sampled_from(["base", "stream"]),
 )
-def test_base_drafts_give_off_tokens(bridged, prompt, alpha, draft_tokens, k, unseen, untwinned):
+def test_base_drafts_give_off_tokens(
+    bridged, prompt, alpha, draft_tokens, k, unseen, untwinned, mode
+):
     tuner, world = bridged
     assert_drafts_give_off_tokens(
         tuner,
         world,
         prompt,
         draft_tokens=draft_tokens,
+        mode=mode,
         max_new_tokens=N,
         alpha=alpha,
         base_k=k,
@@ -112,14 +116,15 @@ def test_base_drafts_give_off_tokens(bridged, prompt, alpha, draft_tokens, k, un
     )
 
 
-def test_auto_drafts_with_the_base_and_expert_drafts_are_refused(bridged):
+def test_auto_streams_base_drafts_work_and_expert_drafts_are_refused(bridged):
     tuner, _ = bridged
-    assert tuner.speculation_modes() == [Speculate.BASE]
+    assert tuner.speculation_modes() == [Speculate.STREAM, Speculate.BASE]
     options = dict(max_new_tokens=N, alpha=1.0, base_k=20)
     off = tuner.generate("The licensee shall", speculate="off", **options)
-    auto = tuner.generate("The licensee shall", speculate="auto", **options)
-    assert auto.token_ids == off.token_ids
-    assert auto.usage.requests < off.usage.requests  # it did draft
+    for mode in ("auto", "stream", "base"):
+        got = tuner.generate("The licensee shall", speculate=mode, **options)
+        assert got.token_ids == off.token_ids, mode
+        assert got.usage.requests < off.usage.requests, mode  # it did draft
     with pytest.raises(ConfigError, match="expert drafts only for a base that shares"):
         tuner.generate("The licensee shall", speculate="expert", **options)
 

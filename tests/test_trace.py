@@ -20,7 +20,7 @@ PROMPT = "def add(a, b):"
 ALPHA = 0.8
 
 
-@pytest.mark.parametrize("speculate", ["off", "base", "expert"])
+@pytest.mark.parametrize("speculate", ["off", "stream", "base", "expert"])
 def test_each_step_holds_what_the_three_models_say(local_tuner, hf_models, speculate):
     config = GenerationConfig(
         max_new_tokens=10, alpha=ALPHA, base_k=-1, unseen="restrict", trace=3,

@@ -62,14 +62,16 @@ def outcome(tuner, prompt: str, **options) -> Generation:
 
 
 def assert_drafts_give_off_tokens(
-    tuner, world: BridgedWorld, prompt: str, *, draft_tokens: int, **options
+    tuner, world: BridgedWorld, prompt: str, *, draft_tokens: int, mode: str = "base", **options
 ) -> None:
-    """Greedy base drafts give ``off``'s tokens, reading the proxies at the same positions with
-    the same log-probs and counting the same candidates; ``off`` equals the bridged reference."""
+    """Greedy base drafts (``mode``: "base", or "stream" with ``draft_tokens`` per stream) give
+    ``off``'s tokens, reading the proxies at the same positions with the same log-probs and
+    counting the same candidates; ``off`` equals the bridged reference."""
     with observed_rows() as off_rows:
         off = outcome(tuner, prompt, speculate="off", **options)
+    lengths = {"draft_tokens": draft_tokens, "stream_tokens": draft_tokens}
     with observed_rows() as draft_rows:
-        got = outcome(tuner, prompt, speculate="base", draft_tokens=draft_tokens, **options)
+        got = outcome(tuner, prompt, speculate=mode, **lengths, **options)
     # A setting that leaves no candidate (say `drop` + `restrict` against proxies whose twins
     # are single characters) fails the same way, at the same token, in both.
     assert got.error == off.error
