@@ -30,6 +30,7 @@ from proxyclient.adapters.llamacpp import LlamaCppCompletion
 from proxyclient.adapters.ollama import OllamaGenerate
 from proxyclient.adapters.openai import OpenAICompletions
 from proxyclient.adapters.openai_chat import OpenAIChat
+from proxyclient.adapters.openrouter import OpenRouterChat
 from proxyclient.adapters.sglang import SGLangGenerate
 from proxyclient.adapters.tgi import TGIGenerate
 from proxyclient.adapters.together import TogetherCompletions
@@ -66,7 +67,19 @@ BUILTIN: dict[str, type[DialectAdapter]] = {
         OllamaGenerate,
         GeminiGenerateContent,
         DeepSeekChat,
+        OpenRouterChat,
     )
+}
+
+# APIs asked for by name that cannot be a base, and why (read 2026-12-03).
+NOT_A_BASE: dict[str, str] = {
+    "mistral": (
+        "Mistral's chat API (api.mistral.ai/v1/chat/completions) documents no logprobs: its "
+        "docs describe none, and the fields `logprobs`/`top_logprobs` in its SDK's schema "
+        "(mistralai 3.7.0) carry no description, cap or guarantee, so proxyclient has no "
+        "mistral dialect; a Mistral open-weight base can be steered on a host that serves it "
+        "(vllm, together, fireworks)"
+    ),
 }
 
 
@@ -158,7 +171,8 @@ def connect(
 
 def _adapter(api: str, adapters: dict[str, AdapterFactory]) -> AdapterFactory:
     if api not in adapters:
-        raise ConfigError(f"unknown api {api!r}; available: {', '.join(sorted(adapters))}")
+        why = f"{NOT_A_BASE[api]}. " if api in NOT_A_BASE else ""
+        raise ConfigError(f"{why}unknown api {api!r}; available: {', '.join(sorted(adapters))}")
     return adapters[api]
 
 

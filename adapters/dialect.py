@@ -8,6 +8,7 @@ read; the flow around them — send, map errors to what the user should do — l
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from proxyclient.errors import (
 )
 from proxyclient.tokenizer import BaseTokenizer
 
+logger = logging.getLogger(__name__)
 # How servers word "k is over my cap", each with the cap as group 1.
 _K_CAP = (
     re.compile(r"max(?:imum)? allowed:?\s*(-?\d+)", re.IGNORECASE),  # vLLM
@@ -159,6 +161,9 @@ class DialectAdapter:
         self.transport = transport
         self.name = model
         self.tokenizer = options.get("tokenizer")
+        # The cap on k the server showed by answering fewer top logprobs than asked, without
+        # saying so (``note_top_size``); None until seen.
+        self.k_cap_seen: int | None = None
         caps = self.default_capabilities
         if caps is not None:
             self.capabilities = dataclasses.replace(caps, max_k=options.get("max_k", caps.max_k))
@@ -170,6 +175,38 @@ class DialectAdapter:
         """The tokenizer (as ``load_base_tokenizer`` takes it) that the model's name implies, or
         None when the name says nothing."""
         return None
+
+    def note_top_size(self, returned: int, k: int) -> None:
+        """Take an answer's size at one position: ``returned`` top-logprob entries (as sent,
+        sentinels and duplicates included) where ``k`` were asked for. Fewer than asked, where
+        the vocabulary has more tokens than that (no natural shortfall), is a cap the server
+        applies without saying so (Azure OpenAI deployments answer 5 where 20 are asked): it
+        becomes ``capabilities.max_k`` (which ``inspect`` and later generations' default k
+        read), with one warning, so that the loss is never silent."""
+        if k <= 0 or returned >= k or returned <= 0:
+            return
+        if self.k_cap_seen is not None and returned >= self.k_cap_seen:
+            return
+        vocab = len(self.tokenizer.vocab) if self.tokenizer is not None else None
+        if vocab is None or vocab <= returned:
+            return
+        self.k_cap_seen = returned
+        max_k = self.capabilities.max_k
+        if max_k is None or max_k < 0 or max_k > returned:
+            self.capabilities = dataclasses.replace(self.capabilities, max_k=returned)
+        logger.warning(
+            "%s: model %r answered %d top logprobs where %d were asked for (its vocabulary has "
+            "%d tokens), so the server caps k at %d without saying so (Azure OpenAI does): "
+            "max_k is now %d; pass base_k=%d or less to ask for what it gives",
+            self.transport.base_url,
+            self.name,
+            returned,
+            k,
+            vocab,
+            returned,
+            returned,
+            returned,
+        )
 
     @classmethod
     def served_by(cls, server: str) -> bool:

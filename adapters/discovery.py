@@ -2,8 +2,10 @@
 
 ``probe`` asks once with k = 1 (does the endpoint answer with logprobs?), then with the adapter's
 ``probe_ks``: by default an absurd k, whose refusal names the server's cap; adapters whose servers
-may allow the whole vocabulary try k = -1 first. ``sniff_dialect`` looks at a few read-only
-endpoints that each stack answers in its own way, for error messages that say which --api to use.
+may allow the whole vocabulary try k = -1 first, and those whose servers may cap k silently ask at
+the documented cap too (a smaller answer is the real cap: ``DialectAdapter.note_top_size``).
+``sniff_dialect`` looks at a few read-only endpoints that each stack answers in its own way, for
+error messages that say which --api to use.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ async def probe(adapter: Any, prompt: Prompt) -> Capabilities:
             continue  # refused without naming a cap: keep the configured one
         max_k = -1 if k == -1 else max(len(answer), max_k or 0)
         break
+    # A server that answered fewer than asked without saying so (DialectAdapter.note_top_size).
+    seen = getattr(adapter, "k_cap_seen", None)
+    if seen is not None and (max_k is None or max_k < 0 or max_k > seen):
+        max_k = seen
     return dataclasses.replace(adapter.capabilities, max_k=max_k)
 
 

@@ -24,11 +24,18 @@ once, on the first request, with a two-turn exchange of a few tokens; a model th
 the prompt (``multi_step=False``: ``ProxyTuner.choose`` or ``max_new_tokens=1``), and a warning
 says so. ``continue_model_turn=True/False`` skips the question.
 
-Tokens are named by text and mapped to ids with the base tokenizer given (``needs_tokenizer``).
-``tokenId`` is documented, but in Gemini's own vocabulary, which Google does not publish and which
-the tokenizer at hand (Gemma's, or the proxies') need not share, and some answers leave it out; the
-text names the token in whatever tokenizer is given. Tokens that are part of a character come back
-as U+FFFD and count as unresolved.
+Tokens come back with their text and ``tokenId``, in the model's own vocabulary, which Google
+does not publish and which the tokenizer at hand (Gemma's, or the proxies') need not share. So the
+first answer is checked (``token_ids=None``): where every ``tokenId`` that has a whole text
+decodes to that text in the base tokenizer given (``needs_tokenizer``), the ids are the base's and
+are used (``ids_in_response``), so a token that is part of a character, whose text is U+FFFD, is
+still known and can be chosen and followed. Otherwise (another vocabulary, ids left out) a warning
+says why, once, and tokens are named by their text in whatever tokenizer is given; those that are
+part of a character then count as unresolved. ``token_ids=True/False`` skips the check.
+
+Which models give logprobs (issue 24's reading of Google's model pages, 2026-12-03): Gemini 2.0
+models do; 2.5 models often only on Vertex AI; Gemini 3.x models do not. A refusal says which
+applies to the model asked for.
 
 Google does not say whether its logprobs come before or after its sampling settings; we send
 temperature 1 and topP 1, so they match the model's own either way (``logprobs="processed"``, as
@@ -104,7 +111,7 @@ class GeminiGenerateContent(DialectAdapter):
     default_capabilities = Capabilities(
         max_k=GEMINI_MAX_LOGPROBS,
         token_id_prompts=False,
-        ids_in_response=False,  # tokenId is Gemini's own vocabulary: ids come from the text
+        ids_in_response=False,  # until tokenId is seen to be the base tokenizer's (token_ids)
         prompt_scoring=False,  # no echo: the prompt's own positions have no logprobs
         logprobs="processed",
         multi_step=True,
@@ -118,10 +125,16 @@ class GeminiGenerateContent(DialectAdapter):
         *,
         continue_model_turn: bool | None = None,
         thinking_budget: int | None = None,
+        token_ids: bool | None = None,
         **options: Unpack[DialectOptions],
     ) -> None:
         super().__init__(transport, model, **options)
         self.thinking_budget = thinking_budget
+        # Whether the answers' tokenId are the base tokenizer's ids: None until the first answer
+        # that can tell is checked (_check_token_ids).
+        self.token_ids: bool | None = None
+        if token_ids is not None:
+            self._use_token_ids(token_ids)
         # Whether the model continues a trailing model turn: None until the first request asks.
         self.continues = continue_model_turn
         self.one_step_reason: str | None = None  # why only one step works, once known
@@ -282,7 +295,68 @@ class GeminiGenerateContent(DialectAdapter):
         # A draft may hold no position (the answer ended at once); a step must hold one.
         if (chosen or not empty_ok) and not (tops and tops[0]):
             raise self._no_logprobs(body)
+        if self.token_ids is None:
+            self._check_token_ids([*chosen, *(e for top in tops for e in top)])
         return tops, chosen
+
+    def _check_token_ids(self, entries: list[dict[str, Any]]) -> None:
+        """Whether ``tokenId`` is the base tokenizer's id: every entry's id decodes to its text
+        (entries whose text is U+FFFD, part of a character, say nothing). Decided on the first
+        answer with an entry that can tell; a disagreement is said once, as a warning."""
+        agreed = 0
+        for entry in entries:
+            token_id, text = entry.get("tokenId"), entry.get("token")
+            if not isinstance(text, str) or not text or "\ufffd" in text:
+                continue
+            if not self._id_in_vocab(token_id):
+                why = (
+                    f"an entry ({text!r}) has no tokenId"
+                    if token_id is None
+                    else (
+                        f"tokenId {token_id} is no id of the base tokenizer "
+                        f"({len(self.tokenizer.vocab)} tokens)"
+                    )
+                )
+                return self._use_token_ids(False, why)
+            spelled = self._spelled(token_id)
+            if spelled != text:
+                return self._use_token_ids(
+                    False,
+                    f"tokenId {token_id} is {spelled!r} in the base tokenizer, but Gemini's text "
+                    f"for it is {text!r}",
+                )
+            agreed += 1
+        if agreed:
+            self._use_token_ids(True)
+
+    def _spelled(self, token_id: int) -> str | None:
+        """The text of ``token_id`` in the base tokenizer (a special token's name)."""
+        data = self.tokenizer.vocab.token_bytes[token_id]
+        if data is not None:
+            return data.decode("utf-8", "replace")
+        names = {i: name for name, i in self.tokenizer.special_tokens.items()}
+        return names[token_id].decode("utf-8", "replace") if token_id in names else None
+
+    def _id_in_vocab(self, token_id: Any) -> bool:
+        return (
+            isinstance(token_id, int)
+            and not isinstance(token_id, bool)
+            and 0 <= token_id < len(self.tokenizer.vocab)
+        )
+
+    def _use_token_ids(self, use: bool, why: str = "") -> None:
+        self.token_ids = use
+        self.capabilities = dataclasses.replace(self.capabilities, ids_in_response=use)
+        if why:
+            logger.warning(
+                "Gemini model %r: its tokenId are not the ids of the base tokenizer %s (%s), so "
+                "tokens are named by their text, and one that is part of a character (text "
+                "U+FFFD) can be neither chosen nor followed; give the tokenizer whose ids the "
+                "model returns (--base-tokenizer) to use them",
+                self.name,
+                self.tokenizer,
+                why,
+            )
 
     def _no_logprobs(self, body: Any) -> ResponseFormatError:
         finish = body["candidates"][0].get("finishReason")
@@ -297,6 +371,10 @@ class GeminiGenerateContent(DialectAdapter):
         )
 
     def _token_id(self, entry: dict[str, Any]) -> int | None:
+        """The entry's id: its ``tokenId`` where those are the base tokenizer's, else the id its
+        text names (None for U+FFFD, part of a character)."""
+        if self.token_ids and self._id_in_vocab(token_id := entry.get("tokenId")):
+            return token_id
         return self.tokenizer.token_id(bytes_of_token_string(entry.get("token") or ""))
 
     def _top(self, entries: list[dict[str, Any]], k: int) -> TopLogprobs:
@@ -320,7 +398,7 @@ class GeminiGenerateContent(DialectAdapter):
         if exc.status_code in (400, 403) and _LOGPROBS_REFUSED.search(text):
             return type(exc)(
                 f"{text} — Gemini model {self.name!r} gives no logprobs, and proxy-tuning needs "
-                f"them: use a Gemini model that does (see the model's page on ai.google.dev).",
+                f"them: {logprobs_advice(self.name, self.transport.base_url)}.",
                 **fields,
             )
         if isinstance(exc, BadRequestError) and _MODEL_TURN.search(text):
@@ -359,6 +437,29 @@ class GeminiGenerateContent(DialectAdapter):
             )
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
         return f"{unknown}: pass one of {shown} as --base-model."
+
+
+def logprobs_advice(model: str, base_url: str) -> str:
+    """What to use instead of a Gemini model that refused logprobs: which families give them
+    (issue 24, 2026-12-03: 2.0 models do, 2.5 often only on Vertex AI, 3.x do not)."""
+    name = model.removeprefix("models/")
+    vertex = "aiplatform.googleapis.com" in base_url
+    if _GEMINI_3.match(name):
+        return (
+            "Gemini 3.x models give no logprobs; use a Gemini 2.0 model (e.g. gemini-2.0-flash), "
+            "or a 2.5 model on Vertex AI"
+        )
+    if _GEMINI_2_5.match(name) and not vertex:
+        return (
+            "Gemini 2.5 models often give logprobs only on Vertex AI: give Vertex AI's "
+            "generateContent as the base URL (https://{region}-aiplatform.googleapis.com/v1/"
+            "projects/P/locations/L/publishers/google), or use a Gemini 2.0 model"
+        )
+    return "use a Gemini model that does (Gemini 2.0 models; 2.5 models on Vertex AI)"
+
+
+_GEMINI_3 = re.compile(r"gemini-3(?:[.-]|$)", re.IGNORECASE)
+_GEMINI_2_5 = re.compile(r"gemini-2\.5(?:-|$)", re.IGNORECASE)
 
 
 def gemini_usage(body: Any) -> ServerUsage:

@@ -5,6 +5,9 @@ byte vocabulary (tiktoken for OpenAI models, a local HF tokenizer for open ones)
 text is not valid UTF-8 alone comes back as ``bytes:\\xNN`` (OpenAI) or as "" / U+FFFD (other
 hosts, which loses it); string keys also collapse tokens that decode alike. Such entries are
 counted as unresolved, never guessed.
+
+OpenAI itself shut its last completion models (gpt-3.5-turbo-instruct, davinci-002, babbage-002)
+down on 2026-09-28 (its deprecations page): a 404 for them says so, with what to use instead.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from proxyclient.adapters.openai_wire import (
     completion_positions,
     completion_top_logprobs,
     completions_body,
+    openai_explanation,
     sampling,
     server_usage,
 )
+from proxyclient.errors import APIStatusError, ProxyClientError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 from proxyclient.vocab import bytes_of_token_string
 
@@ -102,3 +107,8 @@ class OpenAICompletions(DialectAdapter):
             tuple(own),
             server_usage(body),
         )
+
+    async def explain(self, exc: APIStatusError, prompt: Prompt, k: int) -> ProxyClientError:
+        """A retired completion model or a refusal of logprobs, with what to do; else the
+        shared explanations."""
+        return openai_explanation(exc, self.name) or await super().explain(exc, prompt, k)

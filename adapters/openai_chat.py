@@ -14,6 +14,12 @@ trailing assistant message sent with vLLM's ``continue_final_message: true,
 add_generation_prompt: false`` (the chat API's extra parameters,
 https://docs.vllm.ai/en/latest/serving/openai_compatible_server.html), which only a server that
 continues can take: a response prefix without ``continue_final_message=True`` is refused.
+
+OpenAI's reasoning models refuse logprobs (o-series always; gpt-5.x while they reason:
+``reasoning_effort="none"`` is sent where given): the 400/403 says so with the fix. Azure OpenAI
+deployments answer at most 5 top logprobs where 20 are asked, without an error: the first answer
+with fewer entries than asked (where the vocabulary has more) lowers ``max_k`` to what came back,
+with a warning (``DialectAdapter.note_top_size``); ``inspect`` asks at 20 to find it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Unpack
 
 from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
 from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
+from proxyclient.adapters.discovery import HUGE_K
 from proxyclient.adapters.http import HTTPTransport
 from proxyclient.adapters.openai_wire import (
     CHAT_PATH,
@@ -31,10 +38,11 @@ from proxyclient.adapters.openai_wire import (
     chat_logprobs_content,
     chat_token_id,
     chat_top,
+    openai_explanation,
     sampling,
     server_usage,
 )
-from proxyclient.errors import ConfigError, ResponseFormatError
+from proxyclient.errors import APIStatusError, ConfigError, ProxyClientError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
 
 OPENAI_MAX_TOP_LOGPROBS = 20
@@ -47,6 +55,9 @@ class OpenAIChat(DialectAdapter):
     needs_tokenizer = True
     # vLLM serves chat; so does any OpenAI-style host, which sniff_dialect calls "openai".
     also_served_by = frozenset({"vllm", "openai"})
+    # After the absurd k (whose refusal names the cap), the documented cap itself: a server
+    # that answers fewer entries there caps k silently (Azure OpenAI: 5).
+    probe_ks = (HUGE_K, OPENAI_MAX_TOP_LOGPROBS)
     tokenizer: BaseTokenizer
 
     # multi_step and drafts: only with continue_final_message (see __init__).
@@ -66,10 +77,12 @@ class OpenAIChat(DialectAdapter):
         model: str,
         *,
         continue_final_message: bool = False,
+        reasoning_effort: str | None = None,
         **options: Unpack[DialectOptions],
     ) -> None:
         super().__init__(transport, model, **options)
         self.continue_final_message = continue_final_message
+        self.reasoning_effort = reasoning_effort  # sent where given ("none": gpt-5.x, no reasoning)
         self.capabilities = dataclasses.replace(
             self.capabilities,
             multi_step=continue_final_message,
@@ -84,6 +97,8 @@ class OpenAIChat(DialectAdapter):
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
         messages, answer = chat_conversation(prompt, self.tokenizer.decode)
         payload = chat_body(self.name, messages, k)
+        if self.reasoning_effort is not None:
+            payload["reasoning_effort"] = self.reasoning_effort
         if answer is not None:
             if not prompt.generated and not self.continue_final_message:
                 raise ConfigError(
@@ -114,6 +129,7 @@ class OpenAIChat(DialectAdapter):
         content = chat_logprobs_content(body)
         if not content or not content[0].get("top_logprobs"):
             raise self._no_logprobs()
+        self.note_top_size(len(content[0]["top_logprobs"]), k)
         return chat_top(self.tokenizer, content[0], k)
 
     def parse_generate(self, body: Any, prompt: Prompt, k: int) -> Continuation:
@@ -122,9 +138,16 @@ class OpenAIChat(DialectAdapter):
         content = chat_logprobs_content(body)
         if content is None or (content and not content[0].get("top_logprobs")):
             raise self._no_logprobs()
+        if content:
+            self.note_top_size(len(content[0]["top_logprobs"]), k)
         return Continuation(
             tuple(chat_token_id(self.tokenizer, position) for position in content),
             tuple(chat_top(self.tokenizer, position, k) for position in content),
             tuple(position.get("logprob") for position in content),
             server_usage(body),
         )
+
+    async def explain(self, exc: APIStatusError, prompt: Prompt, k: int) -> ProxyClientError:
+        """A model that refuses logprobs (OpenAI's reasoning models), with the fix; else the
+        shared explanations."""
+        return openai_explanation(exc, self.name) or await super().explain(exc, prompt, k)

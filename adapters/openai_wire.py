@@ -10,16 +10,36 @@ deepseek, fireworks). The dialects add what their servers take beyond these.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from proxyclient.adapters.base import Prompt, ServerUsage, TopLogprobs
-from proxyclient.errors import ResponseFormatError
+from proxyclient.errors import APIStatusError, NotFoundError, ProxyClientError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
 
 COMPLETIONS_PATH = "/completions"
 CHAT_PATH = "/chat/completions"
+
+# OpenAI's last legacy completion models, shut down on 2026-09-28 (OpenAI's deprecations page,
+# https://platform.openai.com/docs/deprecations, as given in issue 24; read 2026-12-03). Since
+# then OpenAI serves no model on /v1/completions that returns logprobs.
+OPENAI_COMPLETIONS_SHUTDOWN = "2026-09-28"
+RETIRED_COMPLETION_MODELS = frozenset({"gpt-3.5-turbo-instruct", "davinci-002", "babbage-002"})
+# OpenAI's words for a retired model (404 model_not_found, as recorded for text-davinci-003:
+# "The model `text-davinci-003` has been deprecated, learn more here: .../docs/deprecations").
+_RETIRED_WORDS = re.compile(
+    r"has been deprecated|has been shut ?down|no longer (?:available|served)"
+)
+# A model that refuses logprobs: OpenAI's reasoning models (o1, o3, o4-mini; gpt-5.x while it
+# reasons) answer 400 "Unsupported parameter: 'logprobs' is not supported with this model." or
+# 403 "You are not allowed to request logprobs from this model".
+_LOGPROBS_REFUSED = re.compile(
+    r"logprobs.*(?:not allowed|not supported)|not allowed.*logprobs", re.IGNORECASE
+)
+_O_SERIES = re.compile(r"^(?:.*/)?o\d")  # o1, o3-mini, o4-mini, ...
+_GPT_5 = re.compile(r"^(?:.*/)?gpt-5")
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -70,6 +90,60 @@ def chat_conversation(
     if not prompt.generated and not prompt.response_prefix:
         return turns, None
     return turns, prompt.response_prefix + generated
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def retired_model_note(model: str, message: str = "") -> str | None:
+    """Why ``model`` cannot be served on OpenAI's ``/v1/completions``, or None: one of the legacy
+    completion models OpenAI shut down (by name, or by the 404's own words)."""
+    name = model.rsplit("/", 1)[-1]
+    if name not in RETIRED_COMPLETION_MODELS and not _RETIRED_WORDS.search(message):
+        return None
+    return (
+        f"OpenAI shut down its legacy completion models (gpt-3.5-turbo-instruct, davinci-002, "
+        f"babbage-002) on {OPENAI_COMPLETIONS_SHUTDOWN} (platform.openai.com/docs/deprecations), "
+        f"so no OpenAI model can be steered token by token any more: use a chat model that gives "
+        f"logprobs with --api openai-chat and `proxyclient choose` (one-step choice), or an "
+        f"open-weight base on a host that serves completions (vllm, together, fireworks)"
+    )
+
+
+def logprobs_refusal_fix(model: str) -> str:
+    """What to do about a model that refused logprobs (OpenAI's reasoning models)."""
+    if _GPT_5.search(model):
+        return (
+            f"{model!r} is a reasoning model, and OpenAI gives no logprobs while it reasons: turn "
+            f'reasoning off (connect(..., reasoning_effort="none") with --api openai-chat, on '
+            f"the gpt-5.x models that allow it) or use a non-reasoning chat model (gpt-4.1, "
+            f"gpt-4o)"
+        )
+    if _O_SERIES.search(model):
+        return (
+            f"{model!r} is an o-series reasoning model, which never gives logprobs: use a "
+            f"non-reasoning chat model (gpt-4.1, gpt-4o, or a gpt-5.x with "
+            f'reasoning_effort="none")'
+        )
+    return (
+        f"model {model!r} gives no logprobs (OpenAI's reasoning models refuse them), and "
+        f"proxy-tuning needs them: use a model that does (a non-reasoning chat model, or a "
+        f'gpt-5.x with reasoning_effort="none")'
+    )
+
+
+def openai_explanation(exc: APIStatusError, model: str) -> ProxyClientError | None:
+    """OpenAI's own refusals with what to do: a retired completion model (404) and a model that
+    refuses logprobs (400/403); None for any other error."""
+    text = str(exc)
+    fields = {"status_code": exc.status_code, "body": exc.body}
+    if exc.status_code in (400, 403) and _LOGPROBS_REFUSED.search(text):
+        return type(exc)(
+            f"{text}\nThis model does not give logprobs: {logprobs_refusal_fix(model)}.", **fields
+        )
+    if isinstance(exc, NotFoundError) and (note := retired_model_note(model, text)):
+        return NotFoundError(f"{text} — {note}.", **fields)
+    return None
 
 
 # -- answers ------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def api_choices(parser) -> dict[str, list[str]]:
 def test_builtin_adapters_are_registered_under_their_dialect():
     assert list(BUILTIN) == [
         "vllm", "openai", "openai-chat", "tgi", "llamacpp",
-        "together", "fireworks", "sglang", "ollama", "gemini", "deepseek",
+        "together", "fireworks", "sglang", "ollama", "gemini", "deepseek", "openrouter",
     ]  # fmt: skip
     assert all(name == adapter.dialect for name, adapter in BUILTIN.items())
     assert dict(available(), **BUILTIN) == available()
@@ -193,6 +193,9 @@ def test_unknown_dialects_and_urls_are_config_errors():
         connect("nope", "http://server", "m")
     with pytest.raises(ConfigError, match="unknown api 'nope'"):
         tokenizer_needed("nope", "m")
+    # An API that cannot be a base says why, not only that it is unknown.
+    with pytest.raises(ConfigError, match=r"^Mistral's chat API .* documents no logprobs"):
+        connect("mistral", "https://api.mistral.ai/v1", "mistral-small-latest")
     with pytest.raises(ConfigError, match="must start with http"):
         connect("vllm", "server:8000", "m")
 

@@ -6,7 +6,6 @@ and, against a server that speaks Gemini's generateContent with the real tiny mo
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 
@@ -27,7 +26,7 @@ from proxyclient.errors import (
 from proxyclient.tokenizer import BaseTokenizer
 from tests.support import dialect_gemini  # noqa: F401  (registers the "gemini" fixture dialect)
 from tests.support.dialect_gemini import MODEL_TURN_REFUSED, NO_LOGPROBS, NO_PREFILL
-from tests.support.dialect_servers import DialectServer, token_bytes
+from tests.support.dialect_servers import DialectServer
 from tests.support.hosted import (
     alpha_0_text,
     assert_one_clear_error,
@@ -42,7 +41,6 @@ from tests.support.reference import (
     assert_chat_tuner_equals_the_formula,
     assert_greedy_drafts,
     chat_server_sees,
-    valid_utf8,
 )
 
 PROMPTS = ["def main():", "import os\nclass Foo(object):\n    "]
@@ -354,18 +352,13 @@ def tuner_for(server, tiny_models, tokenizer, model=MODEL, **options):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_gemini_equals_the_formula_on_its_top_20(gemini, tiny_models, hf_models, tokenizer, prompt):
+    # The fixture's tokenId are the tiny base's ids: every token is known, part of a character
+    # (text U+FFFD) too.
     with tuner_for(gemini, tiny_models, tokenizer) as tuner:
         assert_chat_tuner_equals_the_formula(
-            tuner, hf_models, prompt, max_new_tokens=N_TOKENS, k=K, eos_ids=EOS,
-            unidentifiable=partial_characters(hf_models["tokenizer"]),
-        )  # fmt: skip
-
-
-@functools.cache
-def partial_characters(hf_tokenizer) -> frozenset[int]:
-    """Tokens that are part of a character: Gemini names them U+FFFD, so they cannot be chosen."""
-    ids = range(len(hf_tokenizer))
-    return frozenset(i for i in ids if not valid_utf8(token_bytes(hf_tokenizer, i)))
+            tuner, hf_models, prompt, max_new_tokens=N_TOKENS, k=K, eos_ids=EOS
+        )
+        assert tuner.base.token_ids and tuner.base.capabilities.ids_in_response
 
 
 def fixture_greedy_text(server, prompt: str, n: int) -> str:
@@ -411,9 +404,7 @@ def test_generate_drafts_the_servers_greedy_continuation_with_each_top_k(
     with connect_gemini(gemini, tokenizer) as base:
         got = asyncio.run(base.generate(Prompt(ids, len(ids)), K, 6, greedy=True))
     context = chat_server_sees(hf_models["tokenizer"], PROMPTS[1])([])
-    # A chosen token that is part of a character is named U+FFFD: known to be there, not which.
-    partial = partial_characters(hf_models["tokenizer"])
-    assert_greedy_drafts(got, hf_models["base"], context, n=6, k=K, eos_ids=EOS, partial=partial)
+    assert_greedy_drafts(got, hf_models["base"], context, n=6, k=K, eos_ids=EOS)
     assert got.usage.prompt_tokens == len(context)
 
 
@@ -473,7 +464,8 @@ def test_cli_inspect_reports_what_each_model_can_do(gemini, tiny_models):
         report = json.loads(run.stdout)
         assert report["api"] == "gemini" and report["max_k"] == 20 and report["default_k"] == 20
         assert report["multi_step"] is multi_step and report["drafts"] is multi_step
-        assert report["token_id_prompts"] is False and report["ids_in_response"] is False
+        # The fixture's tokenId are the base tokenizer's ids: seen on the first answer.
+        assert report["token_id_prompts"] is False and report["ids_in_response"] is True
         assert report["prompt_scoring"] is False and report["logprobs"] == "processed"
         assert ("cannot continue a partial answer" in run.stderr) is not multi_step
         if multi_step:
