@@ -15,7 +15,8 @@ held-out people, this prints side by side:
     .venv/bin/python scripts/demo.py --questions 5 --alpha 1
     .venv/bin/python scripts/demo.py --prompt $'Q: Where was Brai Tousk born?\\nA:'
 
-Pass --base-url to use a vLLM server already serving scripts/miniature_models/base-large.
+Pass --base-url to use a vLLM server already serving scripts/miniature_models/base-large (and
+--base-model NAME unless it serves it as miniature-base-large).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from miniature import BASE_NAME, DEFAULT_DIR, greedy_answers, load_model
-from vllm_server import VLLMServer
+if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.config import DEFAULT_BASE_K
+from scripts.miniature import BASE_NAME, DEFAULT_DIR, greedy_answers, load_model
+from scripts.vllm_server import VLLMServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--models", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--base-url", help="use this running server instead of starting one")
+    parser.add_argument(
+        "--base-model", default=BASE_NAME, help="the name --base-url serves base-large under"
+    )
     args = parser.parse_args(argv)
 
+    # transformers' "Loading weights" bars for each model folder would bury the table; its
+    # warnings still print (only the progress bars are off, and only in this process).
+    transformers.utils.logging.disable_progress_bar()
     # One torch thread: client and server share the cores, and two processes' OpenMP spin-waits
     # fighting over them made a tiny forward take ~250 ms instead of ~2 ms.
     torch.set_num_threads(1)
@@ -63,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     base_url = args.base_url
     if base_url is None:
         print("starting a vLLM server for base-large ...", file=sys.stderr)
-        server = VLLMServer(args.models / "base-large", BASE_NAME, max_logprobs=20).start()
+        server = VLLMServer(args.models / "base-large", args.base_model, max_logprobs=20).start()
         base_url = server.base_url
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=("\n",))
     started = time.perf_counter()
     try:
-        base = connect("vllm", base_url, BASE_NAME)
+        base = connect("vllm", base_url, args.base_model)
         with ProxyTuner(
             base, args.models / "expert-small", args.models / "base-small", threads=1
         ) as tuner:
