@@ -516,6 +516,79 @@ class HTTPTransport:
             lambda home: self._request(home, method, path, payload, what, tokens, parse)
         )
 
+    async def stream_json(
+        self, method: str, path: str, payload: Any = None, *, what: str = "", tokens: int = 0
+    ) -> AsyncIterator[Any]:
+        """Send; yield the JSON of each server-sent event (``data: ...``) as it arrives, until
+        ``[DONE]`` or the end of the answer.
+
+        Opening the stream is retried as ``request_json`` is, until a 200 arrives; a failure
+        after that ends the iteration with the error (APIConnectionError for a dropped
+        connection), since the caller has what came before it. Closing the iterator early closes
+        the connection, which tells the server to stop generating."""
+        caller = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        end = object()
+
+        def put(item: Any) -> None:
+            caller.call_soon_threadsafe(events.put_nowait, item)
+
+        async def pump(home: _Home) -> None:
+            try:
+                async for event in self._stream(home, method, path, payload, what, tokens):
+                    put(event)
+                put(end)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # handed to the caller, raised there
+                put(exc)
+
+        with self._lock:
+            home = self._home
+            if home is None:
+                home = self._home = _Home(self.limits)
+            running = (
+                asyncio.ensure_future(pump(home))
+                if home.thread.in_loop_thread()
+                else home.thread.submit(pump(home))
+            )
+        try:
+            while True:
+                item = await events.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            running.cancel()
+
+    async def _stream(
+        self, home: _Home, method: str, path: str, payload: Any, what: str, tokens: int
+    ) -> AsyncIterator[Any]:
+        response = await self._request(home, method, path, payload, what, tokens, None, True)
+        sent = f"{method} {response.request.url}" + (f" ({what})" if what else "")
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # comments, event names, keep-alives
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    yield decode_json(data.encode())
+                except ResponseFormatError as exc:
+                    raise ResponseFormatError(self.redact(f"{sent}: {exc}")) from None
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(
+                f"{sent}: the stream stalled past the read timeout ({type(exc).__name__})"
+            ) from None
+        except httpx.TransportError as exc:
+            reason = self.redact(str(exc)) or type(exc).__name__
+            raise APIConnectionError(f"{sent}: the stream broke ({reason})") from None
+        finally:
+            await response.aclose()
+
     async def _request(
         self,
         home: _Home,
@@ -525,7 +598,10 @@ class HTTPTransport:
         what: str,
         tokens: int,
         parse: Callable[[Any], Any] | None,
+        stream: bool = False,
     ) -> Any:
+        """One request under the retry policy: its parsed JSON, or with ``stream`` the open
+        response (a 200 whose body the caller reads and closes)."""
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         sent = f"{method} {url}" + (f" ({what})" if what else "")
         attempts = self.max_retries + 1
@@ -565,9 +641,12 @@ class HTTPTransport:
                         async with asyncio.timeout_at(deadline):
                             async with gate.slots:
                                 await gate.admit(tokens)
-                                response = await self._http(home).request(
-                                    method, path, json=payload
-                                )
+                                client = self._http(home)
+                                request = client.build_request(method, path, json=payload)
+                                response = await client.send(request, stream=stream)
+                                if stream and response.is_error:
+                                    await response.aread()  # the error's body, then closed
+                                    await response.aclose()
                     except TimeoutError:
                         raise APITimeoutError(
                             f"{sent}: no complete answer within max_retry_time "
@@ -582,7 +661,9 @@ class HTTPTransport:
                         if response.status_code == 429 and capped:
                             gate.pause(delay)
                         raise _RetryableStatus(response)
-                    if not response.is_error:
+                    if stream and not response.is_error:
+                        result = response
+                    elif not response.is_error:
                         try:
                             body = decode_json(response.content)
                             result = parse(body) if parse is not None else body

@@ -2,17 +2,26 @@
 
 We ask for one token at temperature 1 with no top_p, so the returned top logprobs are the model's
 own distribution (vLLM's default ``--logprobs-mode raw_logprobs``), and for token ids in the answer
-(``return_tokens_as_token_ids``): string keys collapse tokens that decode alike.
+(``return_tokens_as_token_ids``): string keys collapse tokens that decode alike. Streamed drafts
+(``stream: true``) arrive as completion chunks, each with its new tokens' ``logprobs`` in the
+answer's shape; vLLM aborts a request whose client disconnects, so closing the stream stops the
+generation.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import DialectAdapter, checked_answer
 from proxyclient.adapters.discovery import HUGE_K
 from proxyclient.adapters.openai_wire import (
     COMPLETIONS_PATH,
@@ -22,7 +31,7 @@ from proxyclient.adapters.openai_wire import (
     sampling,
     server_usage,
 )
-from proxyclient.errors import ProxyClientError, ResponseFormatError
+from proxyclient.errors import APIStatusError, ProxyClientError, ResponseFormatError
 
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
 
@@ -58,6 +67,7 @@ class VLLMCompletions(DialectAdapter):
         prompt_scoring=True,
         logprobs="raw",
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -126,6 +136,30 @@ class VLLMCompletions(DialectAdapter):
             after.usage,
         )
 
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its chunk arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        parse = checked_answer(lambda body: self.parse_generate(body, prompt, k))
+        chunks = self.transport.stream_json(
+            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
+        )
+        try:
+            async for chunk in chunks:
+                if not _has_positions(chunk):  # the finish chunk, or one with text held back
+                    continue
+                part = parse(chunk)
+                for token, top, logprob in zip(
+                    part.tokens, part.tops, part.token_logprobs, strict=True
+                ):
+                    yield StreamedPosition(token, logprob, top)
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await chunks.aclose()
+
     async def tokenize(self, text: str) -> list[int] | None:
         """The server's own token ids for ``text`` (vLLM's /tokenize), or None if unavailable."""
         url = self.transport.base_url.removesuffix("/v1") + "/tokenize"
@@ -136,3 +170,10 @@ class VLLMCompletions(DialectAdapter):
             return list(body["tokens"])
         except (ProxyClientError, KeyError, TypeError):
             return None
+
+
+def _has_positions(chunk: Any) -> bool:
+    try:
+        return bool(chunk["choices"][0]["logprobs"]["tokens"])
+    except (KeyError, IndexError, TypeError):
+        return False

@@ -48,7 +48,7 @@ def reference(hf_models, tuner, prompt, *, alpha, k=None, expert="expert", unsee
     )
 
 
-@pytest.mark.parametrize("speculate", ["off", "base", "expert"])
+@pytest.mark.parametrize("speculate", ["off", "stream", "base", "expert"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_whole_vocabulary_through_the_api_equals_the_formula(
