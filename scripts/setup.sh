@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import proxyclient, pytest, hypothesis, nbclient, ipykernel, aiolimiter, tqdm, peft, ray.data, fastapi, uvicorn, sse_starlette, prometheus_client, lm_eval, openai" 2>/dev/null; then
+# (LiteLLM fetches its price map over the network at import unless told to use its own copy.)
+if [ ! -x .venv/bin/python ] || ! LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -c "import proxyclient, pytest, hypothesis, nbclient, ipykernel, aiolimiter, tqdm, peft, ray.data, fastapi, uvicorn, sse_starlette, prometheus_client, lm_eval, openai, langchain_openai, litellm, dspy, inspect_ai" 2>/dev/null; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
   .venv/bin/pip install -q -U pip
