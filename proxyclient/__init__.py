@@ -11,6 +11,8 @@ The base answers over HTTP with its top-k next-token logprobs; expert and anti-e
         print(tuner.generate("Hello", GenerationConfig(max_new_tokens=32)).text)
 """
 
+from importlib import metadata
+
 from proxyclient.adapters import RateLimits, connect
 from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
@@ -29,6 +31,11 @@ from proxyclient.errors import (
 from proxyclient.result import Alternative, Choice, Generation, Timings, TokenTrace, Usage
 from proxyclient.scoring import Score
 from proxyclient.tuner import ProxyTuner
+
+try:
+    __version__ = metadata.version("proxyclient")
+except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "APIConnectionError",

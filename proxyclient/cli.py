@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
+import proxyclient
 from proxyclient.batch import DEFAULT_CONCURRENCY
 from proxyclient.errors import ProxyClientError
 from proxyclient.flags import add_generation_flags, on_off
@@ -140,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="proxyclient",
         description="Proxy-tuning: a remote base model steered by a local expert and anti-expert.",
     )
-    parser.add_argument("--version", action="version", version=f"proxyclient {_version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"proxyclient {proxyclient.__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser(
         "generate",
@@ -294,15 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, or a failure we did not foresee: one line, no traceback
         fail(f"{type(exc).__name__}: {exc} (--debug shows where)", debug=args.debug)
         return 1
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("proxyclient")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
 
 
 def _at_least_one(text: str) -> int:
