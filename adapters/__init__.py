@@ -128,7 +128,8 @@ def connect(
     generation; a 429 with Retry-After pauses them all. ``timeout`` (seconds per read, or an
     ``httpx.Timeout``), ``connect_timeout``, ``max_retries`` and ``max_retry_time`` (seconds all
     attempts of one request may take) bound every request. ``options`` go to the adapter (e.g.
-    ``max_k``, ``continue_final_message``).
+    ``max_k``, ``continue_final_message``), or become headers of every request where the dialect
+    says so (openrouter's ``app_url``, ``app_title``).
     """
     factory = _adapter(api, available())
     if base_url is None:
@@ -149,6 +150,9 @@ def connect(
     # A factory that is no DialectAdapter may predate the tokenizer keyword: pass only a real one.
     if base_tokenizer is not None or _is_dialect_adapter(factory):
         options["tokenizer"] = base_tokenizer
+    # Options that the dialect sends as headers (OpenRouter's app_url, app_title), taken out.
+    headers_of = getattr(factory, "extra_headers", None)
+    extra_headers = headers_of(options) if callable(headers_of) else None
     key_env = getattr(factory, "api_key_env", None)
     if api_key is None and key_env:
         api_key = os.environ.get(key_env)
@@ -162,6 +166,7 @@ def connect(
         max_retry_time=max_retry_time,
         transport=transport,
         limits=limits,
+        extra_headers=extra_headers,
     )
     base = factory(http, model, **options)
     if not hasattr(base, "tokenizer"):

@@ -416,6 +416,9 @@ class HTTPTransport:
     ``timeout``: seconds per read (also write and pool wait), or an ``httpx.Timeout``;
     ``connect_timeout`` overrides its connect part. ``max_retries``: attempts after the first;
     ``max_retry_time``: seconds all attempts of one request may take, waits included.
+    ``extra_headers``: sent with every request (a provider's optional ones, e.g. OpenRouter's
+    attribution); the API key's header wins over one of the same name, and values are never
+    shown (``repr`` names the headers only).
     """
 
     def __init__(
@@ -430,6 +433,7 @@ class HTTPTransport:
         transport: httpx.AsyncBaseTransport | None = None,
         limits: RateLimits | None = None,
         auth_header: tuple[str, str] = ("Authorization", "Bearer {key}"),
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(
@@ -439,6 +443,7 @@ class HTTPTransport:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or None
         self._auth_header = auth_header
+        self._extra_headers = dict(extra_headers or {})
         self.timeout = make_timeout(timeout, connect_timeout)
         self.max_retries = max_retries
         self.max_retry_time = float(max_retry_time)
@@ -452,7 +457,8 @@ class HTTPTransport:
 
     def __repr__(self) -> str:
         key = "'***'" if self._api_key else "None"
-        return f"HTTPTransport(base_url={self.base_url!r}, api_key={key})"
+        extra = f", extra_headers={sorted(self._extra_headers)}" if self._extra_headers else ""
+        return f"HTTPTransport(base_url={self.base_url!r}, api_key={key}{extra})"
 
     def redact(self, text: str) -> str:
         """``text`` with the API key replaced; servers sometimes echo a wrong key back."""
@@ -484,7 +490,10 @@ class HTTPTransport:
         """The home's client; on the home loop only."""
         if home.client is None or home.client.is_closed:
             name, value = self._auth_header
-            headers = {name: value.format(key=self._api_key)} if self._api_key else {}
+            headers = dict(self._extra_headers)
+            if self._api_key:
+                headers = {h: v for h, v in headers.items() if h.lower() != name.lower()}
+                headers[name] = value.format(key=self._api_key)
             injected = self._transport is not None  # tests inject httpx.MockTransport
             home.client = httpx.AsyncClient(
                 base_url=self.base_url,

@@ -18,7 +18,9 @@ serves the model, where it has them; a model none of whose upstreams does is ref
 says which models list ``top_logprobs`` among their ``supported_parameters``. One step only, as on
 any plain chat API (``ProxyTuner.choose``): OpenRouter does not document that a trailing assistant
 message is continued by every upstream. Tokens are named by their ``bytes`` (else their text),
-mapped to ids with the base tokenizer given.
+mapped to ids with the base tokenizer given. ``connect("openrouter", ..., app_url=...,
+app_title=...)`` sends OpenRouter's optional app attribution headers (``HTTP-Referer``,
+``X-OpenRouter-Title``) with every request.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ class OpenRouterChat(DialectAdapter):
         multi_step=False,
         drafts=False,
     )
+
+    @classmethod
+    def extra_headers(cls, options: dict[str, Any]) -> dict[str, str]:
+        """OpenRouter's optional app attribution, taken out of ``connect``'s ``options``:
+        ``app_url`` as ``HTTP-Referer``, ``app_title`` as ``X-OpenRouter-Title``."""
+        headers = {}
+        for option, header in (("app_url", "HTTP-Referer"), ("app_title", "X-OpenRouter-Title")):
+            value = options.pop(option, None)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+                raise ConfigError(f"{option} must be printable ASCII text, got {value!r}")
+            headers[header] = value
+        return headers
 
     @classmethod
     def default_tokenizer(cls, model: str) -> str | None:

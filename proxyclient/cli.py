@@ -27,13 +27,23 @@ from proxyclient.commands import API_KEY_ENV, EXIT_USAGE, fail
 
 
 def _base_options(parser: argparse.ArgumentParser) -> None:
-    from proxyclient.adapters import available
+    from proxyclient.adapters import NOT_A_BASE, available
+
+    dialects = list(available())
+
+    def api(name: str) -> str:
+        # A name that can be no base (mistral) is refused with the library's reason, not with
+        # argparse's "invalid choice".
+        if name not in dialects and name in NOT_A_BASE:
+            raise argparse.ArgumentTypeError(f"{NOT_A_BASE[name]}; dialects: {', '.join(dialects)}")
+        return name
 
     base = parser.add_argument_group("base model (remote)")
     base.add_argument(
         "--api",
         default="vllm",
-        choices=list(available()),
+        type=api,
+        choices=dialects,
         help="server dialect: %(choices)s (default: %(default)s)",
     )
     base.add_argument(
@@ -98,6 +108,13 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
         "--chat-continue",
         action="store_true",
         help="openai-chat: the server can continue a partial answer (vLLM), so generate freely",
+    )
+    base.add_argument(
+        "--reasoning-effort",
+        default=None,
+        metavar="LEVEL",
+        help="openai-chat: the reasoning_effort to send (none: a gpt-5.x without reasoning, "
+        "which then gives logprobs)",
     )
 
 

@@ -11,7 +11,7 @@ import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig, default_base_k
@@ -35,7 +35,13 @@ def _connect(args: argparse.Namespace) -> BaseModel:
     # connect() takes what the model name implies and ProxyTuner lends a text dialect the
     # proxies' (the Python API's defaults, by the same code).
     tokenizer = args.base_tokenizer
-    options = {"continue_final_message": True} if args.chat_continue else {}
+    options: dict[str, Any] = {"continue_final_message": True} if args.chat_continue else {}
+    if args.reasoning_effort is not None:
+        if args.api != "openai-chat":
+            raise ConfigError(
+                f"--reasoning-effort is an option of --api openai-chat, not of --api {args.api}"
+            )
+        options["reasoning_effort"] = args.reasoning_effort
     return connect(
         args.api,
         args.base_url,

@@ -9,7 +9,7 @@ alternately, on the same prompts and the same number of generated tokens:
 1. base loop: ``ProxyTuner.generate(alpha=0, speculate="off")``, one request per token through the
    same API, no proxies run;
 2. proxy-tuning, ``speculate="off"`` (one request per token);
-3. proxy-tuning, each speculation mode (``base``, ``expert``, ``auto``);
+3. proxy-tuning, each speculation mode (``stream``, ``base``, ``expert``, ``auto``);
 4. floor: the base server generates that many tokens in one streaming ``/v1/completions`` request
    (``stream``, ``ignore_eos``, temperature 0); wall time until the last chunk.
 
@@ -91,13 +91,14 @@ logger = logging.getLogger("bench_speed")
 DEFAULT_PLOT = SCRIPTS / "bench_speed.png"
 RTTS_MS = (0.0, 20.0, 50.0, 100.0)
 QUICK_RTTS_MS = (0.0, 50.0)
-SPECULATION_MODES = ("off", "base", "expert", "auto")
+SPECULATION_MODES = ("off", "stream", "base", "expert", "auto")
 DEFAULT_PROMPTS = 4
 QUICK_PROMPTS = 2
 WARMUP_TOKENS = 8
 LABELS = {
     "loop": "(1) base loop, 1 request/token",
     "off": "(2) proxy, speculate off",
+    "stream": "(3) proxy, speculate stream",
     "base": "(3) proxy, speculate base",
     "expert": "(3) proxy, speculate expert",
     "auto": "(3) proxy, speculate auto",
@@ -623,6 +624,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         def config(mode: str, tokens: int = args.tokens, alpha: float = 1.0) -> GenerationConfig:
             extra = {"draft_tokens": args.draft_tokens} if args.draft_tokens else {}
+            if args.stream_tokens:
+                extra["stream_tokens"] = args.stream_tokens
             return GenerationConfig(
                 max_new_tokens=tokens,
                 alpha=alpha,
@@ -711,6 +714,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "modes": modes,
             "base_k": args.base_k,
             "draft_tokens": args.draft_tokens,
+            "stream_tokens": args.stream_tokens,
             "alpha": 1.0,
             "models": str(models),
         },
@@ -772,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         help="speculation modes to run; the base loop (1) and the floor (4) always run",
     )
     parser.add_argument("--draft-tokens", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--stream-tokens", type=int, default=None, help="default: the engine's")
     parser.add_argument("--base-k", type=int, default=20, help="k asked of the base")
     parser.add_argument("--models", type=Path, default=SCRIPTS / "miniature_models")
     parser.add_argument("--json-out", type=Path, default=None, help="everything measured, JSON")

@@ -261,3 +261,67 @@ def test_openrouter_without_an_upstream_for_logprobs_says_where_to_look(tokenize
 def test_mistral_is_no_dialect_and_says_why():
     with pytest.raises(ConfigError, match="documents no logprobs"):
         connect("mistral", "https://api.mistral.ai/v1", "mistral-small-latest")
+
+
+def test_openrouter_sends_app_attribution_only_when_given(tokenizer):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        entry = {"token": "def", "logprob": -0.1, "bytes": list(b"def")}
+        return httpx.Response(200, json={"choices": [{"logprobs": {"content": [
+            {**entry, "top_logprobs": [entry]}]}}]})  # fmt: skip
+
+    for attribution in ({"app_url": "https://app.example", "app_title": "My App"}, {}):
+        base = connect("openrouter", None, "some/model", tokenizer=tokenizer, api_key="sk-or",
+                       transport=httpx.MockTransport(handler), **attribution)  # fmt: skip
+        run_step(base, Prompt((1, 2), 2), 1)
+    given, plain = seen
+    assert (given["http-referer"], given["x-openrouter-title"]) == ("https://app.example", "My App")
+    assert given["authorization"] == plain["authorization"] == "Bearer sk-or"
+    assert "http-referer" not in plain and "x-openrouter-title" not in plain
+    with pytest.raises(ConfigError, match="app_title must be printable ASCII"):
+        connect("openrouter", None, "some/model", tokenizer=tokenizer, app_title="Café\n")
+    with pytest.raises(TypeError, match="takes no option app_url"):  # only openrouter's option
+        connect("openai-chat", "http://127.0.0.1:9/v1", "m", tokenizer=tokenizer, app_url="x")
+
+
+def run_cli(capsys, *args):
+    from proxyclient.cli import main
+
+    try:
+        code = main(["inspect", *args, "--base-url", "http://127.0.0.1:9/v1", "--base-model", "m"])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_api_mistral_says_why_there_is_no_dialect(capsys):
+    code, err = run_cli(capsys, "--api", "mistral")
+    assert code == 2
+    assert "argument --api: Mistral's chat API" in err and "documents no logprobs" in err
+    assert "invalid choice" not in err
+    code, err = run_cli(capsys, "--api", "mistral2")
+    assert code == 2 and "invalid choice: 'mistral2'" in err
+
+
+def test_cli_reasoning_effort_goes_to_openai_chat_only(capsys, monkeypatch):
+    import proxyclient.adapters
+
+    given = {}
+
+    def fake_connect(api, base_url, model, **kwargs):
+        given.update(kwargs, api=api)
+        raise ConfigError("connected")
+
+    monkeypatch.setattr(proxyclient.adapters, "connect", fake_connect)
+    code, err = run_cli(capsys, "--api", "openai-chat", "--reasoning-effort", "none")
+    assert (code, given["api"], given["reasoning_effort"]) == (2, "openai-chat", "none")
+    assert "connected" in err
+    given.clear()
+    code, err = run_cli(capsys, "--api", "openai-chat")
+    assert code == 2 and "reasoning_effort" not in given
+    given.clear()
+    code, err = run_cli(capsys, "--api", "vllm", "--reasoning-effort", "low")
+    assert code == 2 and not given
+    assert "--reasoning-effort is an option of --api openai-chat, not of --api vllm" in err

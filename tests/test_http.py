@@ -225,6 +225,24 @@ def test_api_key_is_sent_but_never_shown(caplog):
     assert SECRET not in caplog.text
 
 
+def test_extra_headers_go_with_every_request_and_the_key_wins(caplog):
+    transport, seen = transport_of(
+        httpx.Response(503, json={"error": {"message": "busy"}}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    extra = {"HTTP-Referer": "https://app.example", "authorization": "Bearer not-the-key"}
+    client = HTTPTransport(
+        "http://server/v1", api_key=SECRET, transport=transport, extra_headers=extra
+    )
+    with caplog.at_level(logging.DEBUG):
+        assert asyncio.run(client.request_json("POST", "/completions", {"x": 1})) == {"ok": True}
+    for request in seen:  # the retry too
+        assert request.headers["http-referer"] == "https://app.example"
+        assert request.headers.get_list("authorization") == [f"Bearer {SECRET}"]
+    assert "HTTP-Referer" in repr(client) and "app.example" not in repr(client)
+    assert SECRET not in repr(client) and SECRET not in caplog.text
+
+
 # -- client-side limits and the shared pause ---------------------------------------------------
 
 

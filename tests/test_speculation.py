@@ -127,7 +127,9 @@ def test_a_stream_is_closed_at_the_first_disagreement(tiny_models, hf_models, al
         off = t.generate(PROMPTS[1], max_new_tokens=24, alpha=alpha, speculate="off")
         base.requests.clear()
         base.streamed.clear()
-        got = t.generate(PROMPTS[1], max_new_tokens=24, alpha=alpha, speculate="stream")
+        got = t.generate(
+            PROMPTS[1], max_new_tokens=24, alpha=alpha, speculate="stream", stream_tokens=32
+        )
     assert got.token_ids == off.token_ids and got.text == off.text
     assert got.usage.requests == len(base.requests) == len(base.streamed)
     # What the base generated for us is billed, read or not.
