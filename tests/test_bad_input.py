@@ -197,7 +197,7 @@ CONFIG_ROWS = [
     ({"stop": [""]}, "stop sequences must be non-empty strings"),
     ({"stop": [b"\n"]}, "stop sequences must be strings"),
     ({"unseen": "guess"}, "unseen must be one of restrict, floor, residual"),
-    ({"speculate": None}, "speculate must be one of off, base, expert, auto"),
+    ({"speculate": None}, "speculate must be one of off, stream, base, expert, auto"),
     ({"expert_chat_template": "yes"}, "expert_chat_template must be True or False"),
     ({"draft_tokens": 0}, "draft_tokens must be an integer >= 1"),
 ]
