@@ -27,6 +27,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 NAME = "tiny-proxy"
 KEY = "sk-client-key-for-the-proxy"
+# Five client packages, two full lm-eval runs: 30-50 s together, so outside the fast suite.
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 8
 DEFAULTS = GenerationConfig(max_new_tokens=MAX_TOKENS, base_k=20)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
