@@ -468,9 +468,7 @@ class HTTPTransport:
         """``work(home)`` run on the home loop: directly when the caller is on it already, else
         handed over and awaited from the caller's loop."""
         with self._lock:  # so that aclose() cannot stop the home between lookup and hand-over
-            home = self._home
-            if home is None:
-                home = self._home = _Home(self.limits)
+            home = self._home_now()
             here = home.thread.in_loop_thread()
             future = None if here else home.thread.submit(work(home))
         if future is None:
@@ -485,6 +483,12 @@ class HTTPTransport:
                     f"{self.base_url}: the transport was closed while a request was in flight"
                 ) from None
             raise
+
+    def _home_now(self) -> _Home:
+        """The home, started if there is none; under ``self._lock``."""
+        if self._home is None:
+            self._home = _Home(self.limits)
+        return self._home
 
     def _http(self, home: _Home) -> httpx.AsyncClient:
         """The home's client; on the home loop only."""
@@ -553,9 +557,7 @@ class HTTPTransport:
                 put(exc)
 
         with self._lock:
-            home = self._home
-            if home is None:
-                home = self._home = _Home(self.limits)
+            home = self._home_now()
             running = (
                 asyncio.ensure_future(pump(home))
                 if home.thread.in_loop_thread()

@@ -148,8 +148,9 @@ class Row:
     connections: int | None  # the client's connections the replay server saw; None on vLLM
 
 
-def default_recording(models: Path, tokens: int) -> Path:
-    return REPO / ".cache" / "replay" / f"bench_throughput-{models.name}-{tokens}t.jsonl.gz"
+def default_recording(models: Path, tokens: int, speculate: str) -> Path:
+    name = f"bench_throughput-{models.name}-{tokens}t-{speculate}.jsonl.gz"  # requests differ
+    return REPO / ".cache" / "replay" / name
 
 
 def run_counts(base_url: str, args: argparse.Namespace, prompts, replay=None) -> tuple:
@@ -162,7 +163,7 @@ def run_counts(base_url: str, args: argparse.Namespace, prompts, replay=None) ->
     with ProxyTuner(
         base, args.models / "expert-small", args.models / "base-small", threads=1
     ) as tuner:
-        config = GenerationConfig(max_new_tokens=args.tokens, base_k=20)
+        config = GenerationConfig(max_new_tokens=args.tokens, base_k=20, speculate=args.speculate)
         tuner.generate_many(prompts[:2], config, concurrency=2)  # warm-up
         for count in args.counts:
             tuner.proxies.batch_sizes.clear()
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--rtt", type=float, default=50.0, help="round trip, ms")
+    parser.add_argument(
+        "--speculate",
+        default="auto",
+        choices=["off", "stream", "base", "expert", "auto"],
+        help="the speculation mode (auto: streamed drafts on vLLM)",
+    )
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--models", type=Path, default=MODELS)
     parser.add_argument("--base", choices=["replay", "vllm"], default="replay")
@@ -243,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.base == "replay":
             from scripts.replay_server import ReplayServer
 
-            recording = args.recording or default_recording(args.models, args.tokens)
+            recording = args.recording or default_recording(
+                args.models, args.tokens, args.speculate
+            )
             if args.record or not recording.exists():
                 record(args, prompts, recording)
             replay = stack.enter_context(ReplayServer("replay", recording, rtt_ms=args.rtt))
@@ -270,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\n{args.tokens} tokens per prompt (fewer where one ends at EOS), greedy, k = 20, "
-        f"speculate auto, {args.rtt:g} ms round trip; {where}, expert-small / base-small local "
-        f"(torch 1 thread), {os.cpu_count()} cores.{busy_line}\n"
+        f"speculate {args.speculate}, {args.rtt:g} ms round trip; {where}, expert-small / "
+        f"base-small local (torch 1 thread), {os.cpu_count()} cores.{busy_line}\n"
     )
     print(
         "| prompts | wall s | vs 1 prompt | client CPU s | CPU ms / request | CPU ms / token "

@@ -3,7 +3,7 @@ layer never reaches into the engine's internals. ProxyTuner has it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxyclient.chat import Chat
 from proxyclient.tokenizer import BaseTokenizer
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 Prompt = str | Chat  # a text prompt, or a conversation
 
 
-@runtime_checkable
 class ServedTuner(Protocol):
     @property
     def base_name(self) -> str | None: ...  # the base model's name at its API, if it has one
