@@ -67,7 +67,10 @@ def test_completions_equal_the_tuner(client, reference, prompt):
     choice = answer.choices[0]
     assert choice.text == expected.text
     assert choice.logprobs.tokens == [s.text for s in expected.steps]
-    assert choice.logprobs.token_logprobs == pytest.approx([s.logprob for s in expected.steps])
+    # The base's numbers are vLLM's as sent; the tuned ones agree to float32's rounding, since
+    # streamed drafts batch the proxies' forwards by what has arrived (its timing).
+    tuned = [s.logprob for s in expected.steps]
+    assert choice.logprobs.token_logprobs == pytest.approx(tuned, rel=1e-5, abs=1e-6)
     assert choice.logprobs.model_extra["base_token_logprobs"] == pytest.approx(
         [s.base_logprob for s in expected.steps]
     )

@@ -129,22 +129,31 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.integration
 def test_closing_the_stream_stops_vllm_generating(servers):
-    url = servers["full"].base_url
-    base = connect("vllm", url, BASE_NAME)
-    before = metric(url, "vllm:generation_tokens_total")
-    got = asyncio.run(positions(base, n=1500, stop_after=3))
-    asyncio.run(base.aclose())
-    assert len(got) == 3
-    # The server aborts the request: nothing is running within a bound, and the generated-token
-    # counter stops well short of the 1500 asked for.
-    deadline = time.monotonic() + 10
-    while metric(url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(url, "vllm:num_requests_running") == 0
-    settled = metric(url, "vllm:generation_tokens_total")
-    time.sleep(1.0)
-    assert metric(url, "vllm:generation_tokens_total") == settled
-    assert settled - before < 1500
+    # 2000 tokens take vLLM about 7 s here, the stream is closed after ~0.05 s. Any attempt that
+    # ends short of 2000 shows the abort; a loaded machine may let one run to its end before we
+    # close, so up to three are made (a stream that is never aborted fails all three).
+    url, asked = servers["full"].base_url, 2000
+    generated = []
+    for _ in range(3):
+        base = connect("vllm", url, BASE_NAME)
+        before = metric(url, "vllm:generation_tokens_total")
+        started = time.monotonic()
+        got = asyncio.run(positions(base, n=asked, stop_after=3))
+        closed_after = time.monotonic() - started
+        asyncio.run(base.aclose())
+        assert len(got) == 3
+        # Nothing is running within a bound, and the generated-token counter stops.
+        deadline = time.monotonic() + 10
+        while metric(url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(url, "vllm:num_requests_running") == 0
+        settled = metric(url, "vllm:generation_tokens_total")
+        time.sleep(1.0)
+        assert metric(url, "vllm:generation_tokens_total") == settled
+        generated.append((settled - before, round(closed_after, 2)))
+        if settled - before < asked:
+            break
+    assert generated[-1][0] < asked, f"(tokens generated, seconds to close) each time: {generated}"
 
 
 @pytest.mark.integration
