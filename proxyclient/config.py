@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from proxyclient.constraints import Constraint
 from proxyclient.errors import ConfigError
 
 
@@ -195,6 +196,14 @@ class GenerationConfig:
         "speculate=stream: the most tokens one streamed request asks for",
         metavar="N",
     )
+    # The CLI's --json-schema / --regex / --choice / --grammar (flags.py), the server's
+    # response_format and structured_outputs (server/protocol.py).
+    constraint: Constraint | None = _option(
+        None,
+        "structured output: the text must match this JSON schema, regex, choice or grammar",
+        flag=None,
+        http=None,
+    )
     # The CLI's --trace FILE / --trace-top N, the server's logprobs / top_logprobs.
     trace: int | None = _option(
         None,
@@ -225,6 +234,13 @@ class GenerationConfig:
             object.__setattr__(self, "stop", tuple(self.stop))
         else:
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if isinstance(self.constraint, dict):
+            object.__setattr__(self, "constraint", Constraint.from_dict(self.constraint))
+        elif self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ConfigError(
+                f"constraint must be a Constraint or its JSON form, e.g. "
+                f'{{"json_schema": {{...}}}}, got {self.constraint!r}'
+            )
         _check_types(self)
         for name, choices in (
             ("unseen", UnseenPolicy),
@@ -380,6 +396,8 @@ def expected_json(hint: Any, value: Any) -> str | None:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         choices = ", ".join(str(m.value) for m in hint)
         return None if isinstance(value, str) else f"one of {choices}"
+    if hint is Constraint:
+        return None if isinstance(value, dict) else 'an object such as {"regex": "..."}'
     return None
 
 
@@ -411,6 +429,8 @@ def show_json(value: Any) -> str:
 def _json_value(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, Constraint):
+        return value.to_dict()
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -130,6 +130,9 @@ class Engine:
         try:
             await self.tokens.check_server(self.base, seq.prompt, seq.prompt_ids.base)
             while not seq.finished:
+                if seq.grammar is not None and seq.grammar.finished(seq.token_ids):
+                    seq.finish_reason = "eos"  # the constraint allows nothing but the end
+                    break
                 if seq.appended and not self.base.capabilities.multi_step:
                     raise ConfigError(
                         f"the {self.base.name!r} base can score only the first token after the "

@@ -11,9 +11,12 @@ import argparse
 import enum
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from proxyclient.config import OPTIONS, GenerationConfig, Option
+from proxyclient.constraints import Constraint
+from proxyclient.errors import ConfigError
 
 _ON_OFF = {"auto": None, "on": True, "off": False}
 
@@ -26,11 +29,95 @@ def add_generation_flags(group: Any, *, one_step: bool = False) -> None:
         if edges.flag is None or (one_step and not edges.one_step):
             continue
         group.add_argument(edges.flag, dest=option.name, **_argparse_kwargs(option))
+    if not one_step:
+        _add_constraint_flags(group)
+
+
+def _add_constraint_flags(group: Any) -> None:
+    """``constraint``'s four flags; at most one may be given (``generation_options``)."""
+    group.add_argument(
+        "--json-schema",
+        type=_json_schema,
+        metavar="FILE|JSON",
+        help="structured output: the text is JSON valid against this schema (a file, or the "
+        "schema itself); {} for any JSON",
+    )
+    group.add_argument(
+        "--regex", type=_constraint(Constraint.regex), help="the text matches this regex whole"
+    )
+    group.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="the text is exactly one of these (repeat the flag for each)",
+    )
+    group.add_argument(
+        "--grammar",
+        type=_grammar_file,
+        metavar="FILE",
+        help="the text follows this context-free grammar (Lark, or GBNF: root ::= ...)",
+    )
+
+
+def _constraint(build: Any) -> Any:
+    def parse(text: str) -> Constraint:
+        try:
+            return build(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _json_schema(text: str) -> Constraint:
+    if not text.lstrip().startswith(("{", "[", "true", "false")):
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"cannot read the schema file {text!r} ({exc.strerror}); give a file or the "
+                f"schema's JSON"
+            ) from None
+    return _constraint(Constraint.json_schema)(text)
+
+
+def _grammar_file(path: str) -> Constraint:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot read the grammar file {path!r} ({exc.strerror})"
+        ) from None
+    return _constraint(Constraint.grammar)(text)
+
+
+def _given_constraint(args: argparse.Namespace) -> Constraint | None:
+    given = {
+        flag: value
+        for flag, value in (
+            ("--json-schema", getattr(args, "json_schema", None)),
+            ("--regex", getattr(args, "regex", None)),
+            ("--choice", getattr(args, "choice", None)),
+            ("--grammar", getattr(args, "grammar", None)),
+        )
+        if value is not None
+    }
+    if len(given) > 1:
+        raise ConfigError(
+            f"{' and '.join(given)} both constrain the output: give one of --json-schema, "
+            f"--regex, --choice, --grammar"
+        )
+    if "--choice" in given:
+        return Constraint.choice(given["--choice"])
+    return next(iter(given.values()), None)
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The GenerationConfig keyword arguments the parsed flags give (defaults included)."""
-    return {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    options = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    if hasattr(args, "json_schema"):
+        options["constraint"] = _given_constraint(args)
+    return options
 
 
 def as_flags(message: str) -> str:

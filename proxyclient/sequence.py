@@ -25,6 +25,7 @@ from proxyclient.bridge import Realigner
 from proxyclient.chat import Chat
 from proxyclient.config import GenerationConfig
 from proxyclient.detokenize import TextAssembler
+from proxyclient.masking import GrammarState
 from proxyclient.proxies import PairState, ProxyLogprobs, ProxyPair
 from proxyclient.result import FinishReason, Generation, Timings, TokenTrace, Usage
 from proxyclient.tokens import PromptIds, TokenSpace
@@ -59,6 +60,7 @@ class Sequence:
     error: str | None = None
     draft_length: int = 0  # the next speculative draft's length (adapted by the step)
     traces: list[TokenTrace] = field(default_factory=list)  # one per output token (config.trace)
+    grammar: GrammarState | None = None  # config.constraint's, over the base's ids
     _marks: list[_Mark] = field(default_factory=list)
 
     @classmethod
@@ -77,6 +79,7 @@ class Sequence:
             realigner=tokens.realigner(),
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
             base_ids=list(ids.base),
+            grammar=tokens.grammar_state(config.constraint) if config.constraint else None,
         )
 
     # -- what the models see ------------------------------------------------------------------
@@ -127,6 +130,13 @@ class Sequence:
         out = await pair.logprobs(self.proxies, self.expert_ids, self.anti_ids, positions)
         self.timings.local_s += out.seconds
         return out
+
+    def allowed(self, then: Ids[int] = ()) -> torch.Tensor | None:
+        """[V_base] bool: the base ids the constraint allows after the output and ``then``
+        (tokens a step chose but the sequence has not accepted yet); None: no constraint."""
+        if self.grammar is None:
+            return None
+        return self.grammar.allowed([*self.token_ids, *then])
 
     # -- speculation's undo -------------------------------------------------------------------
 

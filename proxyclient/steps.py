@@ -20,6 +20,7 @@ base draft is exactly a one-token request, so steering that rejects most drafts 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -41,10 +42,11 @@ from proxyclient.adapters.base import (
     TopLogprobs,
 )
 from proxyclient.combine import Candidates, combine
-from proxyclient.config import GenerationConfig, UntwinnedRule
+from proxyclient.config import GenerationConfig, UnseenPolicy, UntwinnedRule
 from proxyclient.errors import (
     APIConnectionError,
     APITimeoutError,
+    ConfigError,
     ProxyClientError,
     ResponseFormatError,
     ServerError,
@@ -66,6 +68,7 @@ class Observation:
     top: TopLogprobs  # the base's top-k
     expert: torch.Tensor | None  # [V_e] log-probs; None when alpha = 0 (no forward was run)
     anti: torch.Tensor | None  # [V_a]
+    allowed: torch.Tensor | None = None  # [V_base] bool, the constraint's mask; None: none
 
 
 @dataclass
@@ -126,19 +129,29 @@ class OneTokenStep:
             finally:
                 seq.timings.base_s += time.perf_counter() - started
 
-        if seq.config.alpha == 0:
-            top, local = await ask_base(), None
-        elif not self.overlap:
-            top = await ask_base()
-            local = await seq.proxy_logprobs(self.pair)
-        else:
-            top, local = await _both(ask_base(), seq.proxy_logprobs(self.pair))
+        # The constraint's mask depends only on the output so far: it is computed (off the event
+        # loop) while the request is in flight.
+        masking = (
+            asyncio.ensure_future(asyncio.to_thread(seq.allowed))
+            if seq.grammar is not None
+            else None
+        )
+        try:
+            if seq.config.alpha == 0:
+                top, local = await ask_base(), None
+            elif not self.overlap:
+                top = await ask_base()
+                local = await seq.proxy_logprobs(self.pair)
+            else:
+                top, local = await _both(ask_base(), seq.proxy_logprobs(self.pair))
+        finally:
+            allowed = await masking if masking is not None else None
         if seq.appended == 0:
             self.tokens.check_unresolved(top)
         usage = request_usage(prompt, ServerUsage(), 1)
         if local is None:
-            return Observation(top, None, None), usage
-        return Observation(top, local.expert[-1], local.anti[-1]), usage
+            return Observation(top, None, None, allowed), usage
+        return Observation(top, local.expert[-1], local.anti[-1], allowed), usage
 
     def candidates(
         self, config: GenerationConfig, observation: Observation, *, alpha: float | None = None
@@ -149,15 +162,21 @@ class OneTokenStep:
         expert, anti = observation.expert, observation.anti
         if expert is None or anti is None:  # alpha == 0: no proxy forward was run
             expert = anti = torch.zeros(self.tokens.vocab_size)
-        candidates = combine(
-            torch.tensor(top.token_ids, dtype=torch.int64),
-            torch.tensor(top.logprobs, dtype=torch.float64),
-            expert,
-            anti,
-            alpha=config.alpha if alpha is None else alpha,
-            policy=config.unseen,
-            twin=self.twin(config),
-        )
+
+        def scored(policy: UnseenPolicy) -> Candidates:
+            return combine(
+                torch.tensor(top.token_ids, dtype=torch.int64),
+                torch.tensor(top.logprobs, dtype=torch.float64),
+                expert,
+                anti,
+                alpha=config.alpha if alpha is None else alpha,
+                policy=policy,
+                twin=self.twin(config),
+            )
+
+        candidates = scored(config.unseen)
+        if observation.allowed is not None:
+            return self._allowed(config, observation.allowed, candidates, scored)
         if candidates.ids.numel() == 0:
             raise ResponseFormatError(
                 f"none of the base's {len(top)} candidates is in the vocabulary it shares with "
@@ -167,6 +186,40 @@ class OneTokenStep:
                 f"unseen='residual', a larger base_k)"
             )
         return candidates
+
+    def _allowed(
+        self,
+        config: GenerationConfig,
+        allowed: torch.Tensor,
+        candidates: Candidates,
+        scored: Callable[[UnseenPolicy], Candidates],
+    ) -> Candidates:
+        """The candidates the constraint allows. Once it allows nothing but EOS, that is the one
+        candidate. Where the base's top-k holds none it allows, those outside it compete with
+        the unseen-token policy's estimate (the smallest returned log-prob where ``residual``
+        found no mass left), so a constrained generation does not dead-end."""
+        constraint = config.constraint
+        assert constraint is not None
+        ids = torch.nonzero(allowed).flatten()
+        eos = self.tokens.eos_ids
+        if ids.numel() and all(int(i) in eos for i in ids):
+            return Candidates(ids, torch.zeros(ids.numel(), dtype=torch.float64), 0)
+        kept = _within(candidates, allowed)
+        if not torch.isfinite(kept.scores).any() and config.unseen is UnseenPolicy.RESIDUAL:
+            kept = _within(scored(UnseenPolicy.FLOOR), allowed)
+        if torch.isfinite(kept.scores).any():
+            return kept
+        if config.unseen is UnseenPolicy.RESTRICT:
+            raise ConfigError(
+                f"none of the base's {config.base_k} candidates is allowed by the "
+                f"{constraint.describe()}, and unseen='restrict' lets only those compete: use "
+                f"unseen='residual' (the default) or 'floor', or a larger base_k"
+            )
+        raise ConfigError(
+            f"the {constraint.describe()} allows only tokens outside the vocabulary the base "
+            f"shares with the proxies ({self.tokens.bridge.shared} tokens): it cannot be "
+            f"followed with these tokenizers"
+        )
 
     def tally(self, top: TopLogprobs, candidates: Candidates) -> Usage:
         """What one verified position's candidates count in the usage."""
@@ -272,6 +325,8 @@ class _DraftStep(OneTokenStep):
         traces: list[TokenTrace | None] = []
         accepted, whole = 0, True
         for observation, token, draft_p, logprob in positions:
+            if seq.grammar is not None:  # the mask after what this draft kept so far
+                observation = dataclasses.replace(observation, allowed=seq.allowed(emitted))
             try:
                 candidates = self.candidates(seq.config, observation)
             except ProxyClientError:
@@ -378,9 +433,10 @@ class BaseDraftStep(_DraftStep):
 
                 def base_p(candidates: Candidates, top: TopLogprobs = top) -> torch.Tensor:
                     # What the draft was sampled from: the base's raw distribution, as the
-                    # unseen-token policy estimates it outside the top-k.
+                    # unseen-token policy estimates it outside the top-k (unconstrained: the
+                    # server does not know the constraint), at the candidates' ids.
                     alone = self.candidates(config, Observation(top, None, None), alpha=0.0)
-                    return alone.scores.exp()
+                    return _at(alone, candidates.ids).exp()
 
                 yield Observation(top, *rows.at(i)), tokens[i], base_p, logprobs[i]
 
@@ -592,6 +648,23 @@ async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any
         if isinstance(result, BaseException):
             raise result
     return outcome[0], outcome[1]
+
+
+def _within(candidates: Candidates, allowed: torch.Tensor) -> Candidates:
+    """The candidates whose ids ``allowed`` marks."""
+    ids = candidates.ids
+    keep = allowed[ids.clamp(max=allowed.numel() - 1)] & (ids < allowed.numel())
+    return Candidates(ids[keep], candidates.scores[keep], candidates.dropped)
+
+
+def _at(candidates: Candidates, ids: torch.Tensor) -> torch.Tensor:
+    """The scores of ``candidates`` at ``ids`` (-inf where it has none)."""
+    if candidates.ids is ids or torch.equal(candidates.ids, ids):
+        return candidates.scores
+    size = max(int(candidates.ids.max()) if candidates.ids.numel() else 0, int(ids.max())) + 1
+    full = torch.full((size,), -math.inf, dtype=torch.float64)
+    full[candidates.ids] = candidates.scores
+    return full[ids]
 
 
 def _keep_draft(seq: Sequence, emitted: list[int]) -> None:

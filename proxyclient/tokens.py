@@ -20,7 +20,9 @@ from proxyclient.bridge import Realigner, VocabBridge
 from proxyclient.bridge_cache import cached_bridge
 from proxyclient.chat import Chat, has_template, plain_text, templated_text
 from proxyclient.config import GenerationConfig
+from proxyclient.constraints import Constraint
 from proxyclient.errors import ConfigError
+from proxyclient.masking import GrammarState, grammar_tokenizer
 from proxyclient.tokenizer import BaseTokenizer, load_base_tokenizer
 from proxyclient.vocab import ByteVocab, from_hf
 
@@ -157,6 +159,14 @@ class TokenSpace:
     def decode(self, base_ids: Sequence[int]) -> str:
         """Text of base ids, without special tokens."""
         return self.base_text_tokenizer.decode(list(base_ids))
+
+    def grammar_state(self, constraint: Constraint) -> GrammarState:
+        """A new generation's position in ``constraint``'s grammar, over the base's tokens."""
+        base = self.base_text_tokenizer
+        tokenizer = grammar_tokenizer(
+            base.vocab, self.eos_ids, lambda text: base.encode(text, add_special_tokens=False)
+        )
+        return GrammarState(constraint, tokenizer, self.bridge.base_size)
 
     def token_text(self, base_id: int) -> str:
         """One base token's text (U+FFFD for a part of a character)."""

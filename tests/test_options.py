@@ -15,6 +15,7 @@ from proxyclient.batch import parse_line
 from proxyclient.cli import _parser
 from proxyclient.commands import _config
 from proxyclient.config import OPTIONS, GenerationConfig, Option
+from proxyclient.constraints import Constraint
 from proxyclient.flags import as_flags, generation_options
 from proxyclient.result import (
     DEFAULT_UNSEEN_POLICY,
@@ -30,6 +31,8 @@ from proxyclient.server.protocol import ChatRequest, CompletionRequest, parse
 # Options without a flag or an HTTP field of their own, and what sets them there instead.
 ELSEWHERE = {
     "trace": "the CLI's --trace FILE with --trace-top N; the server's logprobs / top_logprobs",
+    "constraint": "the CLI's --json-schema / --regex / --choice / --grammar; the server's "
+    "response_format and structured_outputs (tests/test_constraints.py)",
 }
 REQUIRED = ["--base-model", "m", "--expert", "e", "--anti-expert", "a"]
 
@@ -37,6 +40,8 @@ REQUIRED = ["--base-model", "m", "--expert", "e", "--anti-expert", "a"]
 def sample(option: Option) -> Any:
     """A valid value other than the default."""
     hint, optional = option.value_type, option.optional
+    if hint is Constraint:
+        return Constraint.regex("[0-9]+")
     if hint is bool:
         return True if optional else not option.default
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
@@ -53,6 +58,8 @@ def sample(option: Option) -> Any:
 def as_json(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, Constraint):
+        return value.to_dict()
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -6,7 +6,9 @@ cannot honour (penalties, logit bias, suffix, tools) are refused unless left at 
 values. Proxy-tuning knobs are extra body fields, one per generation option that config.py gives
 an HTTP name (``alpha``, ``base_k`` — k, the logprobs asked of the base per step, not OpenAI's
 ``top_logprobs`` — ``unseen``, ``speculate``, ``draft_tokens``, ``top_k``, ...), and for chats
-how the conversation is read (``response_prefix``, ``base_chat_template``).
+how the conversation is read (``response_prefix``, ``base_chat_template``). Structured outputs
+come as OpenAI's ``response_format`` (json_object, json_schema) or vLLM's ``structured_outputs``
+(json, regex, choice, grammar, json_object) and become the config's ``constraint``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxyclient.chat import Chat
 from proxyclient.config import json_overrides
+from proxyclient.constraints import Constraint
+from proxyclient.errors import ConfigError
 from proxyclient.result import Generation
 
 # Generations one request may ask for (n), prompts one completions request may hold, and the
@@ -88,6 +92,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs (one of them).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     # OpenAI options this server cannot honour: accepted only at their neutral values.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -103,6 +110,14 @@ class _Request(BaseModel):
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
+        removed = sorted(set(self.model_extra or {}) & _GUIDED_FIELDS)
+        if removed:
+            raise APIError(
+                400,
+                f"{removed[0]} is vLLM's removed guided-decoding field: use structured_outputs "
+                f'(e.g. {{"json": SCHEMA}}, {{"regex": "..."}}) or response_format',
+                param=removed[0],
+            )
 
     def options(self, max_tokens: int | None) -> dict[str, Any]:
         """The GenerationConfig fields this request sets (the server's defaults fill the rest):
@@ -113,7 +128,25 @@ class _Request(BaseModel):
             **self.model_dump(include=_OPENAI_OPTIONS, exclude_none=True),
             "max_tokens": max_tokens,
         }
-        return json_overrides({k: v for k, v in given.items() if v is not None}, http=True)
+        options = json_overrides({k: v for k, v in given.items() if v is not None}, http=True)
+        constraint = self.constraint()
+        if constraint is not None:
+            options["constraint"] = constraint
+        return options
+
+    def constraint(self) -> Constraint | None:
+        """What ``response_format`` or ``structured_outputs`` asks the text to match."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise APIError(
+                400,
+                "give response_format or structured_outputs, not both",
+                param="structured_outputs",
+            )
+        if self.structured_outputs is not None:
+            return _structured_outputs(self.structured_outputs)
+        if self.response_format is not None:
+            return _response_format(self.response_format)
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -206,17 +239,12 @@ class ChatRequest(_Request):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise APIError(400, f"{name} are not supported by this server", param=name)
-        if self.response_format not in (None, {"type": "text"}):
-            raise APIError(
-                400, "response_format other than text is not supported", param="response_format"
-            )
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
                 raise APIError(
@@ -242,6 +270,83 @@ class ChatRequest(_Request):
         """The conversation, and how the sides read it."""
         messages = [m.as_dict() for m in self.messages]
         return Chat(messages, self.response_prefix, self.base_chat_template)
+
+
+_GUIDED_FIELDS = frozenset(
+    {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern"}
+)
+# vLLM's structured_outputs: the constraint kinds, and their spelling here.
+_STRUCTURED_KINDS = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "json_object": "json_object",
+}
+
+
+def _structured_outputs(given: dict[str, Any]) -> Constraint:
+    """vLLM's ``structured_outputs`` (vLLM 0.32/0.33: one of json, regex, choice, grammar,
+    json_object). JSON is written without free whitespace here, as ``disable_any_whitespace``
+    asks; ``whitespace_pattern``, ``structural_tag`` and ``disable_additional_properties`` are
+    refused rather than ignored."""
+    param = "structured_outputs"
+    for name in ("whitespace_pattern", "structural_tag"):
+        if given.get(name) is not None:
+            raise APIError(400, f"structured_outputs.{name} is not supported", param=param)
+    if given.get("disable_additional_properties"):
+        raise APIError(
+            400,
+            "structured_outputs.disable_additional_properties is not supported: put "
+            '"additionalProperties": false in the schema',
+            param=param,
+        )
+    kinds = [k for k in _STRUCTURED_KINDS if given.get(k) is not None]
+    if len(kinds) != 1:
+        raise APIError(
+            400,
+            f"structured_outputs takes exactly one of {', '.join(_STRUCTURED_KINDS)}, got "
+            f"{', '.join(kinds) or 'none'}",
+            param=param,
+        )
+    kind, value = kinds[0], given[kinds[0]]
+    if kind == "json_object":
+        if value is not True:
+            raise APIError(400, "structured_outputs.json_object takes true", param=param)
+        return _built(Constraint.json_object, param)
+    return _built(lambda: Constraint.from_dict({_STRUCTURED_KINDS[kind]: value}), param)
+
+
+def _response_format(given: dict[str, Any]) -> Constraint | None:
+    """OpenAI's ``response_format``: text, json_object, or json_schema ({"name", "schema",
+    "strict"}: the schema is enforced exactly whether strict is true or not)."""
+    param = "response_format"
+    kind = given.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _built(Constraint.json_object, param)
+    if kind == "json_schema":
+        spec = given.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+            raise APIError(
+                400,
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                param=param,
+            )
+        return _built(lambda: Constraint.json_schema(spec.get("schema", {})), param)
+    raise APIError(
+        400,
+        f"response_format type must be text, json_object or json_schema, got {kind!r}",
+        param=param,
+    )
+
+
+def _built(build: Any, param: str) -> Constraint:
+    try:
+        return build()
+    except ConfigError as exc:
+        raise APIError(400, str(exc), param=param) from None
 
 
 def parse(body: bytes, kind: type[_Request]) -> Any:

@@ -44,6 +44,7 @@ def proxy_tuned_greedy(
     base_ids_for: Callable[[list[int]], list[int]] | None = None,
     unidentifiable: frozenset[int] = frozenset(),
     unseen: str = "restrict",
+    allowed: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> list[ReferenceStep]:
     """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` the base reveals only its top-k.
 
@@ -55,7 +56,8 @@ def proxy_tuned_greedy(
     ``base_ids_for(generated)`` gives what the base sees when a dialect sends it something other
     than our ids (a chat template, text it tokenizes again); ``unidentifiable`` are tokens a
     dialect cannot name (partial UTF-8 keyed by string): they hold their rank in the top-k but
-    cannot be chosen.
+    cannot be chosen. ``allowed(generated)``: [V] bool, the tokens a constraint allows next
+    (structured outputs); the others get -inf.
     """
     ids = list(prompt_ids)
     expert_ids = list(expert_prompt_ids or prompt_ids)
@@ -85,6 +87,9 @@ def proxy_tuned_greedy(
             scores = base_lp + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
         if unidentifiable:
             scores[list(unidentifiable)] = -torch.inf
+        if allowed is not None:
+            mask = allowed(generated)
+            scores[~mask[: scores.numel()]] = -torch.inf
         token = int(torch.argmax(scores))
         steps.append(ReferenceStep(token, scores))
         if token in eos_ids:
