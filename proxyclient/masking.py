@@ -9,6 +9,7 @@ what a speculative draft appended and the step took back), so it needs no hook i
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence as Ids
 from typing import Any
@@ -24,7 +25,13 @@ _LOCK = threading.Lock()
 
 class _Vocabulary:
     """What llguidance's TokenizerWrapper reads: every id's bytes (special tokens as 0xFF and
-    a name, its convention), EOS and BOS, and a way to tokenize text."""
+    a name, its convention), EOS and BOS, and a way to tokenize bytes.
+
+    Tokenizing is the base tokenizer's (llguidance keeps forced text, such as a schema's keys, in
+    its canonical tokens), where that spells exactly the bytes asked: a SentencePiece tokenizer
+    puts a space before the text it encodes ("{" -> "▁{"), which llguidance would take for the
+    grammar's forced bytes, so there a longest match over the vocabulary's bytes stands in.
+    """
 
     def __init__(self, vocab: ByteVocab, eos: list[int], encode: Any) -> None:
         self.tokens = [
@@ -36,16 +43,32 @@ class _Vocabulary:
         )
         self.eos_token_id = eos[0]
         self.bos_token_id = None
+        self._vocab = vocab
         self._encode = encode
+        self._longest = max((len(d) for d in vocab.token_bytes if d), default=1)
 
     def __call__(self, text: bytes | str) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return list(self._encode(text))
+        data = text.encode() if isinstance(text, str) else text
+        with contextlib.suppress(UnicodeDecodeError):
+            ids = list(self._encode(data.decode()))
+            if self._vocab.bytes_of(ids) == data:
+                return ids
+        ids, at = [], 0
+        while at < len(data):
+            for end in range(min(len(data), at + self._longest), at, -1):
+                token = self._vocab.id_of(data[at:end])
+                if token is not None:
+                    ids.append(token)
+                    at = end
+                    break
+            else:
+                at += 1  # a byte no token spells: nothing can produce it
+        return ids
 
 
 def grammar_tokenizer(vocab: ByteVocab, eos_ids: frozenset[int], encode: Any) -> Any:
-    """llguidance's tokenizer for ``vocab`` (built once per vocabulary: a few ms to a second)."""
+    """llguidance's tokenizer for ``vocab`` (built once per vocabulary: a few ms to a second);
+    ``encode``: text -> the base tokenizer's ids, without special tokens."""
     from llguidance import LLTokenizer, TokenizerWrapper
 
     eos = sorted(eos_ids) or [len(vocab)]  # a base with no EOS: an id no token has

@@ -349,3 +349,21 @@ def test_the_server_refuses_what_it_cannot_follow(app, field, named):
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert named in error["message"] and error["param"] == next(iter(field))
+
+
+@pytest.mark.parametrize("pair", ["bpe->sp", "fine->bpe"])
+def test_a_bridged_base_is_constrained_over_its_own_tokens(tiny_models, hf_models, pair):
+    """The grammar runs over the base tokenizer's vocabulary (in bytes), however the proxies
+    split the same text: the output is the base's ids, valid, and drafts give off's tokens."""
+    from tests.test_speculation_bridged import bridged_tuner
+
+    tuner, world = bridged_tuner(tiny_models, hf_models, pair)
+    schema = SCHEMAS["nested"]
+    with tuner:
+        options = dict(max_new_tokens=120, constraint=Constraint.json_schema(schema))
+        off = tuner.generate(PROMPT, speculate="off", **options)
+        drafted = tuner.generate(PROMPT, speculate="base", **options)
+    assert off.finish_reason == "eos", off.text
+    jsonschema.validate(json.loads(off.text), schema)
+    assert world.base_tokenizer.decode(off.token_ids) == off.text
+    assert drafted.token_ids == off.token_ids
