@@ -23,6 +23,14 @@ prefix: deepseek-reasoner, a refusal that names its parameter, or an answer with
 top logprobs that carry no information (only 0 and -9999): such an answer is an error (retried,
 like any broken answer), never steered on.
 
+Streamed drafts: the same request with ``stream: true`` (the create-chat-completion page:
+"partial message deltas will be sent", as data-only server-sent events ending with ``data:
+[DONE]``) answers chat completion chunks, each with ``choices[0].logprobs.content`` for its new
+tokens and ``choices[0].delta`` for the text (``delta.reasoning_content`` while a model thinks:
+the same error as a thinking answer). ``stream_options.include_usage`` is not asked for: its
+usage chunk comes last, after a stream that is usually closed early, so the tokens received are
+what is counted.
+
 Not used: the beta FIM ``/completions`` (``echo``, ``logprobs`` <= 20), which could score a given
 continuation (``prompt_scoring``). It conditions on the raw text, not on the chat conversation
 that prefix completion conditions on, so its numbers are those of another context than the
@@ -34,6 +42,7 @@ the prompt's own positions, which scoring needs.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Unpack
 
 from proxyclient.adapters.base import (
@@ -41,6 +50,7 @@ from proxyclient.adapters.base import (
     Capabilities,
     Continuation,
     Prompt,
+    StreamedPosition,
     TopLogprobs,
 )
 from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
@@ -52,8 +62,10 @@ from proxyclient.adapters.openai_wire import (
     chat_logprobs_content,
     chat_token_id,
     chat_top,
+    content_positions_in,
     sampling,
     server_usage,
+    stream_positions,
 )
 from proxyclient.errors import (
     APIStatusError,
@@ -102,6 +114,7 @@ class DeepSeekChat(DialectAdapter):
         logprobs="processed",  # not documented either way; we send temperature 1
         multi_step=True,
         drafts=True,
+        streams=True,
     )
 
     def __init__(
@@ -133,6 +146,16 @@ class DeepSeekChat(DialectAdapter):
         path, payload = self.build_request(prompt, k)
         return path, payload | sampling(n, greedy=greedy, seed=None)
 
+    def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its chunk arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        parse = lambda chunk: self.parse_generate(chunk, prompt, k)  # noqa: E731
+        return stream_positions(
+            self, path, payload | {"stream": True}, prompt, k, n, parse, _has_positions
+        )
+
     def parse_response(self, body: Any, prompt: Prompt, k: int) -> TopLogprobs:
         content = self._content(body)
         if not content:
@@ -155,7 +178,8 @@ class DeepSeekChat(DialectAdapter):
     def _content(self, body: Any) -> list[dict[str, Any]]:
         """``logprobs.content``, checked: no thinking, top logprobs present and informative."""
         try:
-            message = body["choices"][0].get("message") or {}
+            choice = body["choices"][0]
+            message = choice.get("message") or choice.get("delta") or {}  # delta: a chunk's
         except (KeyError, IndexError, TypeError, AttributeError):
             message = {}
         if isinstance(message, dict) and message.get("reasoning_content"):
@@ -225,3 +249,13 @@ class DeepSeekChat(DialectAdapter):
                 **fields,
             )
         return await super().explain(exc, prompt, k)
+
+
+def _has_positions(chunk: Any) -> bool:
+    """Whether a streamed chunk is to be read: it holds positions, or it thinks (an error)."""
+    if content_positions_in(chunk):
+        return True
+    try:
+        return bool((chunk["choices"][0].get("delta") or {}).get("reasoning_content"))
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False

@@ -12,14 +12,26 @@ with its ``token_id``, ``logprob`` (the model's), ``sampling_logprob`` (after th
 request scores a continuation and generates the token after it. The documented range of
 ``top_logprobs`` is 0..5 (a deployment may allow more); a larger k is refused with a 422
 ``HTTPValidationError`` whose message states the cap, which discovery reads.
+
+Streamed drafts: ``stream: true`` answers server-sent events ending with ``data: [DONE]``, each a
+``CompletionStreamResponse`` whose ``choices[].logprobs`` has the answer's shape
+(``CompletionResponseStreamChoice``: ``LogProbs`` or ``NewLogProbs``, the same schema page), so
+each chunk's ``content`` positions are read as an answer's are. ``stream_options`` is not in the
+request schema (``additionalProperties: false``), so the tokens received are what is counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    StreamedPosition,
+    TopLogprobs,
+)
 from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.adapters.openai_wire import (
     COMPLETIONS_PATH,
@@ -27,6 +39,7 @@ from proxyclient.adapters.openai_wire import (
     content_top,
     sampling,
     server_usage,
+    stream_positions,
 )
 from proxyclient.errors import ConfigError, ResponseFormatError
 
@@ -65,6 +78,7 @@ class FireworksCompletions(DialectAdapter):
         prompt_scoring=True,
         logprobs="raw",
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -91,6 +105,14 @@ class FireworksCompletions(DialectAdapter):
         the ``logprob`` fields are the model's either way."""
         path, payload = self.build_request(prompt, k)
         return path, payload | sampling(n, greedy=greedy, seed=seed)
+
+    def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its chunk arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        parse = lambda chunk: self.parse_generate(chunk, prompt, k)  # noqa: E731
+        return stream_positions(self, path, payload | {"stream": True}, prompt, k, n, parse)
 
     def build_score(
         self, prompt: Prompt, continuation: Sequence[int], k: int

@@ -44,19 +44,36 @@ is temperature 0; a sampled draft is temperature 1 with ``seed``. A model that t
 answers (``usageMetadata.thoughtsTokenCount``) gives the logprobs of its answer after the thoughts,
 not of the token after the prompt: that is an error (``thinking_budget=0`` turns thinking off on
 models that allow it).
+
+Streamed drafts: the same request to ``models/{model}:streamGenerateContent?alt=sse`` (the same
+reference: "a stream of GenerateContentResponse instances"; ``alt=sse`` sends each as a
+server-sent event, and the stream just ends, with no ``[DONE]``). Each event's
+``candidates[0].logprobsResult`` holds the positions of the tokens it adds, read as an answer's;
+``usageMetadata`` comes with every event, but a stream closed early has no last one, so the tokens
+received are what is counted. A model that cannot continue a model turn takes one step only, so
+it neither drafts nor streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Unpack
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
 from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
 from proxyclient.adapters.http import HTTPTransport
-from proxyclient.adapters.openai_wire import chat_conversation
+from proxyclient.adapters.openai_wire import chat_conversation, stream_positions
 from proxyclient.errors import (
     APIStatusError,
     AuthenticationError,
@@ -107,7 +124,8 @@ class GeminiGenerateContent(DialectAdapter):
     api_key_header = ("x-goog-api-key", "{key}")
     tokenizer: BaseTokenizer
 
-    # multi_step and drafts until the model is known not to continue a model turn (_one_step).
+    # multi_step, drafts and streams until the model is known not to continue a model turn
+    # (_one_step).
     default_capabilities = Capabilities(
         max_k=GEMINI_MAX_LOGPROBS,
         token_id_prompts=False,
@@ -116,6 +134,7 @@ class GeminiGenerateContent(DialectAdapter):
         logprobs="processed",
         multi_step=True,
         drafts=True,
+        streams=True,
     )
 
     def __init__(
@@ -144,6 +163,10 @@ class GeminiGenerateContent(DialectAdapter):
     @property
     def path(self) -> str:
         return f"/models/{self.name.removeprefix('models/')}:generateContent"
+
+    @property
+    def stream_path(self) -> str:
+        return f"/models/{self.name.removeprefix('models/')}:streamGenerateContent?alt=sse"
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -208,6 +231,21 @@ class GeminiGenerateContent(DialectAdapter):
         await self._ready_for(prompt)
         return await super().generate(prompt, k, n, greedy=greedy, seed=seed)
 
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its event arrives."""
+        await self._ready_for(prompt)
+        _, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        parse = lambda event: self.parse_generate(event, prompt, k)  # noqa: E731
+        # Every event is read: one without positions still says whether the model thinks.
+        positions = stream_positions(
+            self, self.stream_path, payload, prompt, k, n, parse, lambda _: True
+        )
+        async with contextlib.aclosing(positions):
+            async for position in positions:
+                yield position
+
     async def _ready_for(self, prompt: Prompt) -> None:
         if await self.check_continuation(prompt) or (
             chat_conversation(prompt, self.tokenizer.decode)[1] is None
@@ -241,7 +279,9 @@ class GeminiGenerateContent(DialectAdapter):
 
     def _one_step(self, why: str, *, warn: bool = True) -> None:
         self.continues = False
-        self.capabilities = dataclasses.replace(self.capabilities, multi_step=False, drafts=False)
+        self.capabilities = dataclasses.replace(
+            self.capabilities, multi_step=False, drafts=False, streams=False
+        )
         self.one_step_reason = (
             f"Gemini model {self.name!r} cannot continue a partial answer ({why}), so it scores "
             f"only the first token after the prompt: use ProxyTuner.choose() (proxyclient choose) "

@@ -530,10 +530,18 @@ class HTTPTransport:
         )
 
     async def stream_json(
-        self, method: str, path: str, payload: Any = None, *, what: str = "", tokens: int = 0
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        what: str = "",
+        tokens: int = 0,
+        ndjson: bool = False,
     ) -> AsyncIterator[Any]:
         """Send; yield the JSON of each server-sent event (``data: ...``) as it arrives, until
-        ``[DONE]`` or the end of the answer.
+        ``[DONE]`` or the end of the answer; with ``ndjson``, of each line of newline-delimited
+        JSON instead (Ollama's streams), until the end of the answer.
 
         Opening the stream is retried as ``request_json`` is, until a 200 arrives; a failure
         after that ends the iteration with the error (APIConnectionError for a dropped
@@ -548,7 +556,7 @@ class HTTPTransport:
 
         async def pump(home: _Home) -> None:
             try:
-                async for event in self._stream(home, method, path, payload, what, tokens):
+                async for event in self._stream(home, method, path, payload, what, tokens, ndjson):
                     put(event)
                 put(end)
             except asyncio.CancelledError:
@@ -575,17 +583,29 @@ class HTTPTransport:
             running.cancel()
 
     async def _stream(
-        self, home: _Home, method: str, path: str, payload: Any, what: str, tokens: int
+        self,
+        home: _Home,
+        method: str,
+        path: str,
+        payload: Any,
+        what: str,
+        tokens: int,
+        ndjson: bool = False,
     ) -> AsyncIterator[Any]:
         response = await self._request(home, method, path, payload, what, tokens, None, True)
         sent = f"{method} {response.request.url}" + (f" ({what})" if what else "")
         try:
             async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+                if ndjson:
+                    data = line.strip()
+                    if not data:
+                        continue
+                elif not line.startswith("data:"):
                     continue  # comments, event names, keep-alives
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    return
+                else:
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        return
                 try:
                     yield decode_json(data.encode())
                 except ResponseFormatError as exc:

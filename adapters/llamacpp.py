@@ -10,15 +10,36 @@ character (it holds such text back), so an answer without them is asked again wi
 In a multi-token answer (``generate``) it drops such a token's entry from
 ``completion_probabilities`` and folds its bytes into the next entry, so the entries are aligned
 with the generated ids (``return_tokens``) and kept up to the first one missing.
+
+Streamed drafts: ``stream: true``, documented at
+https://github.com/ggml-org/llama.cpp/blob/master/tools/server/README.md (``POST /completion``,
+"Response format": server-sent events); the shapes as llama-server (commit 0c1e570) sends them
+are in tests/fixtures/llamacpp/stream_*.sse. One event per token, with that token in ``tokens``,
+its ``completion_probabilities`` entry and the running ``tokens_predicted``; a last event with
+``stop: true`` names no token. A held-back token gets no event at all (its bytes go out with the
+next token's text, whose event names only that next token), which shows as ``tokens_predicted``
+running ahead: the stream is closed there, the positions before it stand, and the next request
+goes on from them. llama-server cancels a streamed task whose client disconnects, so closing the
+stream stops the generation.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, DialectAdapter
-from proxyclient.errors import ResponseFormatError
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, DialectAdapter, checked_answer
+from proxyclient.adapters.http import error_message, status_error
+from proxyclient.errors import APIStatusError, ResponseFormatError
 
 
 class _HeldBack(Exception):
@@ -42,6 +63,7 @@ class LlamaCppCompletion(DialectAdapter):
         prompt_scoring=False,
         logprobs="raw",
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -153,3 +175,66 @@ class LlamaCppCompletion(DialectAdapter):
             tuple(position.get("logprob") for position in positions[:kept]),
             self._usage(body),
         )
+
+    def parse_streamed(self, event: Any, prompt: Prompt, k: int, seen: int) -> Continuation:
+        """One streamed event's positions (none for the last, ``stop: true``), ``seen`` positions
+        having come before it; raises _HeldBack where the server left a token out before it."""
+        if not isinstance(event, dict) or event.get("stop"):
+            return Continuation((), (), ())
+        positions = event.get("completion_probabilities")
+        generated = event.get("tokens") or []
+        predicted = event.get("tokens_predicted")
+        if isinstance(predicted, int) and predicted > seen + len(generated):
+            raise _HeldBack
+        if positions is None and generated:
+            raise ResponseFormatError(
+                "the streamed event has no completion_probabilities; is this llama.cpp's own "
+                "server (llama-server) with n_probs support? (--api llamacpp)"
+            )
+        if [position.get("id") for position in positions or []] != list(generated):
+            raise _HeldBack  # not aligned with the ids: keep what came before it
+        return Continuation(
+            tuple(generated),
+            tuple(self._top(position, k) for position in positions or []),
+            tuple(position.get("logprob") for position in positions or []),
+        )
+
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its event arrives, up to
+        the first token the server held back."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        seen = 0
+        parse = checked_answer(lambda event: self.parse_streamed(event, prompt, k, seen))
+        events = self.transport.stream_json(
+            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
+        )
+        try:
+            async for event in events:
+                if isinstance(event, dict) and "error" in event:
+                    sent = f"POST {self.transport.base_url}{path} ({what})"
+                    raise _stream_error(self.transport.redact(json.dumps(event)), sent)
+                try:
+                    part = parse(event)
+                except _HeldBack:
+                    return
+                for token, top, logprob in zip(
+                    part.tokens, part.tops, part.token_logprobs, strict=True
+                ):
+                    seen += 1
+                    yield StreamedPosition(token, logprob, top)
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await events.aclose()
+
+
+def _stream_error(redacted: str, sent: str) -> APIStatusError:
+    """An error the server sent inside the stream (``{"error": {"code", "message"}}``)."""
+    event = json.loads(redacted)
+    error = event["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return status_error(status, f"{sent}: HTTP {status}: {error_message(event)}", event)

@@ -14,16 +14,35 @@ the model's own (a softmax of the logits, before any sampler), but Ollama's defa
 temperature 0.8 with top-k 40, top-p 0.9 and a repeat penalty of 1.1, so every option that would
 change which token is generated is sent. An answer whose only token was the end of the text may
 carry no logprobs at all; it is asked again with another seed.
+
+Streamed drafts: the same request with ``"stream": true`` (the documented default, "Streaming
+responses" on the generate page above and https://docs.ollama.com/api/streaming), answered with
+newline-delimited JSON (``application/x-ndjson``): one ``GenerateResponse`` a line, each with
+its new tokens' ``logprobs`` in the unstreamed answer's shape, the last with ``done: true`` and
+the counts. An error after the stream opened comes as a line ``{"error": "..."}`` in the 200
+answer ("Errors that occur while streaming" on the errors page above). Ollama runs the
+completion under the request's context, which ends when the client disconnects, so closing the
+stream stops the generation.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, TextPromptAdapter
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, TextPromptAdapter, checked_answer
+from proxyclient.adapters.http import error_message, status_error
 from proxyclient.adapters.openai_wire import content_top
-from proxyclient.errors import ConfigError, ResponseFormatError
+from proxyclient.errors import APIStatusError, ConfigError, ResponseFormatError
 from proxyclient.vocab import bytes_of_token_string
 
 GENERATE_PATH = "/api/generate"
@@ -47,6 +66,7 @@ class OllamaGenerate(TextPromptAdapter):
         prompt_scoring=False,  # /api/generate scores generated tokens only
         logprobs="raw",
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -138,6 +158,58 @@ class OllamaGenerate(TextPromptAdapter):
             tuple(p.get("logprob") for p in positions),
             ServerUsage(body.get("prompt_eval_count"), body.get("eval_count")),
         )
+
+    def parse_streamed(self, line: Any, k: int, retokenized: bool) -> Continuation:
+        """One streamed line's positions (the last line, ``done``, usually has none)."""
+        if not isinstance(line, dict) or "response" not in line:
+            raise ResponseFormatError(
+                f"the streamed line is not an Ollama /api/generate response: {str(line)[:200]!r}"
+            )
+        positions = line.get("logprobs")
+        if positions is None and line.get("response"):
+            raise ResponseFormatError(
+                "Ollama sent no logprobs: log probabilities need Ollama 0.12.11 or later"
+            )
+        positions = positions or []
+        if any(not p.get("top_logprobs") for p in positions):
+            raise ResponseFormatError("Ollama sent logprobs without top_logprobs; was k > 0?")
+        return Continuation(
+            tuple(self._token_id(p) for p in positions),
+            tuple(content_top(p, k, self._token_id, retokenized=retokenized) for p in positions),
+            tuple(p.get("logprob") for p in positions),
+        )
+
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its line arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        retokenized = self.retokenized(prompt)
+        parse = checked_answer(lambda line: self.parse_streamed(line, k, retokenized))
+        lines = self.transport.stream_json(
+            "POST",
+            path,
+            payload | {"stream": True},
+            what=what,
+            tokens=len(prompt.ids) + n,
+            ndjson=True,
+        )
+        try:
+            async for line in lines:
+                if isinstance(line, dict) and "error" in line:
+                    redacted = json.loads(self.transport.redact(json.dumps(line)))
+                    message = f"POST {self.transport.base_url}{path} ({what}): HTTP 500: "
+                    raise status_error(500, message + error_message(redacted), redacted)
+                part = parse(line)
+                for token, top, logprob in zip(
+                    part.tokens, part.tops, part.token_logprobs, strict=True
+                ):
+                    yield StreamedPosition(token, logprob, top)
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await lines.aclose()
 
     async def _served_models_hint(self) -> str:
         return "`ollama list` shows the models this Ollama has; `ollama pull NAME` adds one."

@@ -20,14 +20,29 @@ OpenAI's reasoning models refuse logprobs (o-series always; gpt-5.x while they r
 deployments answer at most 5 top logprobs where 20 are asked, without an error: the first answer
 with fewer entries than asked (where the vocabulary has more) lowers ``max_k`` to what came back,
 with a warning (``DialectAdapter.note_top_size``); ``inspect`` asks at 20 to find it.
+
+Streamed drafts, where the server continues (``continue_final_message=True``): the same request
+with ``stream: true`` answers chat completion chunks as server-sent events ending with
+``data: [DONE]``, each with ``choices[0].logprobs.content`` for its new tokens
+(https://platform.openai.com/docs/api-reference/chat-streaming; vLLM's chat streams alike and
+aborts a request whose client disconnects). The usage chunk (``stream_options``) is not asked
+for: it comes last, after a stream that is usually closed early, so the tokens received are what
+is counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any, Unpack
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    StreamedPosition,
+    TopLogprobs,
+)
 from proxyclient.adapters.dialect import DialectAdapter, DialectOptions
 from proxyclient.adapters.discovery import HUGE_K
 from proxyclient.adapters.http import HTTPTransport
@@ -41,6 +56,7 @@ from proxyclient.adapters.openai_wire import (
     openai_explanation,
     sampling,
     server_usage,
+    stream_positions,
 )
 from proxyclient.errors import APIStatusError, ConfigError, ProxyClientError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer, tiktoken_spec_for_model
@@ -60,7 +76,7 @@ class OpenAIChat(DialectAdapter):
     probe_ks = (HUGE_K, OPENAI_MAX_TOP_LOGPROBS)
     tokenizer: BaseTokenizer
 
-    # multi_step and drafts: only with continue_final_message (see __init__).
+    # multi_step, drafts and streams: only with continue_final_message (see __init__).
     default_capabilities = Capabilities(
         max_k=OPENAI_MAX_TOP_LOGPROBS,
         token_id_prompts=False,
@@ -87,6 +103,7 @@ class OpenAIChat(DialectAdapter):
             self.capabilities,
             multi_step=continue_final_message,
             drafts=continue_final_message,  # a draft after the first step continues the answer
+            streams=continue_final_message,
         )
 
     @classmethod
@@ -117,6 +134,14 @@ class OpenAIChat(DialectAdapter):
         distribution; the logprobs are the raw model's either way."""
         path, payload = self.build_request(prompt, k)
         return path, payload | sampling(n, greedy=greedy, seed=seed)
+
+    def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its chunk arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        parse = lambda chunk: self.parse_generate(chunk, prompt, k)  # noqa: E731
+        return stream_positions(self, path, payload | {"stream": True}, prompt, k, n, parse)
 
     @staticmethod
     def _no_logprobs() -> ResponseFormatError:

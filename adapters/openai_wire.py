@@ -6,15 +6,28 @@ per position, ``top_logprobs``: ``{token: logprob}`` (vllm, openai, together). C
 Fireworks' completions with ``logprobs: true``): ``choices[0].logprobs.content[]``, one entry per
 token with its ``logprob`` and ``top_logprobs[]`` of ``{token, logprob, bytes}`` (openai-chat,
 deepseek, fireworks). The dialects add what their servers take beyond these.
+
+Streamed drafts (``stream: true``): the answer comes as server-sent events, each a chunk in the
+answer's own shape holding the positions generated since the last (``choices[0].logprobs`` of a
+completion chunk, ``choices[0].logprobs.content`` of a chat completion chunk,
+https://platform.openai.com/docs/api-reference/chat-streaming); ``stream_positions`` reads them
+with the dialect's own parser, one position at a time, for every dialect that streams.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
-from proxyclient.adapters.base import Prompt, ServerUsage, TopLogprobs
+from proxyclient.adapters.base import (
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import DialectAdapter, checked_answer
 from proxyclient.errors import APIStatusError, NotFoundError, ProxyClientError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
@@ -247,3 +260,47 @@ def chat_top(tokenizer: BaseTokenizer, position: dict[str, Any], k: int) -> TopL
     """One chat ``logprobs.content`` entry's top logprobs, named by their ``bytes`` (else their
     text), as ids."""
     return content_top(position, k, lambda entry: chat_token_id(tokenizer, entry))
+
+
+# -- streamed drafts ----------------------------------------------------------------------------
+
+
+def content_positions_in(chunk: Any) -> bool:
+    """Whether a streamed chunk holds positions in ``choices[0].logprobs.content`` (chat, and
+    Fireworks' completions): the role chunk, the finish chunk and a usage chunk hold none."""
+    content = chat_logprobs_content(chunk)
+    return bool(content)
+
+
+async def stream_positions(
+    adapter: DialectAdapter,
+    path: str,
+    payload: dict[str, Any],
+    prompt: Prompt,
+    k: int,
+    n: int,
+    parse: Callable[[Any], Continuation],
+    has_positions: Callable[[Any], bool] = content_positions_in,
+) -> AsyncIterator[StreamedPosition]:
+    """POST ``payload`` (a streamed request of up to ``n`` tokens) and yield each position of the
+    chunks that hold some (``has_positions``), read with ``parse`` (the dialect's parser of a
+    whole answer: a chunk has its shape) as each arrives. A refusal is explained as the adapter
+    explains any; closing the iterator closes the HTTP stream, so the server stops generating."""
+    what = f"model {adapter.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+    read = checked_answer(parse)
+    chunks = adapter.transport.stream_json(
+        "POST", path, payload, what=what, tokens=len(prompt.ids) + n
+    )
+    try:
+        async for chunk in chunks:
+            if not has_positions(chunk):
+                continue
+            part = read(chunk)
+            for token, top, logprob in zip(
+                part.tokens, part.tops, part.token_logprobs, strict=True
+            ):
+                yield StreamedPosition(token, logprob, top)
+    except APIStatusError as exc:
+        raise await adapter.explain(exc, prompt, k) from None
+    finally:
+        await chunks.aclose()

@@ -22,16 +22,42 @@ defaults may come from the model's ``generation_config.json``, so every sampling
 There is no cap on ``top_logprobs_num`` below the vocabulary, and more than the vocabulary
 crashes SGLang's scheduler (sglang 0.5.23: ``topk`` out of range, no validation; PRs #28794,
 #40099 open), so discovery does not probe for a cap, and with a tokenizer k is checked here.
+
+Streamed drafts: the same request with ``"stream": true`` (``GenerateReqInput.stream``, on the
+native API page above), answered with server-sent events ``data: {"text", "output_ids",
+"meta_info"}`` and a last ``data: [DONE]`` (``entrypoints/http_server.py``:
+``generate_request``). ``meta_info``'s ``output_token_logprobs`` / ``output_top_logprobs`` hold
+every position so far, or only the new ones where the server runs with
+``--incremental-streaming-output`` (``tokenizer_manager.py``: ``_handle_batch_output``,
+``_slice_streaming_output_meta_info``); ``completion_tokens`` counts them all either way, so
+the new positions are the last ``completion_tokens - seen`` entries. An error after the stream
+opened (a ValueError: context length, sampling parameters) comes as ``data: {"error":
+{"message"}}`` in a 200 answer, read here as the 400 the unstreamed request gets. SGLang aborts
+a request whose client disconnects (``create_abort_task``), so closing the stream stops it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import DialectAdapter
-from proxyclient.errors import ConfigError, ResponseFormatError, TopKTooLargeError
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import DialectAdapter, checked_answer
+from proxyclient.adapters.http import error_message, status_error
+from proxyclient.errors import (
+    APIStatusError,
+    ConfigError,
+    ResponseFormatError,
+    TopKTooLargeError,
+)
 
 GENERATE_PATH = "/generate"
 # Sent with every request: SGLang may take unset ones from the model's generation_config.json.
@@ -81,6 +107,7 @@ class SGLangGenerate(DialectAdapter):
         prompt_scoring=True,
         logprobs="raw",
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -199,6 +226,54 @@ class SGLangGenerate(DialectAdapter):
             (*(entry[0] for entry in tail_own), after.token_logprobs[0]),
             after.usage,
         )
+
+    def parse_streamed(self, event: Any, prompt: Prompt, k: int, seen: int) -> Continuation:
+        """The positions a streamed event adds to the ``seen`` ones before it (its lists hold
+        all positions so far, or, with ``--incremental-streaming-output``, the new ones)."""
+        meta = _meta(event)
+        chosen = meta.get("output_token_logprobs") or []
+        tops = meta["output_top_logprobs"] or []
+        total = meta.get("completion_tokens")
+        new = total - seen if isinstance(total, int) else len(chosen) - seen
+        if len(chosen) != len(tops) or not 0 <= new <= len(chosen):
+            raise ResponseFormatError(
+                f"the streamed event has {len(chosen)} output_token_logprobs and {len(tops)} "
+                f"output_top_logprobs entries for {total} tokens, {seen} of them seen before"
+            )
+        fresh = slice(len(chosen) - new, None)
+        return Continuation(
+            tuple(entry[1] for entry in chosen[fresh]),
+            tuple(_top(entries, k) for entries in tops[fresh]),
+            tuple(entry[0] for entry in chosen[fresh]),
+        )
+
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one streamed request, each as its event arrives."""
+        path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        seen = 0
+        parse = checked_answer(lambda event: self.parse_streamed(event, prompt, k, seen))
+        events = self.transport.stream_json(
+            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
+        )
+        try:
+            async for event in events:
+                if isinstance(event, dict) and "error" in event:
+                    redacted = json.loads(self.transport.redact(json.dumps(event)))
+                    message = f"POST {self.transport.base_url}{path} ({what}): HTTP 400: "
+                    raise status_error(400, message + error_message(redacted), redacted)
+                part = parse(event)
+                for token, top, logprob in zip(
+                    part.tokens, part.tops, part.token_logprobs, strict=True
+                ):
+                    seen += 1
+                    yield StreamedPosition(token, logprob, top)
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await events.aclose()
 
     async def _served_models_hint(self) -> str:
         return "SGLang serves one model, whatever --base-model says; check --base-url."

@@ -6,17 +6,47 @@ conditioned on the canonical split of the same text; the step is marked ``retoke
 TGI computes logprobs after its warpers, so no temperature, top_p, top_k or penalty is sent
 (a sampled draft sends ``do_sample`` alone: temperature 1, no warper).
 Its cap on k is ``--max-top-n-tokens`` (default 5).
+
+Streamed drafts: ``POST /generate_stream`` with the same parameters, answered with server-sent
+events, one per token: ``{"index", "token": {"id", "text", "logprob", "special"}, "top_tokens":
+[...], "generated_text", "details"}``, the last one (EOS included) with ``generated_text`` set.
+Documentation: https://huggingface.github.io/text-generation-inference/ (``/generate_stream``,
+``StreamResponse``) and https://huggingface.co/docs/text-generation-inference/conceptual/streaming;
+router/src/lib.rs (``StreamResponse``) and router/src/server.rs (``generate_stream_internal``):
+a failure after the stream opened, validation included, comes as an event ``{"error",
+"error_type"}`` in a 200 answer, read here as the status ``/generate`` answers it with. Closing
+the stream drops TGI's response channel, and its batcher drops a request whose client is gone.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, ServerUsage, TopLogprobs
-from proxyclient.adapters.dialect import TextPromptAdapter
-from proxyclient.errors import ResponseFormatError
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    ServerUsage,
+    StreamedPosition,
+    TopLogprobs,
+)
+from proxyclient.adapters.dialect import TextPromptAdapter, checked_answer
+from proxyclient.adapters.http import error_message, status_error
+from proxyclient.errors import APIStatusError, ResponseFormatError
 
 TGI_DEFAULT_MAX_TOP_N = 5
+STREAM_PATH = "/generate_stream"
+# The HTTP status /generate answers for each InferError (router/src/server.rs).
+_ERROR_STATUS = {
+    "generation": 424,
+    "overloaded": 429,
+    "validation": 422,
+    "template_error": 422,
+    "missing_template_variable": 422,
+    "tool_error": 422,
+}
 
 
 class TGIGenerate(TextPromptAdapter):
@@ -30,6 +60,7 @@ class TGIGenerate(TextPromptAdapter):
         prompt_scoring=False,  # decoder_input_details gives only the chosen tokens' logprobs
         logprobs="processed",  # after TGI's warpers; we send none, so they equal the raw ones
         drafts=True,
+        streams=True,
     )
 
     def build_request(self, prompt: Prompt, k: int) -> tuple[str, dict[str, Any]]:
@@ -96,3 +127,46 @@ class TGIGenerate(TextPromptAdapter):
             tuple(token.get("logprob") for token in tokens),
             ServerUsage(completion_tokens=details.get("generated_tokens")),
         )
+
+    def parse_streamed(self, event: Any, k: int, retokenized: bool) -> Continuation:
+        """One streamed event's position: the token, its logprob and the top-k before it
+        (``retokenized``: the prompt's, as ``parse_generate`` marks every position)."""
+        token = event["token"]
+        top = event.get("top_tokens")
+        if not top:
+            raise self._no_top_tokens()
+        return Continuation(
+            (token.get("id"),),
+            (self._top(top, k, retokenized),),
+            (token.get("logprob"),),
+        )
+
+    async def stream_draft(
+        self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
+    ) -> AsyncIterator[StreamedPosition]:
+        """``generate``'s positions from one ``/generate_stream`` request, each as it arrives."""
+        _, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        retokenized = self.retokenized(prompt)
+        parse = checked_answer(lambda event: self.parse_streamed(event, k, retokenized))
+        events = self.transport.stream_json(
+            "POST", STREAM_PATH, payload, what=what, tokens=len(prompt.ids) + n
+        )
+        try:
+            async for event in events:
+                if isinstance(event, dict) and "error" in event:
+                    sent = f"POST {self.transport.base_url}{STREAM_PATH} ({what})"
+                    raise _stream_error(self.transport.redact(json.dumps(event)), sent)
+                part = parse(event)
+                yield StreamedPosition(part.tokens[0], part.token_logprobs[0], part.tops[0])
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await events.aclose()
+
+
+def _stream_error(redacted: str, sent: str) -> APIStatusError:
+    """An error event (``{"error", "error_type"}``) as the error /generate would have answered."""
+    event = json.loads(redacted)
+    status = _ERROR_STATUS.get(str(event.get("error_type")), 500)
+    return status_error(status, f"{sent}: HTTP {status}: {error_message(event)}", event)

@@ -16,6 +16,11 @@ their own logprobs only (``PromptPart``: no top-k), so a continuation cannot be 
 drafts (several tokens per request) but the expert cannot. The semantics of the logprobs (before
 or after temperature) are not documented; the adapter asks at temperature 1 with no top_p (which
 has been reported to corrupt Together's top logprobs).
+
+No streamed drafts: Together's streamed chunk (the schema's ``CompletionChunk``; the SDK's
+``together/types/completion_chunk.py``) carries the generated token alone (``token``: ``id``,
+``text``, ``logprob``, ``special``; ``choices[].delta.token_id``), no top-k at its position, so a
+stream cannot be verified position by position; base drafts are one request each.
 """
 
 from __future__ import annotations

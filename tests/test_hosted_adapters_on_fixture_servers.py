@@ -218,7 +218,7 @@ def test_a_score_carries_each_positions_top_k(dialect_bases, hf_models, base_tok
 def test_the_text_dialects_cannot_score_a_continuation(dialect_bases, tiny_models, base_tokenizer):
     for api in sorted(TEXT_PROMPTS):
         with tuner_for(api, dialect_bases, tiny_models, base_tokenizer) as tuner:
-            assert [m.value for m in tuner.speculation_modes()] == ["base"]
+            assert "expert" not in {m.value for m in tuner.speculation_modes()}
 
 
 CAPS = {"together": 20, "fireworks": 5, "ollama": 20}

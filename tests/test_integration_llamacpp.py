@@ -1,15 +1,18 @@
 """The llamacpp adapter against llama.cpp's own server (llama-server, built by
-scripts/setup_llamacpp.sh), serving the tiny base converted to an f32 GGUF."""
+scripts/setup_llamacpp.sh), serving the tiny base converted to an f32 GGUF: one-token steps,
+drafts, and streamed drafts (equal to speculate="off"; closing the stream stops the server)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import httpx
 import pytest
 import torch
 
-from proxyclient import ProxyTuner, connect
+from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
 from proxyclient.tokenizer import BaseTokenizer
@@ -32,7 +35,10 @@ def llama_server(tiny_models, tmp_path_factory):
 
     gguf = build_gguf(tiny_models["base"], tiny_models["base"].parent / "base-f32.gguf")
     logs = tmp_path_factory.mktemp("llamacpp-logs")
-    with LlamaCppServer(gguf, "tiny-base", log_path=logs / "server.log") as server:
+    # --metrics: /metrics shows whether the server is still decoding (the streamed-draft tests).
+    with LlamaCppServer(
+        gguf, "tiny-base", log_path=logs / "server.log", extra_args=["--metrics"]
+    ) as server:
         yield server
 
 
@@ -178,3 +184,79 @@ def test_llamacpp_generate_sampled_keeps_the_positions_before_a_held_back_token(
                 own, abs=LLAMACPP_TOLERANCE
             )
     assert cut_short > 0, f"no draw was cut short ({first_held_back} held back the first)"
+
+
+# Streamed drafts (speculate="stream").
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_streamed_drafts_through_llamacpp_equal_off(llama_server, tiny_models, alpha):
+    base = connect("llamacpp", llama_server.base_url, "tiny-base")
+    assert base.capabilities.streams
+    with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"], device="cpu") as t:
+        options = dict(max_new_tokens=24, alpha=alpha, base_k=K)
+        off = t.generate(PROMPTS[0], speculate="off", **options)
+        got = t.generate(PROMPTS[0], speculate="stream", **options)
+        auto = t.generate(PROMPTS[0], **options)
+    assert got.token_ids == off.token_ids and got.text == off.text
+    assert auto.token_ids == off.token_ids and auto.usage.requests == got.usage.requests
+    assert got.usage.requests <= off.usage.requests
+    if alpha == 0:  # the base's own text: one stream per stream_tokens
+        assert got.usage.requests == -(-24 // GenerationConfig().stream_tokens)
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert found, f"{name} not in llama-server's /metrics"
+    return float(found.group(1))
+
+
+def decodes_after(server, run) -> float:
+    """The llama_decode calls ``run()`` caused, once the server is idle and the count stands."""
+    before = metric(server, "llamacpp:n_decode_total")
+    run()
+    deadline = time.monotonic() + 10
+    while metric(server, "llamacpp:requests_processing") > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(server, "llamacpp:requests_processing") == 0
+    settled = metric(server, "llamacpp:n_decode_total")
+    time.sleep(0.5)
+    assert metric(server, "llamacpp:n_decode_total") == settled
+    return settled - before
+
+
+def test_closing_the_stream_stops_llamacpp_generating(llama_server, hf_models):
+    # Unstopped, this request decodes 1420 tokens (greedy reaches EOS there; about 1-2 s here).
+    # Each event carries k = 1000 candidates (~80 kB), so llama-server cannot run far ahead of
+    # a reader; closed after 3 positions it stopped after 25-38 decodes, idle within 0.2 s of
+    # the close (measured). A loaded machine may stall the reader: up to three attempts, each
+    # must leave the server idle with its count standing; one short of the whole shows the stop.
+    ids = tuple(hf_models["tokenizer"](PROMPTS[0]).input_ids)
+    prompt, asked = Prompt(ids, len(ids)), 2000
+    base = connect("llamacpp", llama_server.base_url, "tiny-base")
+
+    async def whole():
+        return len(await base.generate(prompt, 1, asked, greedy=True))
+
+    async def closed_after_three():
+        stream = base.stream_draft(prompt, 1000, asked, greedy=True)
+        got = []
+        try:
+            async for position in stream:
+                got.append(position)
+                if len(got) == 3:
+                    break
+        finally:
+            await stream.aclose()
+        assert len(got) == 3 and all(len(p.top) == 1000 for p in got)
+
+    unstopped = decodes_after(llama_server, lambda: asyncio.run(whole()))
+    assert unstopped > 1000  # the whole generation is long enough to show a stop
+    decoded = []
+    for _ in range(3):
+        decoded.append(decodes_after(llama_server, lambda: asyncio.run(closed_after_three())))
+        if decoded[-1] < unstopped:
+            break
+    asyncio.run(base.aclose())
+    assert decoded[-1] < unstopped, f"decodes each time: {decoded}, unstopped: {unstopped}"

@@ -16,6 +16,10 @@ It answers as DeepSeek documents (read 2026-11-30):
   ``prefix`` a new assistant turn starts.
 * Thinking, https://api-docs.deepseek.com/guides/thinking_mode: on by default, off with
   ``thinking: {"type": "disabled"}``; a thinking answer carries ``message.reasoning_content``.
+* Streaming (the same page: ``stream``, "data-only server-sent events ... terminated by a
+  ``data: [DONE]`` message", and ``stream_options.include_usage``): chat completion chunks, the
+  role first, a thinking model's ``delta.reasoning_content`` next, then one chunk per token with
+  its ``logprobs.content`` entry, the finish, and the usage chunk when asked for.
 * ``GET /beta/models`` and ``GET /models`` — the served names, in OpenAI's list shape.
 * Errors in OpenAI's shape with DeepSeek's recorded wording: an unknown model (400 "Model Not
   Exist"), a bad key (401 "Authentication Fails, Your api key: ****abcd is invalid",
@@ -51,6 +55,7 @@ from tests.support.dialect_servers import (
     openai_error,
     register_dialect,
 )
+from tests.support.hosted import chat_chunks, decode_steps, event_stream
 
 DEEPSEEK_MAX_K = 20
 MAX_TOKENS = 8192
@@ -162,6 +167,28 @@ class _DeepSeek(_OpenAIChat):
         wanted = MAX_TOKENS if max_tokens is None else max_tokens
         max_new = min(wanted, limit - len(ids))
         processors, sample, generator = self.sampling(body)
+        if body.get("stream"):
+            hits = self.cache_hits(ids)
+            steps = decode_steps(
+                self.core, ids, max_new, processors=processors, sample=sample, generator=generator
+            )
+            cached = {
+                "prompt_tokens_details": {"cached_tokens": hits},
+                "prompt_cache_hit_tokens": hits,
+                "prompt_cache_miss_tokens": len(ids) - hits,
+            }
+            chunks = chat_chunks(
+                self,
+                steps,
+                k if want_logprobs else None,
+                model=model,
+                prompt_tokens=len(ids),
+                include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                reasoning=THOUGHT if thinks else None,
+                shape=_degenerate if behaviour == "degenerate" else lambda entry: entry,
+                usage_extra=lambda: cached,
+            )
+            return event_stream(chunks)
         generation = self.core.model.generate(
             ids, max_new, processors=processors, sample=sample, generator=generator
         )
@@ -191,9 +218,7 @@ class _DeepSeek(_OpenAIChat):
         choice = self.choice(0, generation, k)
         if behaviour == "degenerate" and choice["logprobs"] is not None:
             for position in choice["logprobs"]["content"]:
-                position["logprob"] = 0.0
-                for rank, entry in enumerate(position["top_logprobs"]):
-                    entry["logprob"] = 0.0 if rank == 0 else -9999.0
+                _degenerate(position)
         return choice
 
     def cache_hits(self, ids: list[int]) -> int:
@@ -202,6 +227,14 @@ class _DeepSeek(_OpenAIChat):
             shared = max((_common_prefix(ids, seen) for seen in self._seen), default=0)
             self._seen.append(tuple(ids))
         return shared // CACHE_UNIT * CACHE_UNIT
+
+
+def _degenerate(position: Json) -> Json:
+    """A position's logprobs as a degenerate answer has them: only 0 and -9999."""
+    position["logprob"] = 0.0
+    for rank, entry in enumerate(position["top_logprobs"]):
+        entry["logprob"] = 0.0 if rank == 0 else -9999.0
+    return position
 
 
 def _error(message: str) -> Refusal:

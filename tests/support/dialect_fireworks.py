@@ -21,6 +21,12 @@ should be less than or equal to 5"). Assumed where nothing is documented: string
 with the generated tokens; ``logprob`` is the raw model's and ``sampling_logprob`` the one after
 the request's sampler; the first prompt token, when echoed, has no logprob.
 
+``stream: true`` answers ``CompletionStreamResponse`` chunks as data-only server-sent events
+ending with ``data: [DONE]`` (the ``stream`` field's description): one chunk per token with its
+``text`` and ``logprobs`` in the answer's shape (``CompletionResponseStreamChoice``), then one with
+the ``finish_reason`` and ``usage`` (assumed: the schema says only that ``usage`` may be null);
+``echo`` is not streamed here (a 400 of this fixture's own).
+
 Importing this module registers the dialect ``"fireworks"`` with ``DialectServer``.
 """
 
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +54,7 @@ from tests.support.dialect_servers import (
     register_dialect,
     render_token,
 )
+from tests.support.hosted import decode_steps, event_stream, text_pieces
 
 FIREWORKS_MAX_TOP_LOGPROBS = 5
 DEFAULT_MAX_TOKENS = 16
@@ -178,6 +185,14 @@ class _Fireworks:
                 raise fireworks_error(400, message)
             max_tokens = max(0, limit - len(ids))
         processors, sample, generator = self.sampling(body)
+        if body.get("stream"):
+            if body.get("echo") or body.get("echo_last"):
+                raise fireworks_error(400, "echo is not streamed by this fixture")
+            steps = decode_steps(
+                self.core, ids, max_tokens, processors=processors, sample=sample,
+                generator=generator,
+            )  # fmt: skip
+            return event_stream(self.chunks(body, ids, steps))
         generation = self.core.model.generate(
             ids, max_tokens, processors=processors, sample=sample, generator=generator
         )
@@ -212,6 +227,55 @@ class _Fireworks:
                 "completion_tokens": len(generated),
                 "prompt_tokens_details": {"cached_tokens": 0},
             },
+        }
+
+    def chunks(self, body: Json, ids: list[int], steps: Iterator[Any]) -> Iterator[Json]:
+        """The streamed answer: a chunk per token (a final EOS included, as in the whole
+        answer), then the finish with ``usage``."""
+        head = {
+            "id": str(uuid.uuid4()),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.settings.served_name,
+        }
+        piece, text, generated, finish = (
+            text_pieces(self.core),
+            self.core.joined_bytes(ids),
+            0,
+            "length",
+        )
+        for step in steps:
+            generated += 1
+            offset = char_offsets(text, [self.core.token_bytes(step.token_id)])[0]
+            text += self.core.token_bytes(step.token_id)
+            choice: Json = {"index": 0, "text": piece(step.token_id), "finish_reason": None}
+            choice["logprobs"] = self.streamed_logprobs(body, step, offset)
+            yield head | {"choices": [choice], "usage": None}
+            if step.token_id in self.core.model.stop_ids:
+                finish = "stop"
+        usage = {
+            "prompt_tokens": len(ids),
+            "total_tokens": len(ids) + generated,
+            "completion_tokens": generated,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+        last = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
+        yield head | {"choices": [last], "usage": usage}
+
+    def streamed_logprobs(self, body: Json, step: Any, offset: int) -> Any:
+        """One token's ``logprobs`` in the shape asked for (see ``logprobs``)."""
+        asked = body.get("logprobs")
+        if asked is None or asked is False:
+            return None
+        if asked is True:
+            k = int(body.get("top_logprobs") or 0)
+            return {"content": [self.entry(step.token_id, step.raw, step.processed, k, offset)]}
+        return {
+            "tokens": [self.token_string(step.token_id)],
+            "token_logprobs": [_finite(float(step.raw[step.token_id]))],
+            "top_logprobs": [self.top_dict(step.raw, int(asked), step.token_id)],
+            "text_offset": [offset],
+            "token_ids": [step.token_id],
         }
 
     def token_string(self, token_id: int) -> str:

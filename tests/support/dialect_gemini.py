@@ -14,6 +14,12 @@ It answers as Google's Gemini API documents (read 2026-11-30):
   ``chosenCandidates`` and its text (as OpenAI's chat leaves out its stop token). The logprobs
   are the model's own, whatever the temperature; a token that is part of a character has U+FFFD as
   its text (proto strings are UTF-8). Gemini's fixed topK (64 on 2.x models) is not modelled.
+* ``POST /v1beta/models/{model}:streamGenerateContent`` (``?alt=sse``) — the same request,
+  answered as "a stream of GenerateContentResponse instances" (the same reference), each a
+  server-sent event; the stream just ends (no ``[DONE]``). One event per token, its text and its
+  ``logprobsResult`` entries (real streams group several tokens an event), ``usageMetadata`` so
+  far in each, and a last event with the ``finishReason`` and no token. Only the first candidate
+  is streamed.
 * ``GET /v1beta/models`` — ListModels: ``models[].name`` ("models/..."), limits and
   ``supportedGenerationMethods``.
 * Errors: ``{"error": {"code", "message", "status"}}`` as in
@@ -45,7 +51,7 @@ import math
 import random
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,6 +67,7 @@ from tests.support.dialect_servers import (
     _warpers,
     register_dialect,
 )
+from tests.support.hosted import decode_steps, event_stream, text_pieces
 
 GEMINI_MAX_K = 20
 OUTPUT_TOKEN_LIMIT = 8192
@@ -71,7 +78,9 @@ MODEL_TURN_REFUSED = (
     "Requests ending with a model turn are not supported unless the last part is a function "
     "response."
 )
-_GENERATE = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):generateContent$")
+_GENERATE = re.compile(
+    r"^/v1beta/models/(?P<model>[^/:]+):(?:generateContent|streamGenerateContent)$"
+)
 _REQUEST_FIELD_NAMES = (
     "contents tools toolConfig safetySettings systemInstruction generationConfig cachedContent"
 )
@@ -115,6 +124,8 @@ class _Gemini:
         for name in self.models:
             path = f"/v1beta/models/{name}:generateContent"
             self.routes[("POST", path)] = functools.partial(self.generate, name)
+            path = f"/v1beta/models/{name}:streamGenerateContent"
+            self.routes[("POST", path)] = functools.partial(self.stream_generate, name)
         self.generation_paths = frozenset(p for m, p in self.routes if m == "POST")
 
     # -- the server's protocol ----------------------------------------------------------------
@@ -200,6 +211,81 @@ class _Gemini:
         return {"models": models}
 
     def generate(self, model: str, body: Json) -> Json:
+        ids, max_new, sampler, want_logprobs, k, count = self.request(model, body)
+        processors, sample, generator = sampler
+        candidates, generated = [], 0
+        for index in range(count):
+            generation = self.core.model.generate(
+                ids, max_new, processors=processors, sample=sample, generator=generator
+            )
+            generated += len(generation.steps)
+            top_k = k if want_logprobs else None
+            candidates.append(self.candidate(index, generation, want_logprobs, top_k))
+        return {
+            "candidates": candidates,
+            "usageMetadata": self.usage(len(ids), generated),
+            "modelVersion": model,
+            "responseId": "".join(random.choices(string.ascii_letters + string.digits, k=22)),
+        }
+
+    def stream_generate(self, model: str, body: Json) -> Any:
+        ids, max_new, (processors, sample, generator), want_logprobs, k, _ = self.request(
+            model, body
+        )
+        steps = decode_steps(
+            self.core, ids, max_new, processors=processors, sample=sample, generator=generator
+        )
+        events = self.events(model, ids, steps, want_logprobs, k)
+        return event_stream(events, done=None)
+
+    def events(
+        self, model: str, ids: list[int], steps: Iterator[Any], want_logprobs: bool, k: Any
+    ) -> Iterator[Json]:
+        """One GenerateContentResponse per token, then the finish (the end of the answer is no
+        token, as in the whole answer)."""
+        response_id = "".join(random.choices(string.ascii_letters + string.digits, k=22))
+        piece, generated, finish = text_pieces(self.core), 0, "MAX_TOKENS"
+
+        def event(candidate: Json) -> Json:
+            return {
+                "candidates": [candidate | {"index": 0}],
+                "usageMetadata": self.usage(len(ids), generated),
+                "modelVersion": model,
+                "responseId": response_id,
+            }
+
+        for step in steps:
+            generated += 1
+            if step.token_id in self.core.model.stop_ids:
+                finish = "STOP"
+                break
+            candidate: Json = {
+                "content": {"parts": [{"text": piece(step.token_id)}], "role": "model"}
+            }
+            if want_logprobs:
+                chosen = self.entry(step.token_id, float(step.raw[step.token_id]))
+                result: Json = {"chosenCandidates": [chosen]}
+                if k:
+                    top = [self.entry(t, lp) for t, lp in self.top(step.raw, k)]
+                    result["topCandidates"] = [{"candidates": top}]
+                candidate["logprobsResult"] = result
+            yield event(candidate)
+        yield event({"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": finish})
+
+    @staticmethod
+    def usage(prompt_tokens: int, generated: int) -> Json:
+        return {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": generated,
+            "totalTokenCount": prompt_tokens + generated,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+        }
+
+    def request(
+        self, model: str, body: Json
+    ) -> tuple[list[int], int, tuple[LogitsProcessorList, bool, torch.Generator], bool, Any, int]:
+        """A generation request checked as Gemini checks it: the prompt's ids, the tokens to
+        generate at most, the sampler, whether logprobs are wanted, k, and the candidates."""
         config = self.check_fields(body)
         messages = self.messages(body.get("contents"))
         continuing = messages[-1]["role"] == "assistant"
@@ -241,25 +327,7 @@ class _Gemini:
             warpers = _warpers(temperature=temperature, top_p=top_p if top_p > 0 else 1.0)
             processors, sample = LogitsProcessorList(warpers), True
             generator = _generator(config.get("seed"))
-        candidates, generated = [], 0
-        for index in range(count):
-            generation = self.core.model.generate(
-                ids, max_new, processors=processors, sample=sample, generator=generator
-            )
-            generated += len(generation.steps)
-            top_k = k if want_logprobs else None
-            candidates.append(self.candidate(index, generation, want_logprobs, top_k))
-        return {
-            "candidates": candidates,
-            "usageMetadata": {
-                "promptTokenCount": len(ids),
-                "candidatesTokenCount": generated,
-                "totalTokenCount": len(ids) + generated,
-                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": len(ids)}],
-            },
-            "modelVersion": model,
-            "responseId": "".join(random.choices(string.ascii_letters + string.digits, k=22)),
-        }
+        return ids, max_new, (processors, sample, generator), want_logprobs, k, count
 
     # -- helpers ------------------------------------------------------------------------------
 

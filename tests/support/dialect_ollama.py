@@ -14,6 +14,11 @@ softmax of the logits before any sampler. Defaults from api/types.go: temperatur
 top-p 0.9, min-p 0, repeat penalty 1.1 over the last 64 tokens, ``num_predict`` -1 (to the end of
 the context); the sampler chain in llama.cpp's order (penalty, top-k, top-p, min-p, temperature).
 
+Streaming (https://docs.ollama.com/api/streaming; ``stream`` defaults to true): one
+``GenerateResponse`` a line (``application/x-ndjson``), each with its token's text and
+``logprobs`` entry, then a last line with ``done: true`` and the counts; a
+``tests.support.hosted.StreamingServer`` sends them line by line.
+
 Assumed where nothing is documented: the raw prompt is tokenized with the tokenizer's special
 tokens (BOS); a final end-of-text token gets no logprobs entry (Ollama prints no text for it).
 
@@ -23,7 +28,8 @@ Importing this module registers the dialect ``"ollama"`` with ``DialectServer``.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,9 +43,11 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from tests.support import hosted
 from tests.support.dialect_servers import (
     Json,
     Refusal,
+    Step,
     _Core,
     _finite,
     _generator,
@@ -48,6 +56,7 @@ from tests.support.dialect_servers import (
     register_dialect,
     render_token,
 )
+from tests.support.hosted import EventStream, decode_steps, text_pieces
 
 OLLAMA_MAX_TOP_LOGPROBS = 20
 DEFAULTS: Json = {
@@ -67,6 +76,10 @@ def ollama_error(status: int, message: str) -> Refusal:
     return Refusal(status, {"error": message})
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
 class _RecentRepeatPenalty(LogitsProcessor):
     """llama.cpp's repeat penalty: only the last ``last_n`` tokens (-1: all, 0: none)."""
 
@@ -79,6 +92,28 @@ class _RecentRepeatPenalty(LogitsProcessor):
             return scores
         recent = input_ids if self.last_n < 0 else input_ids[:, -self.last_n :]
         return self.inner(recent, scores)
+
+
+class _Lines(EventStream):
+    """Newline-delimited JSON: each event one line, no end marker."""
+
+    def lines(self) -> Iterator[tuple[bytes, bool]]:
+        for event in self.events:
+            yield f"{json.dumps(event, allow_nan=False)}\n".encode(), True
+
+
+def ndjson_stream(events: Iterator[Json]) -> Any:
+    """``hosted.event_stream`` for newline-delimited JSON: a StreamingServer sends the lines one
+    by one, a DialectServer all at once."""
+    stream = _Lines(events, None)
+    # hosted.event_stream writes server-sent events only; this is its hand-over, for lines.
+    if getattr(hosted._handling, "incremental", False):
+        hosted._handling.stream = stream
+        return {}
+    try:
+        return "".join(line.decode() for line, _ in stream.lines())
+    finally:
+        stream.close()
 
 
 class _Ollama:
@@ -153,7 +188,7 @@ class _Ollama:
         name = body.get("model") or ""
         if name != self.settings.served_name:
             raise ollama_error(404, f"model '{name}' not found")
-        now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+        now = _now()
         if not body.get("prompt"):  # an empty prompt only loads the model
             return {"model": name, "created_at": now, "response": "", "done": True,
                     "done_reason": "load"}  # fmt: skip
@@ -165,24 +200,22 @@ class _Ollama:
         max_new = room if predict < 0 else min(predict, room)
         chain, sample = self.processors(options)
         seed = int(options["seed"])
+        generator = _generator(None if seed < 0 else seed)
+        if body.get("stream", True):
+            steps = decode_steps(
+                self.core, ids, max_new, processors=chain, sample=sample, generator=generator
+            )
+            return ndjson_stream(self.lines(body, ids, steps, k))
         generation = self.core.model.generate(
-            ids, max_new, processors=chain, sample=sample,
-            generator=_generator(None if seed < 0 else seed),
-        )  # fmt: skip
+            ids, max_new, processors=chain, sample=sample, generator=generator
+        )
         emitted = generation.emitted
         text_ids = [s.token_id for s in emitted if s.token_id not in self.core.special_ids]
         response: Json = {
             "model": name,
             "created_at": now,
             "response": decode_ids(self.core.tokenizer, text_ids),
-            "done": True,
-            "done_reason": "stop" if generation.stopped else "length",
-            "total_duration": 1_000_000,
-            "load_duration": 100_000,
-            "prompt_eval_count": len(ids),
-            "prompt_eval_duration": 200_000,
-            "eval_count": len(generation.steps),
-            "eval_duration": 700_000,
+            **self.done(generation.stopped, len(ids), len(generation.steps)),
         }
         if body.get("logprobs"):
             response["logprobs"] = [
@@ -193,6 +226,38 @@ class _Ollama:
                 for s in emitted
             ]
         return response
+
+    def done(self, stopped: bool, prompt_tokens: int, generated: int) -> Json:
+        """The last answer's fields after ``response``."""
+        return {
+            "done": True,
+            "done_reason": "stop" if stopped else "length",
+            "total_duration": 1_000_000,
+            "load_duration": 100_000,
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": 200_000,
+            "eval_count": generated,
+            "eval_duration": 700_000,
+        }
+
+    def lines(self, body: Json, ids: list[int], steps: Iterator[Step], k: int) -> Iterator[Json]:
+        """The streamed answer: a line per token (its text, and its ``logprobs`` entry where
+        asked for), the end-of-text token none, then the ``done`` line."""
+        piece = text_pieces(self.core)
+        generated, stopped = 0, False
+        for step in steps:
+            generated += 1
+            if step.token_id in self.core.model.stop_ids:
+                stopped = True
+                break
+            line: Json = {"model": body["model"], "created_at": _now(),
+                          "response": piece(step.token_id), "done": False}  # fmt: skip
+            if body.get("logprobs"):
+                own = self.entry(step.token_id, float(step.raw[step.token_id]))
+                line["logprobs"] = [{**own, "top_logprobs": self.top(step.raw, k)}]
+            yield line
+        yield {"model": body["model"], "created_at": _now(), "response": "",
+               **self.done(stopped, len(ids), generated)}  # fmt: skip
 
     def entry(self, token_id: int, logprob: float) -> Json:
         text = render_token(self.core.token_bytes(token_id), "replacement", bytes_prefix="")

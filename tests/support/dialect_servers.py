@@ -11,9 +11,12 @@ way the real server does, as read from its documentation and source:
   ``continue_final_message=True`` it also takes vLLM's two chat-template extensions
   (``add_generation_prompt``, ``continue_final_message``: vLLM's ``ChatCompletionRequest``), as a
   vLLM server does.
-* ``"tgi"`` — ``POST /generate`` and ``GET /info`` of text-generation-inference. Shapes and wording:
-  ``router/src/lib.rs`` (Info, Details, Token, ErrorResponse), ``router/src/validation.rs``,
-  ``router/src/infer/mod.rs`` (InferError), ``server/.../utils/tokens.py`` (warpers, top tokens).
+* ``"tgi"`` — ``POST /generate``, ``POST /generate_stream`` and ``GET /info`` of
+  text-generation-inference. Shapes and wording: ``router/src/lib.rs`` (Info, Details, Token,
+  StreamResponse, ErrorResponse), ``router/src/validation.rs``, ``router/src/infer/mod.rs``
+  (InferError), ``router/src/server.rs`` (``generate_stream_internal``: one event per token, a
+  refusal as an event in the 200 answer), ``server/.../utils/tokens.py`` (warpers, top tokens).
+  Streamed answers go out event by event from ``tests.support.hosted.StreamingServer``.
 
 Every request is recorded in ``DialectServer.requests``, and every conversation a chat route
 renders, with the roles it received, in ``DialectServer.conversations``; ``fail_next`` injects
@@ -35,7 +38,7 @@ import re
 import string
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -674,7 +677,11 @@ class _OpenAIChat(_OpenAIBase):
             "continue_final_message": bool(body.get("continue_final_message", False)),
         }
 
-    def chat(self, body: Json) -> Json:
+    def chat(self, body: Json) -> Any:
+        if body.get("stream"):
+            from tests.support.hosted import stream_chat  # hosted.py builds on this module
+
+            return stream_chat(self, body)
         extensions = VLLM_CHAT_TEMPLATE_PARAMS if self.settings.continue_final_message else set()
         self.check_request(body, CHAT_PARAMS | extensions)
         ids = self.prompt_ids(body.get("messages"), self.template_options(body))
@@ -779,32 +786,42 @@ def tgi_validation(message: str) -> Refusal:
     return tgi_error(422, f"Input validation error: {message}", "validation")
 
 
-def tgi_token_texts(tokenizer: Any, prompt: Sequence[int], generated: Sequence[int]) -> list[str]:
-    """Each generated token's text as TGI's decode_token streams it: "" while a character is
-    incomplete, then the whole character on the token that completes it."""
-    all_ids = list(prompt)
-    prefix_offset, read_offset = max(len(prompt) - 5, 0), len(prompt)
-    texts = []
-    for token_id in generated:
-        all_ids.append(token_id)
-        prefix_text = decode_ids(tokenizer, all_ids[prefix_offset:read_offset])
-        new_text = decode_ids(tokenizer, all_ids[prefix_offset:])
+class _TGITokenText:
+    """TGI's decode_token, one generated token at a time: "" while a character is incomplete,
+    then the whole character on the token that completes it."""
+
+    def __init__(self, tokenizer: Any, prompt: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.all_ids = list(prompt)
+        self.prefix_offset, self.read_offset = max(len(prompt) - 5, 0), len(prompt)
+
+    def __call__(self, token_id: int) -> str:
+        self.all_ids.append(token_id)
+        prefix_text = decode_ids(
+            self.tokenizer, self.all_ids[self.prefix_offset : self.read_offset]
+        )
+        new_text = decode_ids(self.tokenizer, self.all_ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            texts.append(new_text[len(prefix_text) :])
-            prefix_offset, read_offset = read_offset, len(all_ids)
-        else:
-            texts.append("")
-    return texts
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.all_ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+
+def tgi_token_texts(tokenizer: Any, prompt: Sequence[int], generated: Sequence[int]) -> list[str]:
+    """Each generated token's text as TGI's decode_token streams it (``_TGITokenText``)."""
+    text_of = _TGITokenText(tokenizer, prompt)
+    return [text_of(token_id) for token_id in generated]
 
 
 class _TGI:
-    generation_paths = frozenset({"/generate"})
+    generation_paths = frozenset({"/generate", "/generate_stream"})
 
     def __init__(self, core: _Core) -> None:
         self.core = core
         self.settings = core.settings
         self.routes: dict[tuple[str, str], Callable[[Any], Any]] = {
             ("POST", "/generate"): self.generate,
+            ("POST", "/generate_stream"): self.generate_stream,
             ("GET", "/info"): self.info,
             ("GET", "/health"): lambda _body: None,
         }
@@ -894,7 +911,8 @@ class _TGI:
             )
         return ids, max_new
 
-    def generate(self, body: Json) -> Json:
+    def prepare(self, body: Json) -> tuple[list[int], int, LogitsProcessorList, bool, int]:
+        """The request validated: (prompt ids, max_new_tokens, processors, sample, seed)."""
         params = body.get("parameters") or {}
         ids, max_new = self.validate(body.get("inputs"), params)
         temperature = params.get("temperature") or 1.0
@@ -908,6 +926,11 @@ class _TGI:
         sample = bool(params.get("do_sample")) or bool(warpers)
         seed = params.get("seed")
         seed = random.getrandbits(63) if seed is None else int(seed)
+        return ids, max_new, processors, sample, seed
+
+    def generate(self, body: Json) -> Json:
+        params = body.get("parameters") or {}
+        ids, max_new, processors, sample, seed = self.prepare(body)
         generation = self.core.model.generate(
             ids, max_new, processors=processors, sample=sample, generator=_generator(seed)
         )
@@ -920,6 +943,63 @@ class _TGI:
         if params.get("details") or params.get("decoder_input_details"):
             response["details"] = self.details(ids, generation, params, seed if sample else None)
         return response
+
+    def generate_stream(self, body: Json) -> Any:
+        """One event per token, the last with ``generated_text`` (and, with ``details``, the
+        stream's details); a refusal, validation included, is an event in the 200 answer."""
+        # hosted.py builds on this module: imported here, where both are loaded.
+        from tests.support.hosted import decode_steps, event_stream
+
+        params = body.get("parameters") or {}
+        try:
+            if (params.get("best_of") or 1) != 1:
+                raise tgi_validation("`best_of` != 1 is not supported when streaming tokens")
+            if params.get("decoder_input_details"):
+                raise tgi_validation(
+                    "`decoder_input_details` == true is not supported when streaming tokens"
+                )
+            ids, max_new, processors, sample, seed = self.prepare(body)
+        except Refusal as refusal:
+            return event_stream(iter([refusal.body]), done=None)
+        steps = decode_steps(
+            self.core, ids, max_new, processors=processors, sample=sample,
+            generator=_generator(seed),
+        )  # fmt: skip
+        events = self.events(body, ids, max_new, steps, seed if sample else None)
+        return event_stream(events, done=None)  # TGI's stream just ends
+
+    def events(
+        self, body: Json, ids: list[int], max_new: int, steps: Iterator[Step], seed: int | None
+    ) -> Iterator[Json]:
+        """``StreamResponse`` per step: index, token, top_tokens (left out when none were
+        asked for), and on the last ``generated_text`` and ``details``."""
+        params = body.get("parameters") or {}
+        top_n = params.get("top_n_tokens") or 0
+        text_of = _TGITokenText(self.core.tokenizer, ids)
+        generated: list[int] = []
+        for index, step in enumerate(steps, start=1):
+            generated.append(step.token_id)
+            logprob = float(step.processed[step.token_id])
+            token = self.token(step.token_id, logprob, text_of(step.token_id))
+            event: Json = {"index": index, "token": token}
+            if top_n:
+                event["top_tokens"] = self.top_tokens(step.processed, top_n)
+            event |= {"generated_text": None, "details": None}
+            stopped = step.token_id in self.core.model.stop_ids
+            if stopped or index == max_new:
+                text_ids = [t for t in generated if t not in self.core.special_ids]
+                text = decode_ids(self.core.tokenizer, text_ids)
+                event["generated_text"] = (
+                    body["inputs"] + text if params.get("return_full_text") else text
+                )
+                if params.get("details"):
+                    event["details"] = {
+                        "finish_reason": "eos_token" if stopped else "length",
+                        "generated_tokens": index,
+                        "seed": seed,
+                        "input_length": len(ids),
+                    }
+            yield event
 
     def details(
         self, ids: list[int], generation: Generation, params: Json, seed: int | None

@@ -15,7 +15,11 @@ ids from ``logprob_start_len``, the first one null), ``layers/sampler.py`` (logp
 ``log(softmax(logits / temperature))``, before top-p/top-k), ``schedule_batch.py``
 (``finish_reason``), ``utils/auth.py`` (``--api-key``: 401 ``{"error": "Unauthorized"}``,
 /health exempt). Like SGLang it has no cap on ``top_logprobs_num``: one above the vocabulary
-fails inside the model (``topk`` out of range) and the answer is a 500.
+fails inside the model (``topk`` out of range) and the answer is a 500. ``stream: true``
+(``entrypoints/http_server.py``: ``generate_request``; ``tokenizer_manager.py``:
+``_handle_batch_output``): ``data: {...}`` events of the answer so far, one per token, then
+``data: [DONE]``; what SGLang refuses while running the request comes as an error event in the
+200 answer. A ``tests.support.hosted.StreamingServer`` sends them event by event.
 
 Importing this module registers the dialect ``"sglang"`` with ``DialectServer``.
 """
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +39,7 @@ from tests.support.dialect_servers import (
     Generation,
     Json,
     Refusal,
+    Step,
     _Core,
     _finite,
     _generator,
@@ -42,6 +48,7 @@ from tests.support.dialect_servers import (
     encode_text,
     register_dialect,
 )
+from tests.support.hosted import decode_steps, event_stream
 
 SAMPLING_EPS = 1e-6  # sampling_params.py: _SAMPLING_EPS
 DEFAULT_MAX_NEW_TOKENS = 128  # SamplingParams.max_new_tokens
@@ -50,6 +57,22 @@ SGLANG_VERSION = "0.5.23"
 
 def sglang_error(message: str, status: int = 400) -> Refusal:
     return Refusal(status, {"error": {"message": message}})
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A /generate request as checked: what to decode and which logprobs to answer."""
+
+    ids: list[int]
+    processors: LogitsProcessorList
+    sample: bool
+    generator: torch.Generator
+    temperature: float  # the one the logprobs are taken at
+    max_new: int
+    want_logprob: bool
+    start: int  # logprob_start_len, -1 resolved
+    k: int
+    with_text: bool
 
 
 class _SGLang:
@@ -174,7 +197,8 @@ class _SGLang:
             processors.append(MinPLogitsWarper(min_p))
         return processors, True, _generator(params.get("sampling_seed")), temperature, max_new
 
-    def generate(self, body: Json) -> Json:
+    def request(self, body: Json) -> _Request:
+        """The request, checked as SGLang checks it (a Refusal where it refuses)."""
         ids = self.prompt_ids(body)
         params = body.get("sampling_params") or {}
         if isinstance(params, list):
@@ -188,11 +212,51 @@ class _SGLang:
                 f"req.logprob_start_len={start} is higher than the number of input tokens "
                 f"len(req.origin_input_ids)={len(ids)}. Please use a smaller logprob_start_len."
             )
-        k = int(body.get("top_logprobs_num") or 0)
-        with_text = bool(body.get("return_text_in_logprobs"))
+        return _Request(
+            ids, processors, sample, generator, temperature, max_new, want_logprob, start,
+            k=int(body.get("top_logprobs_num") or 0),
+            with_text=bool(body.get("return_text_in_logprobs")),
+        )  # fmt: skip
+
+    def generate(self, body: Json) -> Any:
+        """The answer; with ``stream: true`` one event per token, each the answer so far (the
+        text, ids and meta_info lists of every position until then: SGLang's default, without
+        ``--incremental-streaming-output``), then ``[DONE]``; a refusal inside the stream (SGLang
+        checks the request as it runs it) as an ``{"error": {"message"}}`` event in the 200."""
+        try:
+            req = self.request(body)
+        except Refusal as refusal:
+            if body.get("stream") and refusal.status == 400:
+                return event_stream(iter([refusal.body]))
+            raise
+        if body.get("stream"):
+            return event_stream(self.events(req))
         generation = self.core.model.generate(
-            ids, max_new, processors=processors, sample=sample, generator=generator
-        )
+            req.ids, req.max_new, processors=req.processors, sample=req.sample,
+            generator=req.generator,
+        )  # fmt: skip
+        return self.answer(req, generation)
+
+    def events(self, req: _Request) -> Iterator[Json]:
+        prompt_logprobs = torch.empty(0)
+        if req.want_logprob and req.start < len(req.ids):  # the prompt's own logprobs
+            prompt_logprobs = self.core.model.generate(
+                req.ids, 0, processors=req.processors, sample=False, generator=req.generator
+            ).prompt_logprobs
+        steps: list[Step] = []
+        for step in decode_steps(
+            self.core, req.ids, req.max_new, processors=req.processors, sample=req.sample,
+            generator=req.generator,
+        ):  # fmt: skip
+            steps.append(step)
+            stopped = step.token_id in self.core.model.stop_ids
+            answer = self.answer(req, Generation(prompt_logprobs, steps, stopped))
+            if not stopped and len(steps) < req.max_new:
+                answer["meta_info"]["finish_reason"] = None
+            yield answer
+
+    def answer(self, req: _Request, generation: Generation) -> Json:
+        ids, max_new = req.ids, req.max_new
         generated = [s.token_id for s in generation.steps]
         text_ids = [t for t in generated if t not in self.core.special_ids]
         finish: Json = (
@@ -207,8 +271,8 @@ class _SGLang:
             "weight_version": "default",
             "num_retractions": 0,
         }
-        if want_logprob:
-            meta |= self.logprobs(ids, generation, start, k, temperature, with_text)
+        if req.want_logprob:
+            meta |= self.logprobs(ids, generation, req.start, req.k, req.temperature, req.with_text)
         meta |= {
             "reasoning_tokens": 0,
             "completion_tokens": len(generated),

@@ -45,6 +45,7 @@ def proxy_tuned_greedy(
     unidentifiable: frozenset[int] = frozenset(),
     unseen: str = "restrict",
     allowed: Callable[[list[int]], torch.Tensor] | None = None,
+    pairs: list[tuple[object, object, float]] | None = None,
 ) -> list[ReferenceStep]:
     """Greedy proxy-tuned decoding; with ``restrict_to_top_k`` the base reveals only its top-k.
 
@@ -58,17 +59,26 @@ def proxy_tuned_greedy(
     dialect cannot name (partial UTF-8 keyed by string): they hold their rank in the top-k but
     cannot be chosen. ``allowed(generated)``: [V] bool, the tokens a constraint allows next
     (structured outputs); the others get -inf.
+
+    ``pairs`` (with ``expert`` and ``anti_expert`` None): several steering pairs, (expert,
+    anti-expert, weight) each; the correction is ``alpha * sum_i weight_i (expert_i - anti_i)``.
     """
+    if pairs is None:
+        pairs = [(expert, anti_expert, 1.0)]
+    else:
+        assert expert is None and anti_expert is None, "give pairs or expert/anti_expert"
     ids = list(prompt_ids)
     expert_ids = list(expert_prompt_ids or prompt_ids)
     steps: list[ReferenceStep] = []
     for _ in range(max_new_tokens):
         generated = ids[len(prompt_ids) :]
         base_lp = next_logprobs(base, base_ids_for(generated) if base_ids_for else ids)
-        expert_lp = next_logprobs(expert, expert_ids)
-        anti_lp = next_logprobs(anti_expert, ids)
-        vocab = min(base_lp.numel(), expert_lp.numel(), anti_lp.numel())
-        scores = base_lp[:vocab] + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
+        rows = [
+            (next_logprobs(e, expert_ids), next_logprobs(a, ids), weight) for e, a, weight in pairs
+        ]
+        vocab = min(base_lp.numel(), *(lp.numel() for e, a, _ in rows for lp in (e, a)))
+        steer = sum(weight * (e[:vocab] - a[:vocab]) for e, a, weight in rows)
+        scores = base_lp[:vocab] + alpha * steer
         if restrict_to_top_k is not None:
             top = torch.topk(base_lp[:vocab], restrict_to_top_k)
             if unseen == "restrict":
@@ -84,7 +94,7 @@ def proxy_tuned_greedy(
             seen = base_lp[:vocab].clone()
             base_lp = torch.full_like(seen, unseen_lp)
             base_lp[top.indices] = seen[top.indices]
-            scores = base_lp + alpha * (expert_lp[:vocab] - anti_lp[:vocab])
+            scores = base_lp + alpha * steer
         if unidentifiable:
             scores[list(unidentifiable)] = -torch.inf
         if allowed is not None:
