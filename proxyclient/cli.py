@@ -130,7 +130,18 @@ def _proxy_and_decoding_options(parser: argparse.ArgumentParser, *, one_step: bo
         help="instead: a PEFT LoRA adapter folder; the expert is the anti-expert with it "
         "(one model in memory; needs peft: pip install 'proxyclient[lora]')",
     )
-    local.add_argument("--anti-expert", required=True, help="folder of the untuned small model")
+    expert.add_argument(
+        "--pair",
+        nargs=3,
+        action="append",
+        metavar=("EXPERT", "ANTI", "WEIGHT"),
+        help="instead of --expert/--anti-expert, repeatable: a steering pair, scores = base + "
+        "alpha * sum of WEIGHT * (EXPERT - ANTI); a negative WEIGHT steers away; a folder "
+        "several pairs name is loaded once; all pairs share one tokenizer",
+    )
+    local.add_argument(
+        "--anti-expert", help="folder of the untuned small model (with --expert/--expert-lora)"
+    )
     local.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda:0 ...")
     local.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 else), fp32 ...")
     local.add_argument(
@@ -210,11 +221,19 @@ def _parser() -> argparse.ArgumentParser:
         "log-probs and the best alternatives",
     )
     gen.add_argument(
+        "--html",
+        dest="html_file",
+        metavar="FILE",
+        help="write a self-contained HTML page of the tokens, each shaded by how far steering "
+        "moved it, with every model's log-probs on hover or focus (proxyclient view: the same "
+        "from a saved trace)",
+    )
+    gen.add_argument(
         "--trace-top",
         type=int,
         default=5,
         metavar="N",
-        help="alternatives per token in --trace (0-20, default: 5)",
+        help="alternatives per token in --trace and --html (0-20, default: 5)",
     )
 
     batch = commands.add_parser(
@@ -277,6 +296,24 @@ def _parser() -> argparse.ArgumentParser:
     _base_options(inspect)
     inspect.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
+    view = commands.add_parser(
+        "view",
+        help="an HTML page of what the steering did to each token, from a saved trace",
+        description="Reads a --trace FILE (one JSON line per token) or the --json output of a "
+        "traced run (--trace or --html; it adds requests and billed tokens) and writes the page "
+        "generate --html writes.",
+    )
+    view.add_argument("trace", metavar="TRACE", help="a --trace JSONL file or --json output")
+    view.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="where to write the page (default: TRACE with .html; - prints it)",
+    )
+    view.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    view.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+
     from proxyclient.server.main import add_server_options
 
     serve = commands.add_parser(
@@ -303,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": commands.inspect,
         "batch": commands.batch,
         "serve": commands.serve,
+        "view": commands.view,
     }
     try:
         return run[args.command](args)

@@ -57,7 +57,40 @@ def _connect(args: argparse.Namespace) -> BaseModel:
     )
 
 
+def _pairs(args: argparse.Namespace) -> list[tuple[str, str, float]] | None:
+    """The --pair flags as (expert, anti-expert, weight); None without any. Checked before
+    anything is loaded or connected."""
+    if args.pair is None:
+        if args.anti_expert is None:
+            raise ConfigError(
+                "--anti-expert is required with --expert or --expert-lora (or give the steering "
+                "pairs as --pair EXPERT ANTI WEIGHT, repeatable)"
+            )
+        return None
+    if args.anti_expert is not None:
+        raise ConfigError(
+            "--anti-expert goes with --expert or --expert-lora; with --pair each pair names its "
+            "own anti-expert (--pair EXPERT ANTI WEIGHT)"
+        )
+    import math
+
+    pairs = []
+    for number, (expert, anti, weight) in enumerate(args.pair, 1):
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"--pair {number} ({expert} {anti} {weight}): WEIGHT must be a finite number, "
+                f"e.g. 1.0 or -0.5"
+            )
+        pairs.append((expert, anti, value))
+    return pairs
+
+
 def _tuner(args: argparse.Namespace) -> ProxyTuner:
+    pairs = _pairs(args)
     # Imported here so that `--help` and argument errors answer at once.
     from transformers.utils import logging as hf_logging
 
@@ -68,11 +101,18 @@ def _tuner(args: argparse.Namespace) -> ProxyTuner:
         hf_logging.disable_progress_bar()
     # The adapter carries the base's tokenizer (given, or implied by the model name); the tuner
     # adopts it from there.
+    models: dict[str, Any] = (
+        {"pairs": pairs}
+        if pairs is not None
+        else {
+            "expert": args.expert,
+            "anti_expert": args.anti_expert,
+            "expert_lora": args.expert_lora,
+        }
+    )
     return ProxyTuner(
         _connect(args),
-        expert=args.expert,
-        anti_expert=args.anti_expert,
-        expert_lora=args.expert_lora,
+        **models,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
@@ -105,9 +145,10 @@ def _prompt(args: argparse.Namespace) -> str | Chat:
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    """The GenerationConfig that the flags describe (--trace FILE asks for --trace-top
-    alternatives per token)."""
-    trace = args.trace_top if getattr(args, "trace_file", None) else None
+    """The GenerationConfig that the flags describe (--trace FILE and --html FILE ask for
+    --trace-top alternatives per token)."""
+    traced = getattr(args, "trace_file", None) or getattr(args, "html_file", None)
+    trace = args.trace_top if traced else None
     return config_from_flags(args, trace=trace)
 
 
@@ -143,6 +184,7 @@ def generate(args: argparse.Namespace) -> int:
             }
             _print_result(args, stream.generation.to_dict() | {"error": str(exc), "resume": state})
             _write_trace(args, stream.generation)
+            _write_html(args, stream.generation, prompt, config)
             fail(str(exc), debug=args.debug)
             return EXIT_USAGE
         finally:
@@ -150,6 +192,7 @@ def generate(args: argparse.Namespace) -> int:
                 print(f"proxyclient: {cost_summary(stream.generation)}", file=sys.stderr)
         _print_result(args, stream.generation.to_dict())
         _write_trace(args, stream.generation)
+        _write_html(args, stream.generation, prompt, config)
     return 0
 
 
@@ -165,6 +208,78 @@ def _write_trace(args: argparse.Namespace, generation: Generation) -> None:
         raise ConfigError(
             f"--trace {args.trace_file}: cannot write it ({exc.strerror or exc})"
         ) from None
+
+
+def _write_html(
+    args: argparse.Namespace, generation: Generation, prompt: str | Chat, config: GenerationConfig
+) -> None:
+    """--html FILE: the per-token view of the generation (proxyclient/view.py)."""
+    if not getattr(args, "html_file", None) or generation.steps is None:
+        return
+    from proxyclient import view as pages
+
+    settings = {
+        "alpha": config.alpha,
+        "k": config.base_k if config.base_k is not None else "default",
+    }
+    data = pages.from_generation(generation, prompt=_prompt_text(prompt), settings=settings)
+    _write_page(args.html_file, pages.render(data), "--html")
+
+
+def _prompt_text(prompt: str | Chat) -> str:
+    if isinstance(prompt, Chat):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt.messages)
+    return prompt
+
+
+def _write_page(path: str, page: str, what: str, *, dash_is_stdout: bool = False) -> None:
+    if dash_is_stdout and path == "-":
+        sys.stdout.write(page)
+        return
+    try:
+        Path(path).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def view(args: argparse.Namespace) -> int:
+    """`proxyclient view TRACE`: the page `generate --html` writes, from a --trace file (one
+    TokenTrace per line) or from a traced run's --json output (which adds its usage)."""
+    from proxyclient import view as pages
+
+    try:
+        lines = Path(args.trace).read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"view {args.trace}: cannot read it ({exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"view {args.trace}: not JSON lines ({exc})") from None
+    title = f"proxyclient: what the steering did ({Path(args.trace).name})"
+    what = f"view {args.trace}: neither a --trace file nor the --json output of a traced run"
+    if len(records) == 1 and isinstance(records[0], dict) and "steps" in records[0]:
+        if records[0]["steps"] is None:
+            raise ConfigError(
+                f"view {args.trace}: that run has no per-token trace; generate it with --trace "
+                f"FILE or --html FILE"
+            )
+        try:
+            data = pages.from_generation(records[0], title=title)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConfigError(what) from None
+    else:
+        if not all(isinstance(r, dict) and {"text", "logprob"} <= set(r) for r in records):
+            raise ConfigError(what)
+        try:
+            data = pages.view_data(records, title=title)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConfigError(what) from None
+    output = args.output or str(Path(args.trace).with_suffix(".html"))
+    if Path(output).resolve() == Path(args.trace).resolve():
+        raise ConfigError(f"view: -o {output} is the trace itself; write the page elsewhere")
+    _write_page(output, pages.render(data), "view -o", dash_is_stdout=True)
+    if output != "-":
+        print(f"proxyclient: wrote {output} ({pages.summary_line(data)})", file=sys.stderr)
+    return 0
 
 
 def cost_summary(generation: Generation) -> str:

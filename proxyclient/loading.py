@@ -1,13 +1,22 @@
-"""Loading the local models: a model folder, a LoRA pair on one model, the tokenizer; the checks
-that expert and anti-expert fit together, and their EOS ids."""
+"""Loading the local models: a model folder, a LoRA pair on one model, several steering pairs
+(each distinct model once), the tokenizer; the checks that expert and anti-expert fit together,
+and their EOS ids."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from proxyclient.errors import ConfigError, ModelLoadError
 from proxyclient.local import LocalModel, check_model_source
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | Path | LocalModel
+# (expert, anti-expert, weight): one steering pair, scores += alpha * weight * (expert - anti).
+PairSpec = tuple[ModelSource, ModelSource, float]
 
 
 def load_lora_pair(
@@ -58,16 +67,94 @@ def check_same_vocabulary(expert_tokenizer: Any, anti_tokenizer: Any) -> None:
     expert_vocab, anti_vocab = expert_tokenizer.get_vocab(), anti_tokenizer.get_vocab()
     if expert_vocab == anti_vocab:
         return
-    differing = sorted(
-        (t for t in expert_vocab.keys() ^ anti_vocab.keys()), key=lambda t: (len(t), t)
-    )[:5]
-    if not differing:
-        differing = [t for t in expert_vocab if expert_vocab[t] != anti_vocab[t]][:5]
     raise ModelLoadError(
         f"expert and anti-expert have different vocabularies ({len(expert_vocab)} vs "
-        f"{len(anti_vocab)} tokens; e.g. {differing!r} differ). Proxy-tuning needs the tuned and "
-        f"untuned versions of one small model, sharing one tokenizer."
+        f"{len(anti_vocab)} tokens; e.g. {_differing(expert_vocab, anti_vocab)!r} differ). "
+        f"Proxy-tuning needs the tuned and untuned versions of one small model, sharing one "
+        f"tokenizer."
     )
+
+
+def _differing(one: dict[str, int], other: dict[str, int]) -> list[str]:
+    """A few tokens two vocabularies disagree on (missing from one, or with another id)."""
+    differing = sorted((t for t in one.keys() ^ other.keys()), key=lambda t: (len(t), t))[:5]
+    return differing or [t for t in one if one[t] != other[t]][:5]
+
+
+def source_key(model: ModelSource) -> object:
+    """What makes two model sources one model: the object, or the folder (resolved)."""
+    if isinstance(model, LocalModel):
+        return ("object", id(model))
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def load_pairs(
+    pairs: Sequence[PairSpec], device: Any, dtype: Any
+) -> list[tuple[LocalModel, LocalModel, float]]:
+    """Each pair's models, each distinct model loaded once: a folder (or object) several pairs
+    name, a shared anti-expert say, is one LocalModel in memory."""
+    loaded: dict[object, LocalModel] = {}
+
+    def one(model: ModelSource, role: str) -> LocalModel:
+        key = source_key(model)
+        if key not in loaded:
+            loaded[key] = load_local(model, role, device, dtype)
+        return loaded[key]
+
+    def role(number: int, name: str) -> str:
+        return name if len(pairs) == 1 else f"pair {number} {name}"
+
+    return [
+        (one(expert, role(n, "expert")), one(anti, role(n, "anti-expert")), weight)
+        for n, (expert, anti, weight) in enumerate(pairs, 1)
+    ]
+
+
+def pair_tokenizers(
+    pairs: Sequence[PairSpec], tokenizer: Any, tokenizer_source: ModelSource | None = None
+) -> Any:
+    """The experts' tokenizer (the first pair's expert's: its chat template renders the prompt
+    every expert reads), once every pair's models are checked to share ``tokenizer``'s
+    vocabulary (``tokenizer_source``: the folder it was loaded from, not loaded again)."""
+    if len(pairs) == 1:
+        expert = pairs[0][0]
+        expert_tokenizer = load_tokenizer(expert) if isinstance(expert, str | Path) else tokenizer
+        check_same_vocabulary(expert_tokenizer, tokenizer)
+        return expert_tokenizer
+    reference = tokenizer.get_vocab()
+    against = "pair 1's anti-expert" if tokenizer_source is not None else "the tokenizer given"
+    loaded: dict[object, Any] = {}
+    if tokenizer_source is not None:
+        loaded[source_key(tokenizer_source)] = tokenizer
+    experts = []
+    for number, (expert, anti, _) in enumerate(pairs, 1):
+        for model, role in ((expert, "expert"), (anti, "anti-expert")):
+            own = tokenizer  # a LocalModel object reads the tokenizer given
+            if isinstance(model, str | Path):
+                key = source_key(model)
+                if key not in loaded:
+                    loaded[key] = load_tokenizer(model)
+                own = loaded[key]
+                vocab = own.get_vocab()
+                if vocab != reference:
+                    raise ConfigError(
+                        f"pair {number}'s {role} {str(model)!r} has another vocabulary than "
+                        f"{against} ({len(vocab)} vs {len(reference)} tokens; e.g. "
+                        f"{_differing(vocab, reference)!r} differ): every pair's expert and "
+                        f"anti-expert must share one tokenizer. Use small models of one family "
+                        f"(one tokenizer) in every pair, or steer with that pair in a ProxyTuner "
+                        f"of its own."
+                    )
+            if role == "expert":
+                experts.append(own)
+    templates = {repr(getattr(t, "chat_template", None)) for t in experts}
+    if len(templates) > 1:
+        logger.warning(
+            "the experts' chat templates differ; every expert reads the prompt in pair 1's "
+            "expert's template (chat prompts and expert_chat_template)"
+        )
+    return experts[0]
 
 
 def eos_ids_of(tokenizer: Any, *models: Any) -> frozenset[int]:

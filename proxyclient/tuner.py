@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Iterable
 from collections.abc import Sequence as Options
 from pathlib import Path
@@ -22,11 +23,12 @@ from proxyclient.config import GenerationConfig, Speculate
 from proxyclient.engine import Engine, with_options
 from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.loading import (
-    check_same_vocabulary,
+    PairSpec,
     eos_ids_of,
-    load_local,
     load_lora_pair,
+    load_pairs,
     load_tokenizer,
+    pair_tokenizers,
 )
 from proxyclient.local import LocalModel
 from proxyclient.loop_thread import LoopThread
@@ -53,7 +55,13 @@ class ProxyTuner:
     ``expert`` and ``anti_expert`` are model folders (or loaded :class:`LocalModel` objects, then
     ``tokenizer`` is required). ``expert_lora`` (with ``expert=None``) makes the expert a PEFT LoRA
     adapter on the anti-expert's weights: one model in memory, the adapter on for the expert and
-    off for the anti-expert. The base's tokenizer comes with the adapter when it has one
+    off for the anti-expert. ``pairs`` (instead of ``expert`` and ``anti_expert``) steers with
+    several pairs, ``[(expert, anti_expert, weight), ...]``: scores = base + alpha * sum_i
+    weight_i * (expert_i - anti_i); a negative weight steers away from that expert, and a model
+    several pairs name (a shared anti-expert) is loaded and forwarded once. Every pair's models
+    share one tokenizer; every expert reads the prompt in the first pair's expert's chat
+    template. The positional form is one pair of weight 1. The base's tokenizer comes with the
+    adapter when it has one
     (``connect(..., tokenizer=...)``; OpenAI model names imply theirs); ``base_tokenizer`` names it
     otherwise (a folder, ``tiktoken:ENCODING``, or a tokenizer object). Base and proxies that
     tokenize differently are combined on their shared byte vocabulary; left out, the base is
@@ -66,9 +74,10 @@ class ProxyTuner:
     def __init__(
         self,
         base: BaseModel,
-        expert: str | Path | LocalModel | None,
-        anti_expert: str | Path | LocalModel,
+        expert: str | Path | LocalModel | None = None,
+        anti_expert: str | Path | LocalModel | None = None,
         *,
+        pairs: Options[PairSpec] | None = None,
         expert_lora: str | Path | None = None,
         tokenizer: Any = None,
         base_tokenizer: Any = None,
@@ -82,23 +91,24 @@ class ProxyTuner:
                 raise ConfigError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.base = base
-        if (expert is None) == (expert_lora is None):
-            raise ConfigError(
-                "give the expert either as a model (expert=DIR) or as a LoRA adapter on the "
-                "anti-expert (expert=None, expert_lora=DIR), not both or neither"
-            )
+        specs = _pair_specs(expert, anti_expert, pairs, expert_lora)
         if expert_lora is not None:
             if not isinstance(anti_expert, str | Path):
                 raise ConfigError("expert_lora needs anti_expert as a model folder")
             expert_model, anti_model = load_lora_pair(anti_expert, expert_lora, device, dtype)
+            models = [(expert_model, anti_model, 1.0)]
         else:
-            expert_model = load_local(expert, "expert", device, dtype)
-            anti_model = load_local(anti_expert, "anti-expert", device, dtype)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(anti_expert)
-        expert_tokenizer = load_tokenizer(expert) if isinstance(expert, str | Path) else tokenizer
-        check_same_vocabulary(expert_tokenizer, tokenizer)
-        # Ids both proxies score and the tokenizer knows; padded logits beyond it are ignored.
-        vocab_size = min(len(tokenizer), expert_model.output_size, anti_model.output_size)
+            models = load_pairs(specs, device, dtype)
+        given = tokenizer is not None
+        tokenizer = tokenizer if given else load_tokenizer(specs[0][1])
+        if expert_lora is not None:  # the adapter rides on the anti-expert: one tokenizer
+            expert_tokenizer = tokenizer
+        else:
+            expert_tokenizer = pair_tokenizers(specs, tokenizer, None if given else specs[0][1])
+        self.proxies = ProxyPair(pairs=models)
+        locals_ = self.proxies.models
+        # Ids every proxy scores and the tokenizer knows; padded logits beyond it are ignored.
+        vocab_size = min(len(tokenizer), *(local.output_size for local in locals_))
         if base_tokenizer is not None:  # loaded once: the adapter and TokenSpace share it
             base_tokenizer = load_base_tokenizer(base_tokenizer)
         _lend_tokenizer(base, base_tokenizer, tokenizer)
@@ -108,9 +118,8 @@ class ProxyTuner:
             expert_tokenizer,
             base_tokenizer=base_tokenizer,
             vocab_size=vocab_size,
-            proxy_eos=eos_ids_of(tokenizer, expert_model.model, anti_model.model),
+            proxy_eos=eos_ids_of(tokenizer, *(local.model for local in locals_)),
         )
-        self.proxies = ProxyPair(expert_model, anti_model)
         self.engine = Engine(base, self.proxies, self.tokens, overlap=overlap)
         # Every sync call runs on this private loop, also inside a running loop (Jupyter).
         self._runner = LoopThread()
@@ -139,7 +148,7 @@ class ProxyTuner:
     def context_length(self) -> int | None:
         """The shortest context of the local models (their max_position_embeddings)."""
         lengths = []
-        for local in (self.proxies.expert, self.proxies.anti_expert):
+        for local in self.proxies.models:
             length = getattr(local.model.config, "max_position_embeddings", None)
             if isinstance(length, int):
                 lengths.append(length)
@@ -345,3 +354,55 @@ def _lend_tokenizer(base: BaseModel, base_tokenizer: Any, proxy_tokenizer: Any) 
     lent = base_tokenizer if base_tokenizer is not None else proxy_tokenizer
     base.tokenizer = load_base_tokenizer(lent)  # type: ignore[attr-defined]
     logger.info("the %r base names tokens by text; its tokenizer: %r", base.name, base.tokenizer)
+
+
+def _pair_specs(
+    expert: str | Path | LocalModel | None,
+    anti_expert: str | Path | LocalModel | None,
+    pairs: Options[PairSpec] | None,
+    expert_lora: str | Path | None,
+) -> list[PairSpec]:
+    """The steering pairs the arguments name (the positional form: one of weight 1; a LoRA
+    expert's pair has no expert source)."""
+    if pairs is not None:
+        if expert is not None or anti_expert is not None or expert_lora is not None:
+            raise ConfigError(
+                "give either expert and anti_expert (one pair), or pairs=[(expert, "
+                "anti_expert, weight), ...], not both"
+            )
+        if isinstance(pairs, str | bytes) or not isinstance(pairs, Options):
+            raise ConfigError(
+                f"pairs must be a list of (expert, anti_expert, weight), got {pairs!r}"
+            )
+        specs = []
+        for number, pair in enumerate(pairs, 1):
+            if not isinstance(pair, tuple | list) or len(pair) != 3:
+                raise ConfigError(
+                    f"pair {number} must be (expert, anti_expert, weight), got {pair!r}"
+                )
+            pair_expert, pair_anti, weight = pair
+            for model, role in ((pair_expert, "expert"), (pair_anti, "anti-expert")):
+                if not isinstance(model, str | Path | LocalModel):
+                    raise ConfigError(
+                        f"pair {number}'s {role} must be a model folder or a LocalModel, got "
+                        f"{type(model).__name__}"
+                    )
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ConfigError(f"pair {number}'s weight must be a number, got {weight!r}")
+            if not math.isfinite(weight):
+                raise ConfigError(f"pair {number}'s weight must be finite, got {weight!r}")
+            specs.append((pair_expert, pair_anti, float(weight)))
+        if not specs:
+            raise ConfigError("pairs is empty: give at least one (expert, anti_expert, weight)")
+        return specs
+    if anti_expert is None:
+        raise ConfigError(
+            "give the anti-expert (anti_expert=DIR) with the expert, or several steering pairs "
+            "as pairs=[(expert, anti_expert, weight), ...]"
+        )
+    if (expert is None) == (expert_lora is None):
+        raise ConfigError(
+            "give the expert either as a model (expert=DIR) or as a LoRA adapter on the "
+            "anti-expert (expert=None, expert_lora=DIR), not both or neither"
+        )
+    return [(expert if expert is not None else anti_expert, anti_expert, 1.0)]
