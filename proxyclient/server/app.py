@@ -5,6 +5,7 @@
     GET  /v1/models             the one model served
     GET  /health                liveness, and the generations in flight
     GET  /metrics               Prometheus text
+    GET  /                      the playground (playground.py), unless created without it
     POST /tokenize, /detokenize, GET /tokenizer_info   the base tokenizer (lm-eval's remote one)
 
 One tuner serves every request; its async API runs on the server's loop, so concurrent requests
@@ -21,7 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 
 from proxyclient.config import GenerationConfig
 from proxyclient.server.chat_completions import chat_completions
@@ -57,13 +58,15 @@ def create_app(
     secrets: tuple[str | None, ...] = (),
     close_tuner: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    playground: bool = True,
 ) -> FastAPI:
     """The server's ASGI app. ``api_key``: the key clients must send (Bearer); None serves any
     client. ``defaults``: the GenerationConfig a request's fields override. ``max_model_len``:
     the context length requests are checked against (default: the local models' own).
     ``secrets``: strings never to show a client (the base's API key; the tuner redacts its
     base's own anyway). ``close_tuner``: close the tuner when the app shuts down.
-    ``max_body_bytes``: larger request bodies are refused with a 413."""
+    ``max_body_bytes``: larger request bodies are refused with a 413. ``playground``: answer
+    ``GET /`` with the playground page (it holds no secret; its API calls need the key)."""
     state = ServerState(
         tuner=tuner,
         served_model_name=served_model_name,
@@ -116,6 +119,20 @@ def create_app(
         authorized(request)
         return {"object": "list", "data": [_model_card(state)]}
 
+    if playground:
+        from proxyclient.server.playground import page
+
+        # Built once: the page depends on the server's settings only.
+        playground_page = page(
+            model=state.served_model_name,
+            needs_key=state.api_key is not None,
+            defaults=state.defaults,
+        )
+
+        @app.get("/")
+        async def playground_route() -> Response:
+            return HTMLResponse(playground_page, headers=_PAGE_HEADERS)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "active_generations": state.metrics.active}
@@ -151,6 +168,16 @@ def create_app(
         return state.tokens.info()
 
     return app
+
+
+# The page runs only its own inline scripts and talks only to this server.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

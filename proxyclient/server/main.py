@@ -55,6 +55,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         help="larger request bodies get a 413 before they are parsed (default: 8 MiB)",
     )
     server.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="do not answer GET / with the playground page (it calls this server's API, with "
+        "the --api-key the page asks for)",
+    )
+    server.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
@@ -92,14 +99,16 @@ def serve(
         max_model_len=args.max_model_len,
         secrets=(base_key,),
         close_tuner=True,
+        playground=args.playground,
         **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}),
     )
     access = "clients must send the server API key" if client_key else (
         "no --api-key: any client is served"
     )  # fmt: skip
+    playground = f"; playground: http://{args.host}:{args.port}/" if args.playground else ""
     print(
         f"proxyclient: serving {name!r} (base {args.base_model!r} via {args.api}, steered by "
-        f"the local expert) on http://{args.host}:{args.port}/v1; {access}",
+        f"the local expert) on http://{args.host}:{args.port}/v1; {access}{playground}",
         file=sys.stderr,
         flush=True,
     )
