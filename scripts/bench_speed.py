@@ -356,6 +356,9 @@ class Row:
     acceptance: float | None
     local_ms: float
     cached_prompt_tokens: float | None
+    # Against the lower bound of any client: one round trip per disagreement with the base's own
+    # greedy choice, plus the base's own streamed generation ((4): one request, its per-token time).
+    vs_bound: float = float("nan")
 
 
 def engine_sample(
@@ -478,8 +481,10 @@ def candidate_prompts(rows: Sequence[dict[str, str]]) -> list[str]:
     return [row["prompt"].split("\n", 1)[0] + "\nQ:" for row in rows]
 
 
-def aggregate(samples: Sequence[Sample]) -> list[Row]:
-    """Sum each (round trip, mode) over prompts; per generated token; ratios to (1) and (4)."""
+def aggregate(samples: Sequence[Sample], disagreements: Sequence[int] = ()) -> list[Row]:
+    """Sum each (round trip, mode) over prompts; per generated token; ratios to (1), (4) and
+    the lower bound (``disagreements``: per prompt, the output positions where the base's own
+    greedy choice differs)."""
     groups: dict[tuple[float, str], list[Sample]] = {}
     for sample in samples:
         groups.setdefault((sample.rtt_ms, sample.mode), []).append(sample)
@@ -511,22 +516,27 @@ def aggregate(samples: Sequence[Sample]) -> list[Row]:
         loop, floor = by_key.get((row.rtt_ms, "loop")), by_key.get((row.rtt_ms, "floor"))
         row.vs_loop = row.wall_ms / loop.wall_ms if loop else float("nan")
         row.vs_floor = row.wall_ms / floor.wall_ms if floor else float("nan")
+        floors = groups.get((row.rtt_ms, "floor"), [])
+        if floors and len(disagreements) >= len(floors):
+            bound_s = sum(f.wall_s + disagreements[f.prompt] * row.rtt_ms / 1e3 for f in floors)
+            bound_ms = bound_s / max(1, sum(f.tokens for f in floors)) * 1e3
+            row.vs_bound = row.wall_ms / bound_ms
     order = list(LABELS)
     return sorted(rows, key=lambda r: (r.rtt_ms, order.index(r.mode)))
 
 
 def format_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| RTT ms | mode | wall ms / token | vs (1) | vs (4) | requests / token "
+        "| RTT ms | mode | wall ms / token | vs (1) | vs (4) | vs bound | requests / token "
         "| prompt tokens / token | base completion tokens / token | acceptance "
         "| local ms / token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acceptance = "–" if r.acceptance is None else f"{100 * r.acceptance:.0f}%"
         lines.append(
             f"| {r.rtt_ms:g} | {LABELS[r.mode]} | {r.wall_ms:.1f} | {r.vs_loop:.2f} | "
-            f"{r.vs_floor:.2f} | {r.requests:.3f} | {r.prompt_tokens:.1f} | "
+            f"{r.vs_floor:.2f} | {r.vs_bound:.2f} | {r.requests:.3f} | {r.prompt_tokens:.1f} | "
             f"{r.base_completion_tokens:.2f} | {acceptance} | {r.local_ms:.2f} |"
         )
     return "\n".join(lines)
@@ -702,7 +712,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     samples.append(run(mode, index, rtt))
             logger.info("RTT %g ms done (%.0f s so far)", rtt, time.perf_counter() - started)
 
-    rows = aggregate(samples)
+    rows = aggregate(samples, [sum(d) for d in disagreements])
     tokens_by_mode = {
         mode: sorted({s.tokens for s in samples if s.mode == mode}) for mode in LABELS
     }

@@ -253,13 +253,14 @@ def timed_transport(delay: float = 0.0, first_status: int | None = None, headers
     async def handler(request: httpx.Request) -> httpx.Response:
         loop = asyncio.get_running_loop()
         log["sent"].append((loop.time(), json.loads(request.content)["who"]))
+        first = len(log["sent"]) == 1  # at arrival: a loaded machine may let others in meanwhile
         log["in_flight"] += 1
         log["most"] = max(log["most"], log["in_flight"])
         try:
             await asyncio.sleep(delay)
         finally:
             log["in_flight"] -= 1
-        if first_status is not None and len(log["sent"]) == 1:
+        if first_status is not None and first:
             return httpx.Response(first_status, headers=headers or {}, json={"error": "slow"})
         return httpx.Response(200, json={"ok": True})
 
