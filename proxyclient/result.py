@@ -77,7 +77,9 @@ class TokenTrace:
     ``anti_logprob`` the proxies' at the token's twin (None: no twin, or alpha = 0). ``top``: the
     best candidates by tuned log-prob, as many as the trace asked for. ``token_bytes``: the
     token's own bytes (OpenAI's ``bytes``): a part of a character is its raw bytes where ``text``
-    shows U+FFFD, so the steps' bytes joined decode to the generation's text.
+    shows U+FFFD, so the steps' bytes joined decode to the generation's text. ``base_top``: the
+    base's own top-1 among what it returned, with the base's log-prob (where it is another token
+    than ``token_id``, steering changed the choice).
     """
 
     token_id: int  # base id
@@ -88,6 +90,7 @@ class TokenTrace:
     anti_logprob: float | None
     top: list[Alternative]
     token_bytes: list[int] = field(default_factory=list)
+    base_top: Alternative | None = None
 
 
 @dataclass
@@ -125,7 +128,14 @@ class Generation:
 
 
 def _token_trace(record: dict[str, Any]) -> TokenTrace:
-    return TokenTrace(**{**record, "top": [Alternative(**a) for a in record["top"]]})
+    base_top = record.get("base_top")
+    return TokenTrace(
+        **{
+            **record,
+            "top": [Alternative(**a) for a in record["top"]],
+            "base_top": Alternative(**base_top) if base_top is not None else None,
+        }
+    )
 
 
 @dataclass

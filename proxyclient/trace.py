@@ -42,6 +42,11 @@ def trace_token(
     expert_lp = float(expert[proxy]) if expert is not None and proxy >= 0 else None
     anti_lp = float(anti[proxy]) if anti is not None and proxy >= 0 else None
     best = torch.topk(tuned, min(alternatives, tuned.numel()))
+    base_best = None
+    if len(top):
+        i = max(range(len(top)), key=top.logprobs.__getitem__)
+        first = top.token_ids[i]
+        base_best = Alternative(first, text_of(first), top.logprobs[i], list(bytes_of(first)))
     alternative_ids = [int(candidates.ids[i]) for i in best.indices]
     return TokenTrace(
         token_id=token,
@@ -55,4 +60,5 @@ def trace_token(
             for lp, i in zip(best.values, alternative_ids, strict=True)
         ],
         token_bytes=list(bytes_of(token)),
+        base_top=base_best,
     )

@@ -50,7 +50,12 @@ def test_each_step_holds_what_the_three_models_say(local_tuner, hf_models, specu
         assert all(a.token_bytes for a in step.top)
         assert [a.logprob for a in step.top] == pytest.approx(best.values.tolist(), abs=1e-4)
         assert step.top[0].token_id == token  # greedy
+        assert step.base_top is not None  # the base's own choice, and its log-prob
+        assert step.base_top.token_id == int(torch.argmax(base))
+        assert step.base_top.logprob == pytest.approx(float(base.max()), abs=1e-4)
         ids.append(token)
+    # Steering moved some choices off the base's own: the trace tells which.
+    assert any(s.base_top.token_id != s.token_id for s in generation.steps)
 
 
 def test_no_trace_unless_asked_and_alternatives_are_bounded(local_tuner):

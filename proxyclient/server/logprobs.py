@@ -61,6 +61,15 @@ class CompletionLogprobs:
             "base_token_logprobs": of_trace("base_logprob"),
             "expert_token_logprobs": of_trace("expert_logprob"),
             "anti_expert_token_logprobs": of_trace("anti_logprob"),
+            # The base's own top-1 at each position (where it is not the token, steering chose)
+            "base_top_tokens": [
+                t.base_top.text if t is not None and t.base_top is not None else None
+                for *_, t in rows
+            ],
+            "base_top_logprobs": [
+                finite(t.base_top.logprob) if t is not None and t.base_top is not None else None
+                for *_, t in rows
+            ],
         }
 
     def _top(self, trace: Any) -> dict[str, float]:
@@ -89,4 +98,9 @@ def _chat_entry(trace: Any, top: int) -> dict[str, Any]:
         "base_logprob": finite(trace.base_logprob),
         "expert_logprob": finite(trace.expert_logprob),
         "anti_expert_logprob": finite(trace.anti_logprob),
+        "base_top": (
+            {"token": trace.base_top.text, "logprob": finite(trace.base_top.logprob)}
+            if trace.base_top is not None
+            else None
+        ),
     }
