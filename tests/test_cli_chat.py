@@ -69,7 +69,7 @@ def test_system_and_prompt_make_a_chat_and_trace_writes_a_line_per_token(
         assert len(line["top"]) == 2
         assert set(line) == {
             "token_id", "text", "logprob", "base_logprob", "expert_logprob", "anti_logprob", "top",
-            "token_bytes",
+            "token_bytes", "base_top",
         }  # fmt: skip
         assert line["token_bytes"] == step.token_bytes
 
