@@ -8,15 +8,22 @@ read; the flow around them — send, map errors to what the user should do — l
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar, TypedDict, Unpack
 
-from proxyclient.adapters.base import Capabilities, Continuation, Prompt, TopLogprobs
+from proxyclient.adapters.base import (
+    Capabilities,
+    Continuation,
+    Prompt,
+    StreamedPosition,
+    TopLogprobs,
+)
 from proxyclient.adapters.discovery import HUGE_K, dialect_hint
-from proxyclient.adapters.http import HTTPTransport
+from proxyclient.adapters.http import HTTPTransport, error_message, status_error
 from proxyclient.errors import (
     APIStatusError,
     BadRequestError,
@@ -63,6 +70,10 @@ def k_cap_in(message: str) -> int | None:
 # What a parser raises when an answer has another shape than its dialect's (a key missing, a list
 # where a dict should be, text where a number should be).
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
+
+
+# What a stream's parser gives for a chunk without positions (a role, finish or usage chunk).
+NO_POSITIONS = Continuation((), (), ())
 
 
 def checked_answer(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -320,6 +331,51 @@ class DialectAdapter:
             if not hint:
                 raise
             raise ResponseFormatError(f"{exc}{hint}") from None
+
+    async def stream_positions(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        prompt: Prompt,
+        k: int,
+        n: int,
+        parse: Callable[[Any, int], Continuation | None],
+        *,
+        error_status: Callable[[Any], int] | None = None,
+        ndjson: bool = False,
+    ) -> AsyncIterator[StreamedPosition]:
+        """POST ``payload`` (a streamed request of up to ``n`` tokens) and yield each position as
+        its chunk arrives: ``parse(chunk, positions so far)`` reads a chunk with the dialect's
+        parser (``NO_POSITIONS`` for a chunk that holds none; None: the stream ends before it).
+        ``error_status``: the HTTP status an error the server sends inside the stream
+        (``{"error": ...}``) stands for. A refusal is explained as
+        any request's; closing the iterator closes the HTTP stream, so the server stops."""
+        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
+        seen = 0
+        read = checked_answer(lambda chunk: parse(chunk, seen))
+        chunks = self.transport.stream_json(
+            "POST", path, payload, what=what, tokens=len(prompt.ids) + n, ndjson=ndjson
+        )
+        try:
+            async for chunk in chunks:
+                if error_status is not None and isinstance(chunk, dict) and "error" in chunk:
+                    event = json.loads(self.transport.redact(json.dumps(chunk)))
+                    status = error_status(event)
+                    sent = f"POST {self.transport.base_url}{path} ({what})"
+                    message = f"{sent}: HTTP {status}: {error_message(event)}"
+                    raise status_error(status, message, event)
+                part = read(chunk)
+                if part is None:
+                    return
+                for token, top, logprob in zip(
+                    part.tokens, part.tops, part.token_logprobs, strict=True
+                ):
+                    seen += 1
+                    yield StreamedPosition(token, logprob, top)
+        except APIStatusError as exc:
+            raise await self.explain(exc, prompt, k) from None
+        finally:
+            await chunks.aclose()
 
     async def explain(self, exc: APIStatusError, prompt: Prompt, k: int) -> ProxyClientError:
         """The error with what to do about it."""

@@ -25,7 +25,6 @@ stream stops the generation.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,9 +36,8 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, DialectAdapter, checked_answer
-from proxyclient.adapters.http import error_message, status_error
-from proxyclient.errors import APIStatusError, ResponseFormatError
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, DialectAdapter
+from proxyclient.errors import ResponseFormatError
 
 
 class _HeldBack(Exception):
@@ -199,42 +197,26 @@ class LlamaCppCompletion(DialectAdapter):
             tuple(position.get("logprob") for position in positions or []),
         )
 
-    async def stream_draft(
+    def stream_draft(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
     ) -> AsyncIterator[StreamedPosition]:
         """``generate``'s positions from one streamed request, each as its event arrives, up to
         the first token the server held back."""
         path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
-        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
-        seen = 0
-        parse = checked_answer(lambda event: self.parse_streamed(event, prompt, k, seen))
-        events = self.transport.stream_json(
-            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
+
+        def parse(event: Any, seen: int) -> Continuation | None:
+            try:
+                return self.parse_streamed(event, prompt, k, seen)
+            except _HeldBack:
+                return None
+
+        return self.stream_positions(
+            path, payload | {"stream": True}, prompt, k, n, parse, error_status=_error_status
         )
-        try:
-            async for event in events:
-                if isinstance(event, dict) and "error" in event:
-                    sent = f"POST {self.transport.base_url}{path} ({what})"
-                    raise _stream_error(self.transport.redact(json.dumps(event)), sent)
-                try:
-                    part = parse(event)
-                except _HeldBack:
-                    return
-                for token, top, logprob in zip(
-                    part.tokens, part.tops, part.token_logprobs, strict=True
-                ):
-                    seen += 1
-                    yield StreamedPosition(token, logprob, top)
-        except APIStatusError as exc:
-            raise await self.explain(exc, prompt, k) from None
-        finally:
-            await events.aclose()
 
 
-def _stream_error(redacted: str, sent: str) -> APIStatusError:
-    """An error the server sent inside the stream (``{"error": {"code", "message"}}``)."""
-    event = json.loads(redacted)
+def _error_status(event: Any) -> int:
+    """The status of an error the server sent inside the stream (``{"error": {"code", ...}}``)."""
     error = event["error"]
     code = error.get("code") if isinstance(error, dict) else None
-    status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return status_error(status, f"{sent}: HTTP {status}: {error_message(event)}", event)
+    return code if isinstance(code, int) and 400 <= code < 600 else 500

@@ -27,7 +27,6 @@ stream stops the generation.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,10 +38,9 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, TextPromptAdapter, checked_answer
-from proxyclient.adapters.http import error_message, status_error
+from proxyclient.adapters.dialect import RESAMPLE_ATTEMPTS, TextPromptAdapter
 from proxyclient.adapters.openai_wire import content_top
-from proxyclient.errors import APIStatusError, ConfigError, ResponseFormatError
+from proxyclient.errors import ConfigError, ResponseFormatError
 from proxyclient.vocab import bytes_of_token_string
 
 GENERATE_PATH = "/api/generate"
@@ -179,37 +177,22 @@ class OllamaGenerate(TextPromptAdapter):
             tuple(p.get("logprob") for p in positions),
         )
 
-    async def stream_draft(
+    def stream_draft(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
     ) -> AsyncIterator[StreamedPosition]:
         """``generate``'s positions from one streamed request, each as its line arrives."""
         path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
-        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
         retokenized = self.retokenized(prompt)
-        parse = checked_answer(lambda line: self.parse_streamed(line, k, retokenized))
-        lines = self.transport.stream_json(
-            "POST",
+        return self.stream_positions(
             path,
             payload | {"stream": True},
-            what=what,
-            tokens=len(prompt.ids) + n,
+            prompt,
+            k,
+            n,
+            lambda line, _seen: self.parse_streamed(line, k, retokenized),
+            error_status=lambda _event: 500,
             ndjson=True,
         )
-        try:
-            async for line in lines:
-                if isinstance(line, dict) and "error" in line:
-                    redacted = json.loads(self.transport.redact(json.dumps(line)))
-                    message = f"POST {self.transport.base_url}{path} ({what}): HTTP 500: "
-                    raise status_error(500, message + error_message(redacted), redacted)
-                part = parse(line)
-                for token, top, logprob in zip(
-                    part.tokens, part.tops, part.token_logprobs, strict=True
-                ):
-                    yield StreamedPosition(token, logprob, top)
-        except APIStatusError as exc:
-            raise await self.explain(exc, prompt, k) from None
-        finally:
-            await lines.aclose()
 
     async def _served_models_hint(self) -> str:
         return "`ollama list` shows the models this Ollama has; `ollama pull NAME` adds one."

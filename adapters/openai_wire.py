@@ -27,7 +27,7 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import DialectAdapter, checked_answer
+from proxyclient.adapters.dialect import NO_POSITIONS, DialectAdapter
 from proxyclient.errors import APIStatusError, NotFoundError, ProxyClientError, ResponseFormatError
 from proxyclient.tokenizer import BaseTokenizer
 from proxyclient.vocab import bytes_of_token_string
@@ -272,7 +272,7 @@ def content_positions_in(chunk: Any) -> bool:
     return bool(content)
 
 
-async def stream_positions(
+def stream_positions(
     adapter: DialectAdapter,
     path: str,
     payload: dict[str, Any],
@@ -282,25 +282,13 @@ async def stream_positions(
     parse: Callable[[Any], Continuation],
     has_positions: Callable[[Any], bool] = content_positions_in,
 ) -> AsyncIterator[StreamedPosition]:
-    """POST ``payload`` (a streamed request of up to ``n`` tokens) and yield each position of the
-    chunks that hold some (``has_positions``), read with ``parse`` (the dialect's parser of a
-    whole answer: a chunk has its shape) as each arrives. A refusal is explained as the adapter
-    explains any; closing the iterator closes the HTTP stream, so the server stops generating."""
-    what = f"model {adapter.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
-    read = checked_answer(parse)
-    chunks = adapter.transport.stream_json(
-        "POST", path, payload, what=what, tokens=len(prompt.ids) + n
+    """``adapter.stream_positions`` over chunks in the shape of a whole answer (``parse``, the
+    dialect's parser of one), skipping those that hold no positions (``has_positions``)."""
+    return adapter.stream_positions(
+        path,
+        payload,
+        prompt,
+        k,
+        n,
+        lambda chunk, _seen: parse(chunk) if has_positions(chunk) else NO_POSITIONS,
     )
-    try:
-        async for chunk in chunks:
-            if not has_positions(chunk):
-                continue
-            part = read(chunk)
-            for token, top, logprob in zip(
-                part.tokens, part.tops, part.token_logprobs, strict=True
-            ):
-                yield StreamedPosition(token, logprob, top)
-    except APIStatusError as exc:
-        raise await adapter.explain(exc, prompt, k) from None
-    finally:
-        await chunks.aclose()

@@ -38,7 +38,6 @@ a request whose client disconnects (``create_abort_task``), so closing the strea
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -50,10 +49,8 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import DialectAdapter, checked_answer
-from proxyclient.adapters.http import error_message, status_error
+from proxyclient.adapters.dialect import DialectAdapter
 from proxyclient.errors import (
-    APIStatusError,
     ConfigError,
     ResponseFormatError,
     TopKTooLargeError,
@@ -247,33 +244,20 @@ class SGLangGenerate(DialectAdapter):
             tuple(entry[0] for entry in chosen[fresh]),
         )
 
-    async def stream_draft(
+    def stream_draft(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
     ) -> AsyncIterator[StreamedPosition]:
         """``generate``'s positions from one streamed request, each as its event arrives."""
         path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
-        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
-        seen = 0
-        parse = checked_answer(lambda event: self.parse_streamed(event, prompt, k, seen))
-        events = self.transport.stream_json(
-            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
+        return self.stream_positions(
+            path,
+            payload | {"stream": True},
+            prompt,
+            k,
+            n,
+            lambda event, seen: self.parse_streamed(event, prompt, k, seen),
+            error_status=lambda _event: 400,
         )
-        try:
-            async for event in events:
-                if isinstance(event, dict) and "error" in event:
-                    redacted = json.loads(self.transport.redact(json.dumps(event)))
-                    message = f"POST {self.transport.base_url}{path} ({what}): HTTP 400: "
-                    raise status_error(400, message + error_message(redacted), redacted)
-                part = parse(event)
-                for token, top, logprob in zip(
-                    part.tokens, part.tops, part.token_logprobs, strict=True
-                ):
-                    seen += 1
-                    yield StreamedPosition(token, logprob, top)
-        except APIStatusError as exc:
-            raise await self.explain(exc, prompt, k) from None
-        finally:
-            await events.aclose()
 
     async def _served_models_hint(self) -> str:
         return "SGLang serves one model, whatever --base-model says; check --base-url."

@@ -20,7 +20,6 @@ the stream drops TGI's response channel, and its batcher drops a request whose c
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,9 +31,8 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import TextPromptAdapter, checked_answer
-from proxyclient.adapters.http import error_message, status_error
-from proxyclient.errors import APIStatusError, ResponseFormatError
+from proxyclient.adapters.dialect import TextPromptAdapter
+from proxyclient.errors import ResponseFormatError
 
 TGI_DEFAULT_MAX_TOP_N = 5
 STREAM_PATH = "/generate_stream"
@@ -141,32 +139,18 @@ class TGIGenerate(TextPromptAdapter):
             (token.get("logprob"),),
         )
 
-    async def stream_draft(
+    def stream_draft(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
     ) -> AsyncIterator[StreamedPosition]:
         """``generate``'s positions from one ``/generate_stream`` request, each as it arrives."""
         _, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
-        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
         retokenized = self.retokenized(prompt)
-        parse = checked_answer(lambda event: self.parse_streamed(event, k, retokenized))
-        events = self.transport.stream_json(
-            "POST", STREAM_PATH, payload, what=what, tokens=len(prompt.ids) + n
+        return self.stream_positions(
+            STREAM_PATH,
+            payload,
+            prompt,
+            k,
+            n,
+            lambda event, _seen: self.parse_streamed(event, k, retokenized),
+            error_status=lambda event: _ERROR_STATUS.get(str(event.get("error_type")), 500),
         )
-        try:
-            async for event in events:
-                if isinstance(event, dict) and "error" in event:
-                    sent = f"POST {self.transport.base_url}{STREAM_PATH} ({what})"
-                    raise _stream_error(self.transport.redact(json.dumps(event)), sent)
-                part = parse(event)
-                yield StreamedPosition(part.tokens[0], part.token_logprobs[0], part.tops[0])
-        except APIStatusError as exc:
-            raise await self.explain(exc, prompt, k) from None
-        finally:
-            await events.aclose()
-
-
-def _stream_error(redacted: str, sent: str) -> APIStatusError:
-    """An error event (``{"error", "error_type"}``) as the error /generate would have answered."""
-    event = json.loads(redacted)
-    status = _ERROR_STATUS.get(str(event.get("error_type")), 500)
-    return status_error(status, f"{sent}: HTTP {status}: {error_message(event)}", event)

@@ -21,7 +21,7 @@ from proxyclient.adapters.base import (
     StreamedPosition,
     TopLogprobs,
 )
-from proxyclient.adapters.dialect import DialectAdapter, checked_answer
+from proxyclient.adapters.dialect import NO_POSITIONS, DialectAdapter
 from proxyclient.adapters.discovery import HUGE_K
 from proxyclient.adapters.openai_wire import (
     COMPLETIONS_PATH,
@@ -31,7 +31,7 @@ from proxyclient.adapters.openai_wire import (
     sampling,
     server_usage,
 )
-from proxyclient.errors import APIStatusError, ProxyClientError, ResponseFormatError
+from proxyclient.errors import ProxyClientError, ResponseFormatError
 
 _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
 
@@ -136,29 +136,19 @@ class VLLMCompletions(DialectAdapter):
             after.usage,
         )
 
-    async def stream_draft(
+    def stream_draft(
         self, prompt: Prompt, k: int, n: int, *, greedy: bool, seed: int | None = None
     ) -> AsyncIterator[StreamedPosition]:
         """``generate``'s positions from one streamed request, each as its chunk arrives."""
         path, payload = self.build_generate(prompt, k, n, greedy=greedy, seed=seed)
-        what = f"model {self.name!r}, {len(prompt.ids)} prompt tokens, k={k}, stream of {n}"
-        parse = checked_answer(lambda body: self.parse_generate(body, prompt, k))
-        chunks = self.transport.stream_json(
-            "POST", path, payload | {"stream": True}, what=what, tokens=len(prompt.ids) + n
-        )
-        try:
-            async for chunk in chunks:
-                if not _has_positions(chunk):  # the finish chunk, or one with text held back
-                    continue
-                part = parse(chunk)
-                for token, top, logprob in zip(
-                    part.tokens, part.tops, part.token_logprobs, strict=True
-                ):
-                    yield StreamedPosition(token, logprob, top)
-        except APIStatusError as exc:
-            raise await self.explain(exc, prompt, k) from None
-        finally:
-            await chunks.aclose()
+
+        def parse(chunk: Any, _seen: int) -> Continuation:
+            # The finish chunk, or one with text held back, has no positions.
+            if not _has_positions(chunk):
+                return NO_POSITIONS
+            return self.parse_generate(chunk, prompt, k)
+
+        return self.stream_positions(path, payload | {"stream": True}, prompt, k, n, parse)
 
     async def tokenize(self, text: str) -> list[int] | None:
         """The server's own token ids for ``text`` (vLLM's /tokenize), or None if unavailable."""
