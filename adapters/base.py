@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -70,27 +69,37 @@ class TopLogprobs:
         best: dict[int, float] = {}
         unknown: list[float] = []
         for token_id, logprob in pairs:
-            if logprob is None or math.isnan(logprob) or logprob <= SENTINEL_LOGPROB:
+            # NaN fails the comparison too
+            if logprob is None or not logprob > SENTINEL_LOGPROB:
                 continue
             if token_id is None:
                 unknown.append(float(logprob))
             elif token_id not in best or logprob > best[token_id]:
                 best[token_id] = float(logprob)
         ranked: list[tuple[int | None, float]] = [*best.items(), *((None, lp) for lp in unknown)]
-        ranked.sort(key=lambda item: -item[1])
+        ranked.sort(key=_by_logprob_descending)
         if k > 0:
-            ranked = ranked[:k]
-        known = [(i, lp) for i, lp in ranked if i is not None]
+            del ranked[k:]
+        if unknown:
+            known = [(i, lp) for i, lp in ranked if i is not None]
+            unresolved = len(ranked) - len(known)
+        else:
+            known, unresolved = ranked, 0
+        ids, logprobs = zip(*known, strict=True) if known else ((), ())
         return cls(
-            token_ids=tuple(i for i, _ in known),
-            logprobs=tuple(lp for _, lp in known),
+            token_ids=ids,
+            logprobs=logprobs,
             complete=complete,
-            unresolved=len(ranked) - len(known),
+            unresolved=unresolved,
             retokenized=retokenized,
         )
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+def _by_logprob_descending(item: tuple[int | None, float]) -> float:
+    return -item[1]
 
 
 @dataclass(frozen=True)

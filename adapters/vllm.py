@@ -37,6 +37,9 @@ _TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
 
 
 def _token_id(key: str) -> int:
+    digits = key[9:]
+    if key.startswith("token_id:") and digits.isascii() and digits.isdigit():
+        return int(digits)  # the usual key, read without the regular expression (per candidate)
     match = _TOKEN_ID_KEY.match(key)
     if match is None:
         raise ResponseFormatError(

@@ -37,6 +37,7 @@ class TwinIndex:
     proxy: torch.Tensor | None  # [S] their proxy ids; None when both are 0 .. S-1
     position: torch.Tensor  # [V_base] int64, each base id's index in ``shared`` (-1: no twin)
     largest: int  # the largest proxy id the map names (-1: none)
+    has_twin: torch.Tensor  # [V_base + 1] bool; the last (ids past the map, -1) is False
 
 
 _INDEXES: dict[int, tuple[torch.Tensor, TwinIndex]] = {}
@@ -55,7 +56,8 @@ def twin_index(twin: torch.Tensor) -> TwinIndex:
     position = torch.full((twin.numel(),), -1, dtype=torch.int64)
     position[shared] = torch.arange(shared.numel())
     largest = int(twin.max()) if twin.numel() else -1
-    index = TwinIndex(shared, None if same else proxy, position, largest)
+    has_twin = torch.cat([twin >= 0, torch.zeros(1, dtype=torch.bool)])
+    index = TwinIndex(shared, None if same else proxy, position, largest, has_twin)
     if len(_INDEXES) >= _MOST_INDEXES:
         del _INDEXES[next(iter(_INDEXES))]
     _INDEXES[id(twin)] = (twin, index)
@@ -76,16 +78,17 @@ def base_scores(
     """
     base_ids = base_ids.to(torch.int64)
     base_logprobs = base_logprobs.to(torch.float64)
-    known = base_ids < twin.numel()
-    known[known.clone()] = twin[base_ids[known]] >= 0
-    dropped = int((~known).sum())
-    seen_ids, seen_lp = base_ids[known], base_logprobs[known]
+    index = twin_index(twin)
+    known = index.has_twin[base_ids.clamp(max=twin.numel())]
+    dropped = base_ids.numel() - int(known.sum())
+    seen_ids, seen_lp = base_ids, base_logprobs
+    if dropped:  # a boolean selection is several passes: only where there is one to make
+        seen_ids, seen_lp = base_ids[known], base_logprobs[known]
     # With no returned candidate in the shared vocabulary there is no floor to bound the unseen
     # by (``residual`` still spreads the leftover mass); the caller reports the empty set.
     if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
         return Candidates(seen_ids, seen_lp, dropped)
 
-    index = twin_index(twin)
     n_unseen = index.shared.numel() - seen_ids.numel()
     if policy is UnseenPolicy.FLOOR:
         unseen_lp = seen_lp.min()

@@ -4,6 +4,7 @@ and their EOS ids."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,3 +169,18 @@ def eos_ids_of(tokenizer: Any, *models: Any) -> frozenset[int]:
         elif isinstance(eos, list | tuple):
             ids.update(int(e) for e in eos)
     return frozenset(ids)
+
+
+def freeze_loaded_heap() -> None:
+    """Leave what is alive now (the loaded models, torch's and transformers' modules: about
+    400,000 objects) out of the garbage collector's full collections, as vLLM does after
+    loading. Each full collection would walk all of them again: measured at 64 concurrent
+    generations, a sixth of the client's CPU. Reference counting still frees them; only cycles
+    among them go unnoticed until ``thaw_heap`` (there are none right after the collect)."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Give the frozen objects back to the collector (a closed tuner's models may be garbage)."""
+    gc.unfreeze()

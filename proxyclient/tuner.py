@@ -25,10 +25,12 @@ from proxyclient.errors import ConfigError, ProxyClientError
 from proxyclient.loading import (
     PairSpec,
     eos_ids_of,
+    freeze_loaded_heap,
     load_lora_pair,
     load_pairs,
     load_tokenizer,
     pair_tokenizers,
+    thaw_heap,
 )
 from proxyclient.local import LocalModel
 from proxyclient.loop_thread import LoopThread
@@ -121,8 +123,13 @@ class ProxyTuner:
             proxy_eos=eos_ids_of(tokenizer, *(local.model for local in locals_)),
         )
         self.engine = Engine(base, self.proxies, self.tokens, overlap=overlap)
-        # Every sync call runs on this private loop, also inside a running loop (Jupyter).
+        # Every sync call runs on this private loop, also inside a running loop (Jupyter). The
+        # base's requests run on it too, where its transport takes a lent loop.
         self._runner = LoopThread()
+        host_on = getattr(getattr(base, "transport", None), "host_on", None)
+        if host_on is not None:
+            host_on(self._runner)
+        freeze_loaded_heap()
 
     def __repr__(self) -> str:
         return f"ProxyTuner(base={self.base!r}, tokens={self.tokens!r})"
@@ -326,10 +333,12 @@ class ProxyTuner:
     def close(self) -> None:
         self._runner.close(self.base.aclose())
         self.proxies.close()
+        thaw_heap()
 
     async def aclose(self) -> None:
         await self.base.aclose()
         self.proxies.close()
+        thaw_heap()
 
     def __enter__(self) -> ProxyTuner:
         return self

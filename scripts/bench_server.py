@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,66 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Stream:
     return record
 
 
-async def load(url: str, name: str, prompts: list[str], clients: int, requests: int, tokens: int):
-    """``clients`` clients, each streaming ``requests`` completions in turn."""
+# The abusive client's bodies: a prompt that cannot fit the context but passes the body limit
+# (8 MiB), and one over the limit.
+ABUSIVE_PROMPT_BYTES = (6 * 2**20, 9 * 2**20)
+
+
+@dataclass
+class Abuse:
+    """What the abusive client sent and got back."""
+
+    statuses: dict[int | str, int] = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+
+
+def abusive_bodies(name: str) -> list[bytes]:
+    return [
+        json.dumps(
+            {"model": name, "prompt": "Tell me more. " * (size // 14), "max_tokens": 8}
+        ).encode()
+        for size in ABUSIVE_PROMPT_BYTES
+    ]
+
+
+def abuse(url: str, bodies: list[bytes], record: Abuse, stop: threading.Event) -> None:
+    """Send ``bodies`` in turn, one after another, until ``stop``: from a thread of its own, so
+    that building and sending them takes nothing from the measured clients' loop."""
+    headers = {"content-type": "application/json"}
+    with httpx.Client(timeout=httpx.Timeout(REQUEST_DEADLINE_S, connect=10)) as client:
+        n = 0
+        while not stop.is_set():
+            sent = time.perf_counter()
+            try:
+                status: int | str = client.post(
+                    url, content=bodies[n % 2], headers=headers
+                ).status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            record.seconds.append(time.perf_counter() - sent)
+            record.statuses[status] = record.statuses.get(status, 0) + 1
+            n += 1
+
+
+async def load(
+    url: str,
+    name: str,
+    prompts: list[str],
+    clients: int,
+    requests: int,
+    tokens: int,
+    abusive: Abuse | None = None,
+):
+    """``clients`` clients, each streaming ``requests`` completions in turn; with ``abusive``,
+    one more client sending huge requests all the while."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     timeout = httpx.Timeout(REQUEST_DEADLINE_S, connect=10)
+    stop = threading.Event()
+    abuser = None
+    if abusive is not None:
+        bodies = abusive_bodies(name)
+        abuser = threading.Thread(target=abuse, args=(url, bodies, abusive, stop), daemon=True)
+        abuser.start()
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
 
         async def one_client(c: int) -> list[Stream]:
@@ -110,6 +167,9 @@ async def load(url: str, name: str, prompts: list[str], clients: int, requests: 
             timeout=REQUEST_DEADLINE_S * requests,
         )
         wall = time.perf_counter() - started
+    if abuser is not None:
+        stop.set()
+        await asyncio.to_thread(abuser.join)
     return [s for streams in per_client for s in streams], wall
 
 
@@ -163,11 +223,21 @@ def run_loads(base_url: str, args: argparse.Namespace, prompts: list[str], log: 
         wait_healthy(url, proxy, log)
         completions = f"{url}/v1/completions"
         asyncio.run(load(completions, BASE_NAME, prompts, 2, 1, 8))  # warm-up
-        for clients in args.clients:
+        runs = [(n, False) for n in args.clients] + [(n, True) for n in args.abusive]
+        for clients, abusive in runs:
+            abuse_record = Abuse() if abusive else None
             streams, wall = asyncio.run(
-                load(completions, BASE_NAME, prompts, clients, args.requests, args.tokens)
+                load(
+                    completions,
+                    BASE_NAME,
+                    prompts,
+                    clients,
+                    args.requests,
+                    args.tokens,
+                    abuse_record,
+                )
             )
-            rows.append((clients, streams, wall))
+            rows.append((clients, streams, wall, abuse_record))
             print(f"{clients} clients done in {wall:.1f} s", file=sys.stderr)
     finally:
         proxy.terminate()
@@ -177,7 +247,14 @@ def run_loads(base_url: str, args: argparse.Namespace, prompts: list[str], log: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--abusive",
+        type=int,
+        nargs="*",
+        default=[32],
+        help="then these numbers of clients again, with one more sending huge requests",
+    )
     parser.add_argument("--requests", type=int, default=2, help="streams per client, in turn")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rtt", type=float, default=50.0, help="added round trip, ms")
@@ -186,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recording", type=Path, default=None, help="replay: the recording")
     parser.add_argument("--record", action="store_true", help="replay: record it again first")
     args = parser.parse_args(argv)
-    if not all(1 <= n <= MAX_CLIENTS for n in args.clients):
+    if not all(1 <= n <= MAX_CLIENTS for n in args.clients + args.abusive):
         parser.error(f"--clients: 1 to {MAX_CLIENTS}")
     if not 1 <= args.requests <= MAX_REQUESTS or not 1 <= args.tokens <= MAX_TOKENS:
         parser.error(f"--requests: 1 to {MAX_REQUESTS}; --tokens: 1 to {MAX_TOKENS}")
@@ -233,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "| ITL p50 ms | ITL p99 ms | ms/token per stream | errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for clients, streams, wall in rows:
+    for clients, streams, wall, abusive in rows:
         ok = [s for s in streams if s.error is None and s.first is not None]
         errors = len(streams) - len(ok)
         tokens = sum(s.tokens for s in ok)
@@ -244,13 +321,25 @@ def main(argv: list[str] | None = None) -> int:
             for s in ok
             if s.first is not None and s.tokens > 1
         ]
+        label = f"{clients} + 1 abusive" if abusive else str(clients)
         print(
-            f"| {clients} | {len(streams)} | {tokens} | {wall:.1f} | {tokens / wall:.0f} "
+            f"| {label} | {len(streams)} | {tokens} | {wall:.1f} | {tokens / wall:.0f} "
             f"| {percentile(ttft, 50):.0f} | {percentile(ttft, 99):.0f} "
             f"| {percentile(gaps, 50):.1f} | {percentile(gaps, 99):.0f} "
             f"| {statistics.mean(per_token) if per_token else float('nan'):.1f} | {errors} |"
         )
-    failed = [s.error for _, streams, _ in rows for s in streams if s.error]
+    for clients, _, _, abusive in rows:
+        if abusive is not None:
+            answered = ", ".join(
+                f"{n} x {status}" for status, n in sorted(abusive.statuses.items(), key=str)
+            )
+            print(
+                f"\nThe abusive client among {clients} (prompts of "
+                f"{' and '.join(f'{b / 2**20:.0f} MiB' for b in ABUSIVE_PROMPT_BYTES)} in turn): "
+                f"{answered}; answered in {percentile(abusive.seconds, 50):.2f} s median, "
+                f"{max(abusive.seconds, default=float('nan')):.2f} s at most"
+            )
+    failed = [s.error for _, streams, _, _ in rows for s in streams if s.error]
     if failed:
         print(f"\n{len(failed)} streams failed, e.g. {failed[0]}", file=sys.stderr)
     if misses:

@@ -512,6 +512,31 @@ def test_aclose_closes_everything_is_idempotent_and_leaves_no_warnings():
     assert thread.name == "proxyclient-http" and not thread.is_alive()
 
 
+def test_a_lent_loop_runs_its_requests_in_place_and_the_transport_outlives_it():
+    mock, log = shared_transport()
+    transport = HTTPTransport("http://test/v1", transport=mock)
+    lender = LoopThread("test-lender")
+    assert transport.host_on(lender)
+    assert not transport.host_on(LoopThread("test-second")), "one lender at a time"
+    lender_thread = lender.run(_this_thread())
+    assert lender.run(transport._at_home(current_thread)) is lender_thread  # no hand-over
+    assert lender.run(ask_all(transport, "lent1", "lent2")) == [{"ok": True}] * 2
+    assert asyncio.run(ask_all(transport, "other loop")) == [{"ok": True}]  # to the lender
+    client = transport._home.client
+    lender.close(transport.aclose())  # as ProxyTuner.close does
+    assert client.is_closed and lender.closed
+    # The lender is gone: the next request opens a home of the transport's own.
+    assert asyncio.run(transport.request_json("POST", "/x", {"who": "after"})) == {"ok": True}
+    assert asyncio.run(transport._at_home(current_thread)).name == "proxyclient-http"
+    assert not transport.host_on(LoopThread("test-late")), "a home already exists"
+    asyncio.run(transport.aclose())
+    assert len(log["sent"]) == 4
+
+
+async def _this_thread() -> threading.Thread:
+    return threading.current_thread()
+
+
 async def current_thread(home) -> threading.Thread:
     return threading.current_thread()
 

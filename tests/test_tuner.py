@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from proxyclient import GenerationConfig, ModelLoadError, ProxyTuner
-from proxyclient.adapters.base import Capabilities, TopLogprobs
+from proxyclient.adapters.base import Capabilities, Prompt, TopLogprobs
 from proxyclient.errors import ServerError
 from tests.support.local_base import LocalBase
 from tests.support.reference import assert_same_tokens, next_logprobs, proxy_tuned_greedy
@@ -361,3 +361,33 @@ def test_a_text_dialect_lent_an_explicit_base_tokenizer(tiny_models):
     ) as tuner:  # fmt: skip
         assert tuner.tokens.bridged
         assert base.tokenizer.vocab.token_bytes == tuner.tokens.base_tokenizer.vocab.token_bytes
+
+
+def test_the_base_requests_run_on_the_tuners_loop_and_outlive_it(tiny_models, hf_models):
+    """The tuner lends its private loop to the base's transport (no hand-over between threads
+    per request); once the tuner is closed the adapter still works, on a loop of its own, and
+    the garbage collector has the tuner's objects back."""
+    import gc
+    import threading
+
+    from proxyclient import connect
+    from tests.support.dialect_servers import DialectServer
+
+    options = dict(max_new_tokens=4, base_k=5)
+    with DialectServer("openai", tiny_models["base"]) as server:
+        base = connect("openai", server.base_url, "tiny-base")
+        with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"]) as tuner:
+            assert gc.get_freeze_count() > 0
+            first = tuner.generate("def main():", **options)
+            home = base.transport._home
+            assert not home.owns_thread and home.thread is tuner._runner
+        assert gc.get_freeze_count() == 0
+        assert home.client is None and base.transport._home is None
+        with ProxyTuner(base, tiny_models["expert"], tiny_models["anti_expert"]) as again:
+            assert again.generate("def main():", **options).token_ids == first.token_ids
+            assert base.transport._home.thread is again._runner
+        names = {t.name for t in threading.enumerate()}
+        assert "proxyclient-http" not in names
+        top = asyncio.run(base.top_logprobs(Prompt(tuple(first.token_ids[:2]), 0), 5))
+        assert len(top) == 5 and base.transport._home.owns_thread
+        asyncio.run(base.aclose())
