@@ -114,6 +114,11 @@ def checked_answer(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _check_top(top: TopLogprobs) -> None:
     if len(top.token_ids) != len(top.logprobs) or not len(top) + top.unresolved:
         raise ResponseFormatError("the answer holds no top logprobs at a position")
+    ids, logprobs = top.token_ids, top.logprobs
+    # What TopLogprobs.from_pairs makes, checked in one pass each (this runs per position).
+    plain_ids = all([type(i) is int for i in ids]) and min(ids, default=0) >= 0
+    if plain_ids and all([type(lp) is float and lp < math.inf for lp in logprobs]):
+        return
     if not all(_is_id(i) for i in top.token_ids):
         raise ResponseFormatError(f"the answer's top logprobs name no token ids: {top.token_ids}")
     if not all(_is_number(lp) and lp < math.inf for lp in top.logprobs):

@@ -404,7 +404,19 @@ class _Home:
         self.owns_thread = host is None
         self.thread = LoopThread("proxyclient-http") if host is None else host
         self.client: httpx.AsyncClient | None = None
+        self.urls: dict[str, httpx.URL] = {}
         self.gate = _Gate(limits)  # asyncio's and aiolimiter's primitives bind on first use
+
+    def url(self, client: httpx.AsyncClient, path: str) -> httpx.URL:
+        """``path`` under the client's base URL, as httpx joins them, parsed once per path (it
+        would be parsed and joined again for every request)."""
+        url = self.urls.get(path)
+        if url is None:
+            base = client.base_url  # with the trailing slash httpx gives it
+            relative = httpx.URL(path)
+            raw = base.raw_path + relative.raw_path.lstrip(b"/")
+            url = self.urls[path] = base.copy_with(raw_path=raw)
+        return url
 
     async def close_client(self) -> None:
         if self.client is not None and not self.client.is_closed:
@@ -690,7 +702,8 @@ class HTTPTransport:
                             async with gate.slots:
                                 await gate.admit(tokens)
                                 client = self._http(home)
-                                request = client.build_request(method, path, json=payload)
+                                url = home.url(client, path)
+                                request = client.build_request(method, url, json=payload)
                                 response = await client.send(request, stream=stream)
                                 if stream and response.is_error:
                                     await response.aread()  # the error's body, then closed

@@ -13,6 +13,7 @@ turned into the proxy tokens that continue the proxy sequence with exactly its b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -33,6 +34,11 @@ class VocabBridge:
     def shared(self) -> int:
         """Number of base tokens with a proxy twin."""
         return int((self.twin >= 0).sum())
+
+    @functools.cached_property
+    def untwinned(self) -> frozenset[int]:
+        """The base ids without a proxy twin (read per position: a set, not a tensor lookup)."""
+        return frozenset(torch.nonzero(self.twin < 0).flatten().tolist())
 
     @classmethod
     def identity(cls, size: int) -> VocabBridge:

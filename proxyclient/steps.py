@@ -223,12 +223,11 @@ class OneTokenStep:
 
     def tally(self, top: TopLogprobs, candidates: Candidates) -> Usage:
         """What one verified position's candidates count in the usage."""
-        bridge = self.tokens.bridge
-        returned = [t for t in top.token_ids if t < bridge.base_size]
+        untwinned = self.tokens.bridge.untwinned
         return Usage(
             candidates=len(top) + top.unresolved,
             dropped_candidates=candidates.dropped + top.unresolved,
-            untwinned_candidates=int((bridge.twin[returned] < 0).sum()) if returned else 0,
+            untwinned_candidates=sum(t in untwinned for t in top.token_ids) if untwinned else 0,
             retokenized_steps=top.retokenized,
         )
 
