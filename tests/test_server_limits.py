@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from proxyclient.server import create_app
+from proxyclient.server.intake import PARSE_ON_LOOP_BYTES
 from proxyclient.server.prompts import PromptTokens
 from tests.test_server import DEFAULTS, NAME, PROMPT, assert_openai_error, call, make_tuner
 
@@ -120,3 +121,47 @@ def test_tokenizing_a_long_prompt_does_not_hold_up_another_request(app, monkeypa
     assert short.status_code == 200, short.text
     assert long.status_code in (200, 400), long.text  # answered or refused, never stuck
     assert json.loads(short.text)["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_parsing_a_large_body_does_not_hold_up_another_request(
+    tiny_models, hf_models, monkeypatch, path
+):
+    """As above for the JSON parse and validation of a body over PARSE_ON_LOOP_BYTES."""
+    from proxyclient.server import protocol
+
+    tuner = make_tuner(tiny_models, hf_models)
+    app = create_app(
+        tuner, served_model_name=NAME, defaults=DEFAULTS, max_model_len=256,
+        max_body_bytes=4 * PARSE_ON_LOOP_BYTES,
+    )  # fmt: skip
+
+    short_done = threading.Event()
+    real = protocol.parse
+
+    def slow_for_large(body, kind):
+        if len(body) > PARSE_ON_LOOP_BYTES:
+            assert short_done.wait(30), "the short request was not served meanwhile"
+        return real(body, kind)
+
+    monkeypatch.setattr(protocol, "parse", slow_for_large)
+    large = "w " * (PARSE_ON_LOOP_BYTES // 2 + 1)
+
+    def body(prompt: str) -> dict:
+        if path == "/v1/completions":
+            return {"model": NAME, "prompt": prompt, "max_tokens": 2}
+        return {"model": NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2}
+
+    async def both():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            large_request = asyncio.create_task(client.post(path, json=body(large), timeout=60))
+            await asyncio.sleep(0.05)
+            short = await client.post(path, json=body(PROMPT), timeout=60)
+            short_done.set()
+            return short, await large_request
+
+    with tuner:
+        short, large_answer = asyncio.run(both())
+    assert short.status_code == 200, short.text
+    assert large_answer.status_code == 400, large_answer.text  # 64 kB of prompt: over 256 tokens

@@ -29,7 +29,7 @@ from proxyclient.server.chat_completions import chat_completions
 from proxyclient.server.completions import completions
 from proxyclient.server.errors import redactor
 from proxyclient.server.failures import add_error_handlers, guarded
-from proxyclient.server.intake import json_object, read_body
+from proxyclient.server.intake import read_json_object
 from proxyclient.server.metrics import Metrics, MetricsMiddleware
 from proxyclient.server.prompts import PromptTokens
 from proxyclient.server.protocol import APIError
@@ -144,7 +144,7 @@ def create_app(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         authorized(request)
-        body = json_object(await read_body(state, request))
+        body = await read_json_object(state, request)
         prompt = body.get("prompt")
         special = body.get("add_special_tokens", True)
         if not isinstance(prompt, str) or not isinstance(special, bool):
@@ -155,7 +155,7 @@ def create_app(
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         authorized(request)
-        ids = json_object(await read_body(state, request)).get("tokens")
+        ids = (await read_json_object(state, request)).get("tokens")
         if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
             raise APIError(400, "detokenize takes {tokens: [int, ...]}", param="tokens")
         if any(not 0 <= t < state.tokens.vocab_size for t in ids):

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from proxyclient.server import protocol
-from proxyclient.server.intake import check_model, config_for, counted, read_body, seeded
+from proxyclient.server.intake import check_model, config_for, counted, read_request, seeded
 from proxyclient.server.logprobs import chat_logprobs
 from proxyclient.server.protocol import ChatRequest
 from proxyclient.server.runs import End, Job, Piece, Run
@@ -20,7 +20,7 @@ ROUTE = "/v1/chat/completions"
 
 
 async def chat_completions(state: ServerState, request: Request) -> Response:
-    req: ChatRequest = protocol.parse(await read_body(state, request), ChatRequest)
+    req: ChatRequest = await read_request(state, request, ChatRequest)
     check_model(state, req.model)
     messages = req.chat()
     max_tokens = req.max_new_tokens or state.defaults.max_new_tokens

@@ -13,7 +13,7 @@ from proxyclient.config import GenerationConfig
 from proxyclient.result import Generation
 from proxyclient.server import protocol
 from proxyclient.server.echo import score_prompt
-from proxyclient.server.intake import check_model, config_for, counted, read_body, seeded
+from proxyclient.server.intake import check_model, config_for, counted, read_request, seeded
 from proxyclient.server.logprobs import CompletionLogprobs, Scored
 from proxyclient.server.protocol import CompletionRequest
 from proxyclient.server.runs import End, Job, Piece, Run
@@ -24,7 +24,7 @@ ROUTE = "/v1/completions"
 
 
 async def completions(state: ServerState, request: Request) -> Response:
-    req: CompletionRequest = protocol.parse(await read_body(state, request), CompletionRequest)
+    req: CompletionRequest = await read_request(state, request, CompletionRequest)
     check_model(state, req.model)
     prompts = [
         p if isinstance(p, str) else await state.off_loop(state.tokens.text_of, p)

@@ -4,7 +4,9 @@ GenerationConfig, and its prompt's tokens checked against the context length."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -15,6 +17,9 @@ from proxyclient.server import protocol
 from proxyclient.server.errors import to_api_error
 from proxyclient.server.protocol import APIError, ChatRequest, CompletionRequest
 from proxyclient.server.state import ServerState
+
+T = TypeVar("T")
+M = TypeVar("M", CompletionRequest, ChatRequest)
 
 
 async def read_body(state: ServerState, request: Request) -> bytes:
@@ -36,6 +41,28 @@ async def read_body(state: ServerState, request: Request) -> bytes:
         if len(body) > limit:
             raise too_large
     return bytes(body)
+
+
+# Bodies larger than this are parsed (and validated) in a worker thread: a prompt of megabytes
+# takes the event loop, and with it every stream, for tens of milliseconds otherwise.
+PARSE_ON_LOOP_BYTES = 64 * 1024
+
+
+async def parsed(state: ServerState, body: bytes, parse: Callable[[bytes], T]) -> T:
+    """``parse(body)``: on the event loop for a small body, else off it."""
+    if len(body) <= PARSE_ON_LOOP_BYTES:
+        return parse(body)
+    return await state.off_loop(parse, body)
+
+
+async def read_request(state: ServerState, request: Request, model: type[M]) -> M:
+    """The body (see ``read_body``) parsed and validated as ``model``, or a 400 naming the field."""
+    body = await read_body(state, request)
+    return await parsed(state, body, functools.partial(protocol.parse, kind=model))
+
+
+async def read_json_object(state: ServerState, request: Request) -> dict[str, Any]:
+    return await parsed(state, await read_body(state, request), json_object)
 
 
 def json_object(body: bytes) -> dict[str, Any]:
