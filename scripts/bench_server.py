@@ -6,7 +6,10 @@ process) each stream R completions one after another (greedy, 64 tokens, held-ou
 the miniature as in bench_throughput.py). Per N: generated tokens/s over the run, time to first
 token (request sent to first text chunk), inter-token latency (gap between successive text chunks
 of a stream; speculation delivers an accepted draft as several chunks at once, so its gaps are
-near 0), and errors (non-200, error events, exceptions: must be 0).
+near 0), the server process's CPU over the run (100%: one core), and errors (non-200, error
+events, exceptions: must be 0). ``--abusive N ...`` (default 32): those numbers of clients again,
+with one more sending 6 MiB and 9 MiB completions requests in turn (a 400 and a 413 each), and
+what it got back.
 
 The base, as in bench_throughput.py (``--base``): ``replay`` (default), scripts/replay_server.py
 answering from a recording after ``--rtt`` ms (50) with no compute, recorded the first time (or
@@ -14,8 +17,8 @@ with ``--record``) from a real vLLM CPU server (``--recording``: default under .
 per --tokens and --requests; a request it lacks fails its stream and the script's exit status);
 or ``vllm``, the real vLLM CPU server behind the latency relay of scripts/bench_speed.py.
 
-    .venv/bin/python scripts/bench_server.py                   # N = 1, 8, 32, replay base
-    .venv/bin/python scripts/bench_server.py --clients 1 8 --requests 1 --rtt 20
+    .venv/bin/python scripts/bench_server.py                   # N = 1, 8, 32, 64; 32 + abusive
+    .venv/bin/python scripts/bench_server.py --clients 1 8 --abusive 8 --requests 1 --rtt 20
     .venv/bin/python scripts/bench_server.py --base vllm       # the real CPU server: about 3 min
 
 Bounded: at most 64 clients, 8 requests each, 256 tokens; every request has a deadline.
@@ -173,6 +176,12 @@ async def load(
     return [s for streams in per_client for s in streams], wall
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -226,6 +235,7 @@ def run_loads(base_url: str, args: argparse.Namespace, prompts: list[str], log: 
         runs = [(n, False) for n in args.clients] + [(n, True) for n in args.abusive]
         for clients, abusive in runs:
             abuse_record = Abuse() if abusive else None
+            cpu_before = process_cpu_s(proxy.pid)
             streams, wall = asyncio.run(
                 load(
                     completions,
@@ -237,7 +247,8 @@ def run_loads(base_url: str, args: argparse.Namespace, prompts: list[str], log: 
                     abuse_record,
                 )
             )
-            rows.append((clients, streams, wall, abuse_record))
+            server_cpu = (process_cpu_s(proxy.pid) - cpu_before) / wall
+            rows.append((clients, streams, wall, abuse_record, server_cpu))
             print(f"{clients} clients done in {wall:.1f} s", file=sys.stderr)
     finally:
         proxy.terminate()
@@ -307,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| clients | streams | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms "
-        "| ITL p50 ms | ITL p99 ms | ms/token per stream | errors |"
+        "| ITL p50 ms | ITL p99 ms | ms/token per stream | server CPU | errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for clients, streams, wall, abusive in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for clients, streams, wall, abusive, server_cpu in rows:
         ok = [s for s in streams if s.error is None and s.first is not None]
         errors = len(streams) - len(ok)
         tokens = sum(s.tokens for s in ok)
@@ -326,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {label} | {len(streams)} | {tokens} | {wall:.1f} | {tokens / wall:.0f} "
             f"| {percentile(ttft, 50):.0f} | {percentile(ttft, 99):.0f} "
             f"| {percentile(gaps, 50):.1f} | {percentile(gaps, 99):.0f} "
-            f"| {statistics.mean(per_token) if per_token else float('nan'):.1f} | {errors} |"
+            f"| {statistics.mean(per_token) if per_token else float('nan'):.1f} "
+            f"| {server_cpu:.0%} | {errors} |"
         )
-    for clients, _, _, abusive in rows:
+    for clients, _, _, abusive, _ in rows:
         if abusive is not None:
             answered = ", ".join(
                 f"{n} x {status}" for status, n in sorted(abusive.statuses.items(), key=str)
@@ -339,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{answered}; answered in {percentile(abusive.seconds, 50):.2f} s median, "
                 f"{max(abusive.seconds, default=float('nan')):.2f} s at most"
             )
-    failed = [s.error for _, streams, _, _ in rows for s in streams if s.error]
+    failed = [s.error for _, streams, _, _, _ in rows for s in streams if s.error]
     if failed:
         print(f"\n{len(failed)} streams failed, e.g. {failed[0]}", file=sys.stderr)
     if misses:

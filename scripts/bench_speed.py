@@ -37,6 +37,9 @@ Columns (per round trip and mode: sums over the prompts divided by the tokens ge
   each request resends the prefix, which is what a hosted API bills as input);
 - base completion tokens / token: ``Usage.base_completion_tokens``, what the base generated or
   scored (billed as output; the floor: the tokens it streamed);
+- vLLM generated / token: the tokens vLLM's ``vllm:generation_tokens_total`` counted over the
+  generation, read once it runs no request: what a hosted API bills as output, including what
+  it generated after a stream we closed (which the client never received, so column 7 misses it);
 - acceptance: drafted tokens that became output over drafted tokens
   (``accepted_draft_tokens / base_completion_tokens``; speculation modes only);
 - local ms / token: the expert and anti-expert forwards (``Timings.local_s``).
@@ -64,6 +67,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -337,6 +341,7 @@ class Sample:
     cached_prompt_tokens: int | None
     finish_reason: str
     token_ids: list[int] = field(default_factory=list)
+    server_generated: int = 0  # vLLM's generation_tokens_total over the sample, settled
 
 
 @dataclass
@@ -359,6 +364,7 @@ class Row:
     # Against the lower bound of any client: one round trip per disagreement with the base's own
     # greedy choice, plus the base's own streamed generation ((4): one request, its per-token time).
     vs_bound: float = float("nan")
+    server_generated: float = float("nan")  # what vLLM generated (the bill), per token
 
 
 def engine_sample(
@@ -423,6 +429,23 @@ def floor_sample(
         rtt_ms, "floor", index, generated, wall, 1, len(prompt_ids), generated, 0, 0.0, wall,
         cached, finish,
     )  # fmt: skip
+
+
+def _vllm_metric(client: httpx.Client, name: str) -> float:
+    text = client.get("/metrics").text
+    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"{name} is not in vLLM's /metrics")
+    return float(found.group(1))
+
+
+def generated_by_vllm(client: httpx.Client, before: float) -> int:
+    """The tokens vLLM generated since its counter read ``before``: read once no request runs
+    (a closed stream is aborted within a decode step or two), at most 5 s later."""
+    deadline = time.monotonic() + 5
+    while _vllm_metric(client, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return round(_vllm_metric(client, "vllm:generation_tokens_total") - before)
 
 
 def base_reaches(
@@ -521,6 +544,8 @@ def aggregate(samples: Sequence[Sample], disagreements: Sequence[int] = ()) -> l
             bound_s = sum(f.wall_s + disagreements[f.prompt] * row.rtt_ms / 1e3 for f in floors)
             bound_ms = bound_s / max(1, sum(f.tokens for f in floors)) * 1e3
             row.vs_bound = row.wall_ms / bound_ms
+        group = groups[(row.rtt_ms, row.mode)]
+        row.server_generated = sum(s.server_generated for s in group) / row.tokens
     order = list(LABELS)
     return sorted(rows, key=lambda r: (r.rtt_ms, order.index(r.mode)))
 
@@ -528,16 +553,17 @@ def aggregate(samples: Sequence[Sample], disagreements: Sequence[int] = ()) -> l
 def format_table(rows: Sequence[Row]) -> str:
     lines = [
         "| RTT ms | mode | wall ms / token | vs (1) | vs (4) | vs bound | requests / token "
-        "| prompt tokens / token | base completion tokens / token | acceptance "
-        "| local ms / token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt tokens / token | base completion tokens / token | vLLM generated / token "
+        "| acceptance | local ms / token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acceptance = "–" if r.acceptance is None else f"{100 * r.acceptance:.0f}%"
         lines.append(
             f"| {r.rtt_ms:g} | {LABELS[r.mode]} | {r.wall_ms:.1f} | {r.vs_loop:.2f} | "
             f"{r.vs_floor:.2f} | {r.vs_bound:.2f} | {r.requests:.3f} | {r.prompt_tokens:.1f} | "
-            f"{r.base_completion_tokens:.2f} | {acceptance} | {r.local_ms:.2f} |"
+            f"{r.base_completion_tokens:.2f} | {r.server_generated:.2f} | {acceptance} "
+            f"| {r.local_ms:.2f} |"
         )
     return "\n".join(lines)
 
@@ -688,10 +714,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         unavailable: dict[str, str] = {}
 
         def run(mode: str, index: int, rtt: float, tokens: int = args.tokens) -> Sample:
+            before = _vllm_metric(direct, "vllm:generation_tokens_total")
             if mode == "floor":
-                return floor_sample(relayed, BASE_NAME, prompt_ids[index], tokens, rtt, index)
-            cfg = config("off", tokens, alpha=0.0) if mode == "loop" else config(mode, tokens)
-            return engine_sample(tuner, prompts[index], cfg, rtt, mode, index)
+                sample = floor_sample(relayed, BASE_NAME, prompt_ids[index], tokens, rtt, index)
+            else:
+                cfg = config("off", tokens, alpha=0.0) if mode == "loop" else config(mode, tokens)
+                sample = engine_sample(tuner, prompts[index], cfg, rtt, mode, index)
+            sample.server_generated = generated_by_vllm(direct, before)
+            return sample
 
         samples: list[Sample] = []
         measured_rtt: dict[str, float] = {}
