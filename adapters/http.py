@@ -413,9 +413,10 @@ class _Home:
         url = self.urls.get(path)
         if url is None:
             base = client.base_url  # with the trailing slash httpx gives it
-            relative = httpx.URL(path)
-            raw = base.raw_path + relative.raw_path.lstrip(b"/")
-            url = self.urls[path] = base.copy_with(raw_path=raw)
+            given = httpx.URL(path)
+            if given.is_relative_url:
+                given = base.copy_with(raw_path=base.raw_path + given.raw_path.lstrip(b"/"))
+            url = self.urls[path] = given
         return url
 
     async def close_client(self) -> None:

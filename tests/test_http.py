@@ -839,3 +839,18 @@ def test_the_retry_warning_says_what_went_wrong_and_what_comes_next(caplog):
     (record,) = caplog.records
     assert "retrying POST http://server/v1/completions (test) in " in record.getMessage()
     assert "after HTTP 503: overloaded (attempt 1 of 4)" in record.getMessage()
+
+
+def test_paths_join_the_base_url_as_httpx_joins_them_and_absolute_urls_stay():
+    mock, seen = transport_of(*[httpx.Response(200, json={"ok": True}) for _ in range(4)])
+    client = HTTPTransport("https://host:8443/v1?api-version=2", transport=mock)
+    for path in ["/completions", "models/m:streamGenerateContent?alt=sse", "http://h:1/tokenize"]:
+        assert asyncio.run(client.request_json("POST", path, {})) == {"ok": True}
+    assert asyncio.run(client.request_json("POST", "/completions", {})) == {"ok": True}
+    with httpx.Client(base_url="https://host:8443/v1?api-version=2") as reference:
+        expected = [str(reference.build_request("POST", p).url) for p in [
+            "/completions", "models/m:streamGenerateContent?alt=sse", "http://h:1/tokenize",
+            "/completions",
+        ]]  # fmt: skip
+    assert [str(r.url) for r in seen] == expected
+    assert str(seen[2].url) == "http://h:1/tokenize"
