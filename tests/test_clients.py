@@ -164,7 +164,9 @@ def test_lm_eval_local_chat_completions_with_the_chat_template(
     assert len(samples) == 4, version
     for sample in samples:
         (context, _), *_ = sample["arguments"]  # the chat, as lm-eval sends it: JSON text
-        messages = json.loads(context.prompt)
+        # lm-eval's JsonChatStr (a NamedTuple of the JSON text); some installs log it as a
+        # plain 1-tuple, so it is read by position
+        messages = json.loads(context[0])
         assert messages == [{"role": "user", "content": sample["doc"]["prompt"]}], version
         assert sample["filtered_resps"] == [greedy(reference, messages, stop=["\n"])], version
 
