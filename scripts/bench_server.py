@@ -352,8 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{max(abusive.seconds, default=float('nan')):.2f} s at most"
             )
     failed = [s.error for _, streams, _, _, _ in rows for s in streams if s.error]
+    # The abusive client's requests must be refused as such: a 400 (cannot fit) or a 413.
+    failed += [
+        f"the abusive client got {n} x {status}"
+        for _, _, _, abusive, _ in rows
+        if abusive is not None
+        for status, n in abusive.statuses.items()
+        if status not in (400, 413)
+    ]
     if failed:
-        print(f"\n{len(failed)} streams failed, e.g. {failed[0]}", file=sys.stderr)
+        print(f"\n{len(failed)} failures, e.g. {failed[0]}", file=sys.stderr)
     if misses:
         print(f"{misses} requests missing from the recording: rerun with --record", file=sys.stderr)
     if failed or misses:

@@ -67,7 +67,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import statistics
 import subprocess
 import sys
@@ -432,11 +431,12 @@ def floor_sample(
 
 
 def _vllm_metric(client: httpx.Client, name: str) -> float:
-    text = client.get("/metrics").text
-    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
-    if found is None:
+    from scripts.managed_server import metric_value
+
+    value = metric_value(client.get("/metrics").text, name)
+    if value is None:
         raise SystemExit(f"{name} is not in vLLM's /metrics")
-    return float(found.group(1))
+    return value
 
 
 def generated_by_vllm(client: httpx.Client, before: float) -> int:

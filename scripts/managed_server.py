@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,6 +35,15 @@ LOG_TAIL_LINES = 40
 
 _live_servers: weakref.WeakSet[ManagedServer] = weakref.WeakSet()
 _S = TypeVar("_S", bound="ManagedServer")
+
+
+def metric_value(metrics_text: str, name: str) -> float | None:
+    """The value of sample ``name`` (labelled or not: the first) in a Prometheus text page, as
+    vLLM's and llama-server's ``/metrics`` give it; None when the page has none."""
+    found = re.search(
+        rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", metrics_text, re.MULTILINE
+    )
+    return None if found is None else float(found.group(1))
 
 
 def free_port() -> int:

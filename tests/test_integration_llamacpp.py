@@ -5,7 +5,6 @@ drafts, and streamed drafts (equal to speculate="off"; closing the stream stops 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import httpx
@@ -16,6 +15,7 @@ from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
 from proxyclient.tokenizer import BaseTokenizer
+from scripts.managed_server import metric_value
 from tests.support.reference import assert_same_tokens, proxy_tuned_greedy
 
 pytestmark = pytest.mark.integration
@@ -206,10 +206,9 @@ def test_streamed_drafts_through_llamacpp_equal_off(llama_server, tiny_models, a
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.base_url}/metrics", timeout=5).text
-    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
-    assert found, f"{name} not in llama-server's /metrics"
-    return float(found.group(1))
+    value = metric_value(httpx.get(f"{server.base_url}/metrics", timeout=5).text, name)
+    assert value is not None, f"{name} not in llama-server's /metrics"
+    return value
 
 
 def decodes_after(server, run) -> float:

@@ -6,7 +6,6 @@ stops the server's generation (its /metrics)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt
 from proxyclient.errors import APIConnectionError, TopKTooLargeError
+from scripts.managed_server import metric_value
 from tests.support.constants import BASE_NAME
 
 SSE = (Path(__file__).parent / "fixtures" / "vllm" / "stream_k3.sse").read_bytes()
@@ -122,9 +122,9 @@ def test_a_refused_stream_is_explained_like_any_request():
 
 def metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=5).read().decode()
-    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.MULTILINE)
-    assert found, f"{name} not in vLLM's /metrics"
-    return float(found.group(1))
+    value = metric_value(text, name)
+    assert value is not None, f"{name} not in vLLM's /metrics"
+    return value
 
 
 @pytest.mark.integration
