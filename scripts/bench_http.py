@@ -113,6 +113,11 @@ def baseline_checkout(rev: str) -> Path:
     if not tree.exists():
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev])
     shutil.copy2(__file__, tree / "scripts" / "bench_http.py")
+    # The editable install maps proxyclient.adapters to this checkout's adapters/: the
+    # worktree's own are found through a link where the package expects them.
+    link = tree / "proxyclient" / "adapters"
+    if not link.exists():
+        link.symlink_to(Path("..") / "adapters")
     return tree
 
 

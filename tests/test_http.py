@@ -854,3 +854,37 @@ def test_paths_join_the_base_url_as_httpx_joins_them_and_absolute_urls_stay():
         ]]  # fmt: skip
     assert [str(r.url) for r in seen] == expected
     assert str(seen[2].url) == "http://h:1/tokenize"
+
+
+def test_a_request_is_the_one_httpx_would_build_and_the_clients_cookies_are_kept():
+    mock, seen = transport_of(
+        httpx.Response(200, json={"ok": 1}, headers={"set-cookie": "lb=node-7; Path=/"}),
+        httpx.Response(200, json={"ok": 2}),
+        httpx.Response(200, json={"ok": 3}),
+    )
+    client = HTTPTransport(
+        "http://server/v1", api_key=SECRET, timeout=7.0, transport=mock,
+        extra_headers={"X-Title": "proxyclient tests"},
+    )  # fmt: skip
+    payload = {"prompt": [1, 2, 3], "text": "naïve ✓", "logprobs": 20}
+    assert asyncio.run(client.request_json("POST", "/completions", payload)) == {"ok": 1}
+    assert asyncio.run(client.request_json("POST", "/completions", payload)) == {"ok": 2}
+    assert asyncio.run(client.request_json("GET", "/models")) == {"ok": 3}
+    reference = httpx.AsyncClient(
+        base_url="http://server/v1", timeout=client.timeout,
+        headers={"X-Title": "proxyclient tests", "Authorization": f"Bearer {SECRET}"},
+    )  # fmt: skip
+    expected = reference.build_request("POST", "/completions", json=payload)
+    first, second, get = seen
+    for sent in (first, second):
+        assert (sent.method, sent.url, sent.content) == (
+            expected.method,
+            expected.url,
+            expected.content,
+        )
+        assert sent.extensions["timeout"] == expected.extensions["timeout"]
+    assert sorted(first.headers.multi_items()) == sorted(expected.headers.multi_items())
+    # The cookie the server set comes back, as httpx.AsyncClient sends it.
+    assert second.headers["cookie"] == "lb=node-7"
+    assert get.content == b"" and "content-type" not in get.headers
+    assert get.headers["cookie"] == "lb=node-7" and get.headers["x-title"] == "proxyclient tests"
