@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -119,6 +120,10 @@ def _finite_only(constant: str) -> float:
 
 def decode_json(content: bytes) -> Any:
     """A 200 answer's JSON, or ResponseFormatError when it is not JSON or holds NaN/Infinity."""
+    try:
+        return orjson.loads(content)  # strict JSON: no NaN or Infinity, valid UTF-8
+    except orjson.JSONDecodeError:
+        pass  # then json's reading, which accepts -Infinity and says what else is wrong
     try:
         return json.loads(content, parse_constant=_finite_only)
     except (ValueError, UnicodeDecodeError, RecursionError):

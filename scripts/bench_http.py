@@ -12,8 +12,8 @@ no models and no engine. Several rounds; the median and the spread.
     .venv/bin/python scripts/bench_http.py --baseline REV        # the same, at a git revision too
 
 The recording is bench_throughput's (``--tokens 48 --speculate base``): run that once first.
-``--baseline REV`` runs this script from a worktree of REV (under .cache/worktrees/) in turn with
-this checkout, round by round, since this machine's speed drifts by up to 1.5x within minutes.
+``--baseline REV`` runs it with REV's package in turn with this checkout's, round by round (see
+scripts/baseline.py).
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ import functools
 import gc
 import gzip
 import json
-import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # run as a file: `scripts.` imports from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: `scripts.` imports; a baseline's proxyclient stays first
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from scripts.baseline import package_env, source_tree
 from scripts.replay_server import ReplayServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,20 +108,6 @@ def measure(recording: Path, rtt: float, concurrencies: list[int], rounds: int) 
     return results
 
 
-def baseline_checkout(rev: str) -> Path:
-    """A worktree of ``rev`` under .cache/worktrees/, with this script copied in."""
-    tree = REPO / ".cache" / "worktrees" / rev
-    if not tree.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev])
-    shutil.copy2(__file__, tree / "scripts" / "bench_http.py")
-    # The editable install maps proxyclient.adapters to this checkout's adapters/: the
-    # worktree's own are found through a link where the package expects them.
-    link = tree / "proxyclient" / "adapters"
-    if not link.exists():
-        link.symlink_to(Path("..") / "adapters")
-    return tree
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64])
@@ -138,18 +125,21 @@ def main() -> int:
     if args.json:
         print(json.dumps(measure(args.recording, args.rtt, args.concurrency, args.rounds)))
         return 0
-    trees = {"this checkout": REPO}
-    if args.baseline:
-        trees[args.baseline] = baseline_checkout(args.baseline)
-    runs: dict[str, dict[int, list[float]]] = {name: {} for name in trees}
-    for _ in range(args.rounds):  # one round of each checkout in turn
-        for name, tree in trees.items():
-            command = [sys.executable, str(tree / "scripts" / "bench_http.py"), "--json"]
-            command += ["--rounds", "1", "--rtt", str(args.rtt), "--recording", str(args.recording)]
-            command += ["--concurrency", *map(str, args.concurrency)]
-            out = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=True)
-            for concurrency, values in json.loads(out.stdout).items():
-                runs[name].setdefault(int(concurrency), []).extend(values)
+    with tempfile.TemporaryDirectory() as tmp:
+        trees: dict[str, Path | None] = {"this checkout": None}
+        if args.baseline:
+            trees[args.baseline] = source_tree(args.baseline, Path(tmp))
+        runs: dict[str, dict[int, list[float]]] = {name: {} for name in trees}
+        for _ in range(args.rounds):  # one round of each in turn
+            for name, tree in trees.items():
+                command = [sys.executable, __file__, "--json", "--rounds", "1"]
+                command += ["--rtt", str(args.rtt), "--recording", str(args.recording)]
+                command += ["--concurrency", *map(str, args.concurrency)]
+                out = subprocess.run(
+                    command, env=package_env(tree), capture_output=True, text=True, check=True
+                )
+                for concurrency, values in json.loads(out.stdout).items():
+                    runs[name].setdefault(int(concurrency), []).extend(values)
     n = len(completion_requests(args.recording))
     rounds = f"{args.rtt:g} ms round trip, {args.rounds} rounds"
     print(f"\n{n} completions requests per round, {rounds}\n")

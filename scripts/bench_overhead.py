@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
+
+if not __package__:  # run as a file: `scripts.` imports; a baseline's proxyclient stays first
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from scripts.baseline import package_env, source_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,27 +80,8 @@ def worker(tokens: int, generations: int, unseen: str, k: int) -> None:
     print(json.dumps(per_step))
 
 
-def source_tree(revision: str, into: Path) -> Path:
-    """``revision``'s proxyclient/ and adapters/ laid out as the installed package is."""
-    archive = into / "src.tar"
-    subprocess.run(
-        ["git", "archive", "-o", str(archive), revision, "proxyclient", "adapters"],
-        cwd=REPO,
-        check=True,
-    )
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "src", filter="data")
-    tree = into / "tree"
-    tree.mkdir()
-    (into / "src" / "proxyclient").rename(tree / "proxyclient")
-    (into / "src" / "adapters").rename(tree / "proxyclient" / "adapters")
-    return tree
-
-
 def run_worker(tree: Path | None, args: argparse.Namespace) -> list[float]:
-    env = dict(os.environ)
-    if tree is not None:  # ahead of the editable install of this checkout
-        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])
+    env = package_env(tree)
     command = [
         sys.executable, __file__, "--worker", "--tokens", str(args.tokens),
         "--generations", str(args.generations), "--unseen", args.unseen, "--k", str(args.k),

@@ -30,6 +30,10 @@ each with a 48-token cache, one new token), median of 20, against B = 1.
     .venv/bin/python scripts/bench_throughput.py                  # replay base: 1, 4, 16, 64
     .venv/bin/python scripts/bench_throughput.py --counts 1 16 --rtt 50
     .venv/bin/python scripts/bench_throughput.py --base vllm      # the real CPU server
+    .venv/bin/python scripts/bench_throughput.py --counts 64 --baseline REV --rounds 4
+
+``--baseline REV``: the same runs with REV's package, in turn with this checkout's, round by
+round (see scripts/baseline.py); medians and spreads of wall time and client CPU per request.
 
 torch uses 1 thread: client and base share this machine's cores (see scripts/bench_step.py).
 """
@@ -38,10 +42,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -50,8 +58,8 @@ from pathlib import Path
 import httpx
 import torch
 
-if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a file: `scripts.` imports; a baseline's proxyclient stays first
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from scripts.bench_speed import LatencyRelay, candidate_prompts
 
@@ -239,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-steps", dest="steps", action="store_false", help="no local-step table"
     )
+    parser.add_argument("--baseline", help="a git revision to run in turn with this checkout")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: rounds of each")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # rows only
     args = parser.parse_args(argv)
+    if args.baseline:
+        return compare(args, argv if argv is not None else sys.argv[1:])
 
     from scripts.miniature import BASE_NAME, load_eval
 
@@ -270,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             rows, steps = run_counts(f"{relay.root_url}/v1", args, prompts)
             where = "base-large on vLLM (CPU)"
 
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows]))
+        return 0
     one = rows[0].wall
     busy_line = ""
     if idle_busy is not None:
@@ -303,6 +319,42 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|")
         for batch, ms in steps.items():
             print(f"| {batch} | {ms:.2f} | {ms / steps[1]:.2f}x |")
+    return 0
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--baseline``: this script's runs (without the option) with each package in turn."""
+    from scripts.baseline import package_env, source_tree
+
+    own = list(argv)
+    for option, takes_value in (("--baseline", True), ("--rounds", True)):
+        while option in own:
+            at = own.index(option)
+            del own[at : at + 1 + takes_value]
+    command = [sys.executable, __file__, *own, "--no-steps", "--json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this checkout": None, args.baseline: source_tree(args.baseline, Path(tmp))}
+        runs: dict[str, list[list[dict]]] = {name: [] for name in trees}
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                out = subprocess.run(command, env=package_env(tree), capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{name}: the benchmark failed:\n{out.stderr[-2000:]}")
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\n{args.rounds} rounds of each, in turn; medians (min - max)\n")
+    print("| checkout | prompts | wall s | client CPU ms / request | CPU ms / token |")
+    print("|---|---|---|---|---|")
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} - {max(values):.2f})"
+
+    for name, rounds in runs.items():
+        for i, count in enumerate(args.counts):
+            rows = [r[i] for r in rounds]
+            walls = [r["wall"] for r in rows]
+            per_request = [1e3 * r["cpu"] / max(1, r["requests"]) for r in rows]
+            per_token = [1e3 * r["cpu"] / max(1, r["tokens"]) for r in rows]
+            print(f"| {name} | {count} | {cell(walls)} | {cell(per_request)} | {cell(per_token)} |")
     return 0
 
 
