@@ -16,10 +16,12 @@ The base (``--base``):
   added to every request); it computes every request on the same cores as the client.
 
 Columns: wall time, ratio to one prompt's, this process's CPU time (the client; the base is
-another process) in all and per base request and per generated token, how busy the whole
-machine's cores were (client and base together), generated tokens/s, base requests, the local
-forwards by batch size (how many sequences each held), the process's peak resident memory during
-the run, and on the replay base its own CPU time and the client connections it saw. With
+another process) in all and per base request (and of that, the tuner's event loop thread's:
+HTTP, parsing and the engine; and the local forwards' thread's) and per generated token, how
+busy the whole machine's cores were (client and base together), generated tokens/s, base
+requests, the local forwards by batch size (how many sequences each held), the process's peak
+resident memory during the run, and on the replay base its own CPU time and the client
+connections it saw. With
 ``--base vllm``, before the runs, how busy the machine is with the server idle and in the half
 second after one request: its engine keeps cores busy after each request, which the client's runs
 share.
@@ -124,6 +126,24 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's threads by role: the tuner's event loop (everything but the
+    local forwards: HTTP, parsing, the engine) and the local forwards' worker (Linux /proc)."""
+    roles = {"proxyclient-loop": "loop", "proxyclient-local": "forwards"}
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = dict.fromkeys(roles.values(), 0.0)
+    for thread in threading.enumerate():
+        role = next((r for prefix, r in roles.items() if thread.name.startswith(prefix)), None)
+        try:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        if role is not None:
+            fields = stat.rsplit(")", 1)[1].split()
+            spent[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return spent
+
+
 def local_step_ms(pair, batch: int, rounds: int = 20) -> float:
     """Median ms of one forward of both proxies for ``batch`` sequences, one new token each."""
     from proxyclient.proxies import PairState
@@ -147,6 +167,8 @@ class Row:
     count: int
     wall: float
     cpu: float
+    loop_cpu: float  # the tuner's event loop thread
+    forwards_cpu: float  # the local forwards' thread
     busy: float
     tokens: int
     requests: int
@@ -177,10 +199,12 @@ def run_counts(base_url: str, args: argparse.Namespace, prompts, replay=None) ->
             tuner.proxies.batch_sizes.clear()
             before = replay.stats(reset=True) if replay is not None else None
             started, cpu_before = time.perf_counter(), _cpu_seconds()
+            threads_before = _thread_cpu_seconds()
             busy_before, total_before = _machine_busy_seconds()
             with PeakMemory() as memory:
                 results = tuner.generate_many(prompts[:count], config, concurrency=count)
             wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
+            threads = _thread_cpu_seconds()
             busy_after, total_after = _machine_busy_seconds()
             after = replay.stats() if replay is not None else None
             busy = (busy_after - busy_before) / (total_after - total_before)
@@ -199,6 +223,8 @@ def run_counts(base_url: str, args: argparse.Namespace, prompts, replay=None) ->
                     count,
                     wall,
                     cpu,
+                    threads["loop"] - threads_before["loop"],
+                    threads["forwards"] - threads_before["forwards"],
                     busy,
                     sum(len(r.token_ids) for r in results),
                     sum(r.usage.requests for r in results),
@@ -299,18 +325,20 @@ def main(argv: list[str] | None = None) -> int:
         f"base-small local (torch 1 thread), {os.cpu_count()} cores.{busy_line}\n"
     )
     print(
-        "| prompts | wall s | vs 1 prompt | client CPU s | CPU ms / request | CPU ms / token "
-        "| machine busy | tokens | tokens/s | requests | local forwards by batch size "
-        "| peak RSS MB | base CPU s | connections |"
+        "| prompts | wall s | vs 1 prompt | client CPU s | CPU ms / request | of which: event loop "
+        "/ local forwards | CPU ms / token | machine busy | tokens | tokens/s | requests "
+        "| local forwards by batch size | peak RSS MB | base CPU s | connections |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         spread = ", ".join(f"{b}: {n}" for b, n in r.sizes.items())
         base_cpu = "" if r.base_cpu is None else f"{r.base_cpu:.1f}"
         connections = "" if r.connections is None else str(r.connections)
+        per = 1e3 / max(1, r.requests)
         print(
-            f"| {r.count} | {r.wall:.2f} | {r.wall / one:.2f}x | {r.cpu:.2f} "
-            f"| {r.cpu * 1e3 / max(1, r.requests):.2f} | {r.cpu * 1e3 / max(1, r.tokens):.2f} "
+            f"| {r.count} | {r.wall:.2f} | {r.wall / one:.2f}x | {r.cpu:.2f} | {r.cpu * per:.2f} "
+            f"| {r.loop_cpu * per:.2f} / {r.forwards_cpu * per:.2f} "
+            f"| {r.cpu * 1e3 / max(1, r.tokens):.2f} "
             f"| {r.busy:.0%} | {r.tokens} | {r.tokens / r.wall:.0f} | {r.requests} | {spread} "
             f"| {r.peak_mb:.0f} | {base_cpu} | {connections} |"
         )
@@ -342,8 +370,11 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
                     raise SystemExit(f"{name}: the benchmark failed:\n{out.stderr[-2000:]}")
                 runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"\n{args.rounds} rounds of each, in turn; medians (min - max)\n")
-    print("| checkout | prompts | wall s | client CPU ms / request | CPU ms / token |")
-    print("|---|---|---|---|---|")
+    print(
+        "| checkout | prompts | wall s | client CPU ms / request | event loop ms / request "
+        "| local forwards ms / request | CPU ms / token |"
+    )
+    print("|---|---|---|---|---|---|---|")
 
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):.2f} ({min(values):.2f} - {max(values):.2f})"
@@ -354,7 +385,12 @@ def compare(args: argparse.Namespace, argv: list[str]) -> int:
             walls = [r["wall"] for r in rows]
             per_request = [1e3 * r["cpu"] / max(1, r["requests"]) for r in rows]
             per_token = [1e3 * r["cpu"] / max(1, r["tokens"]) for r in rows]
-            print(f"| {name} | {count} | {cell(walls)} | {cell(per_request)} | {cell(per_token)} |")
+            loop = [1e3 * r["loop_cpu"] / max(1, r["requests"]) for r in rows]
+            forwards = [1e3 * r["forwards_cpu"] / max(1, r["requests"]) for r in rows]
+            print(
+                f"| {name} | {count} | {cell(walls)} | {cell(per_request)} | {cell(loop)} "
+                f"| {cell(forwards)} | {cell(per_token)} |"
+            )
     return 0
 
 
