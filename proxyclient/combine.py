@@ -38,6 +38,7 @@ class TwinIndex:
     position: torch.Tensor  # [V_base] int64, each base id's index in ``shared`` (-1: no twin)
     largest: int  # the largest proxy id the map names (-1: none)
     has_twin: torch.Tensor  # [V_base + 1] bool; the last (ids past the map, -1) is False
+    identity: bool  # every base id has a twin, and base id i is ``shared[i]`` = i
 
 
 _INDEXES: dict[int, tuple[torch.Tensor, TwinIndex]] = {}
@@ -57,7 +58,8 @@ def twin_index(twin: torch.Tensor) -> TwinIndex:
     position[shared] = torch.arange(shared.numel())
     largest = int(twin.max()) if twin.numel() else -1
     has_twin = torch.cat([twin >= 0, torch.zeros(1, dtype=torch.bool)])
-    index = TwinIndex(shared, None if same else proxy, position, largest, has_twin)
+    identity = same and shared.numel() == twin.numel()
+    index = TwinIndex(shared, None if same else proxy, position, largest, has_twin, identity)
     if len(_INDEXES) >= _MOST_INDEXES:
         del _INDEXES[next(iter(_INDEXES))]
     _INDEXES[id(twin)] = (twin, index)
@@ -79,11 +81,16 @@ def base_scores(
     base_ids = base_ids.to(torch.int64)
     base_logprobs = base_logprobs.to(torch.float64)
     index = twin_index(twin)
-    known = index.has_twin[base_ids.clamp(max=twin.numel())]
-    dropped = base_ids.numel() - int(known.sum())
     seen_ids, seen_lp = base_ids, base_logprobs
-    if dropped:  # a boolean selection is several passes: only where there is one to make
-        seen_ids, seen_lp = base_ids[known], base_logprobs[known]
+    # Every id of the base has a twin (one tokenizer on both sides): only ids past the vocabulary
+    # can be dropped, and one maximum says whether there is any.
+    if index.identity and (not base_ids.numel() or int(base_ids.max()) < twin.numel()):
+        dropped = 0
+    else:
+        known = index.has_twin[base_ids.clamp(max=twin.numel())]
+        dropped = base_ids.numel() - int(known.sum())
+        if dropped:  # a boolean selection is several passes: only where there is one to make
+            seen_ids, seen_lp = base_ids[known], base_logprobs[known]
     # With no returned candidate in the shared vocabulary there is no floor to bound the unseen
     # by (``residual`` still spreads the leftover mass); the caller reports the empty set.
     if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
@@ -100,7 +107,7 @@ def base_scores(
     else:
         raise ValueError(f"unknown unseen policy {policy!r}")
     scores = torch.full((index.shared.numel(),), float(unseen_lp), dtype=torch.float64)
-    scores[index.position[seen_ids]] = seen_lp
+    scores[seen_ids if index.identity else index.position[seen_ids]] = seen_lp
     return Candidates(index.shared, scores, dropped)
 
 

@@ -142,3 +142,28 @@ def test_combine_equals_the_formula_written_out_for_each_kind_of_twin_map(policy
         ids, scores = _dense_reference(base_ids, base_lp, expert, anti, 0.7, policy, twin)
         assert got.ids.tolist() == ids
         torch.testing.assert_close(got.scores, torch.tensor(scores, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+def test_a_twin_map_of_one_tokenizer_scores_as_the_general_map_does(policy):
+    """One tokenizer on both sides takes a shortcut (no twin lookups, no drop mask); the same map
+    with one base id more and no twin for it takes the general path: the same scores, exactly."""
+    generator = torch.Generator().manual_seed(3)
+    identity = torch.arange(50)
+    general = torch.cat([identity, torch.tensor([-1])])
+    expert = torch.log_softmax(torch.randn(64, generator=generator), 0)
+    anti = torch.log_softmax(torch.randn(64, generator=generator), 0)
+    for k in (1, 5, 20, 50):
+        ids = torch.randperm(50, generator=generator)[:k]
+        logprobs = torch.sort(torch.rand(k, generator=generator, dtype=torch.float64)).values
+        logprobs = torch.log(logprobs / logprobs.sum() * 0.9).flip(0)
+        fast, slow = (
+            combine(ids, logprobs, expert, anti, alpha=1.5, policy=policy, twin=twin)
+            for twin in (identity, general)
+        )
+        assert torch.equal(fast.ids, slow.ids) and fast.dropped == slow.dropped == 0
+        assert torch.equal(fast.scores, slow.scores)
+    # An id past the vocabulary is dropped on the shortcut too.
+    past = combine(torch.tensor([3, 50]), torch.tensor([-0.5, -1.0], dtype=torch.float64),
+                   expert, anti, alpha=1.0, policy=policy, twin=identity)  # fmt: skip
+    assert past.dropped == 1
