@@ -16,6 +16,8 @@ from proxyclient.vocab import ByteVocab, from_hf, from_tiktoken
 
 TIKTOKEN_PREFIX = "tiktoken:"
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+# transformers' fast tokenizer class: 5.x's name, then 4.x's.
+_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class BaseTokenizer:
@@ -64,7 +66,26 @@ class BaseTokenizer:
             data = self.vocab.bytes_of(list(ids))
             return data.decode("utf-8", errors="replace")
         hidden = self._hidden_ids
-        return self.inner.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+        return self._decode_ids([i for i in ids if i not in hidden], skip_special_tokens=False)
+
+    @cached_property
+    def _decode_ids(self) -> Any:
+        """The HF tokenizer's decode, or its Rust backend's where that is all the decode does
+        (a fast tokenizer that overrides neither ``decode`` nor ``_decode`` and cleans up no
+        spaces): the same text in a third of the time, twice per generated token."""
+        from transformers import PreTrainedTokenizerBase
+
+        kind = type(self.inner)
+        fast = next((c for c in kind.__mro__ if c.__name__ in _FAST_TOKENIZERS), None)
+        backend = getattr(self.inner, "_tokenizer", None)
+        plain = (
+            fast is not None
+            and backend is not None
+            and kind.decode is PreTrainedTokenizerBase.decode
+            and kind._decode is fast._decode
+            and not getattr(self.inner, "clean_up_tokenization_spaces", True)
+        )
+        return backend.decode if plain else self.inner.decode
 
     @cached_property
     def _hidden_ids(self) -> frozenset[int]:

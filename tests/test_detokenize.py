@@ -60,3 +60,30 @@ def test_text_that_may_start_a_stop_sequence_is_held_back(tokenizer):
     shown = [assembler.add(t) for t in tokenizer("abc E", add_special_tokens=False).input_ids]
     assert "".join(shown) == "abc "
     assert assembler.finish() == "E"
+
+
+@pytest.mark.parametrize("family", ["byte-level BPE", "Metaspace", "Metaspace, special bytes"])
+def test_the_base_tokenizers_shortcut_decodes_as_its_hf_tokenizer_does(hf_models, family):
+    """BaseTokenizer.decode calls the Rust backend where transformers' decode would only pass
+    the ids on to it: the same text, for any ids, special ones and broken characters included."""
+    import random
+
+    from proxyclient.tokenizer import BaseTokenizer
+    from tests.support.other_tokenizers import (
+        metaspace_tokenizer,
+        metaspace_tokenizer_special_bytes,
+    )
+
+    inner = {
+        "byte-level BPE": lambda: hf_models["tokenizer"],
+        "Metaspace": metaspace_tokenizer,
+        "Metaspace, special bytes": metaspace_tokenizer_special_bytes,
+    }[family]()
+    base = BaseTokenizer(inner)
+    assert base._decode_ids != inner.decode  # the shortcut is taken
+    reference = BaseTokenizer(inner)
+    reference._decode_ids = inner.decode  # what transformers itself does
+    rng = random.Random(7)
+    for _ in range(300):
+        ids = [rng.randrange(len(inner)) for _ in range(rng.randrange(1, 9))]
+        assert base.decode(ids) == reference.decode(ids)
