@@ -33,14 +33,14 @@ from proxyclient.adapters.openai_wire import (
 )
 from proxyclient.errors import ProxyClientError, ResponseFormatError
 
-_TOKEN_ID_KEY = re.compile(r"^token_id:(-?\d+)$")
+_TOKEN_ID_KEY = re.compile(r"token_id:(-?\d+)", re.ASCII)
 
 
 def _token_id(key: str) -> int:
     digits = key[9:]
     if key.startswith("token_id:") and digits.isascii() and digits.isdigit():
         return int(digits)  # the usual key, read without the regular expression (per candidate)
-    match = _TOKEN_ID_KEY.match(key)
+    match = _TOKEN_ID_KEY.fullmatch(key)
     if match is None:
         raise ResponseFormatError(
             f"top logprobs are keyed by token text ({key!r}), not 'token_id:N': the server "
@@ -50,9 +50,16 @@ def _token_id(key: str) -> int:
     return int(match.group(1))
 
 
+_TOKEN_ID_KEYS = re.compile(r"token_id:\d+(?:\ntoken_id:\d+)*", re.ASCII)
+
+
 def _top(entries: dict[str, Any], k: int) -> TopLogprobs:
     # vLLM adds the sampled token when it is outside the top k: a random extra candidate.
-    pairs = [(_token_id(key), logprob) for key, logprob in entries.items()]
+    keys = "\n".join(entries)
+    if _TOKEN_ID_KEYS.fullmatch(keys):  # every key as vLLM writes it: checked in one pass
+        pairs = [(int(key[9:]), logprob) for key, logprob in entries.items()]
+    else:
+        pairs = [(_token_id(key), logprob) for key, logprob in entries.items()]
     return TopLogprobs.from_pairs(pairs, k=k, complete=k == -1)
 
 

@@ -135,3 +135,34 @@ def test_unknown_model_lists_the_served_ones():
 def test_other_bad_requests_pass_through():
     with pytest.raises(BadRequestError, match="Token id 5000 is out of vocabulary"):
         ask(serve(fixture("error_token_out_of_vocab.json")))
+
+
+@pytest.mark.parametrize(
+    ("keys", "ids"),
+    [
+        (["token_id:7", "token_id:12"], (7, 12)),  # vLLM's own: read in one pass
+        (["token_id:7", "token_id:-1"], None),  # a negative id: refused by the answer's checks
+        (["token_id:7", "token_id:+3"], "probably not vLLM"),
+        (["token_id:7", "token_id:\u0663"], "probably not vLLM"),  # an Arabic-Indic three
+        (["token_id:7", "token_id:3\n"], "probably not vLLM"),
+        (["token_id:7", " world"], "probably not vLLM"),
+    ],
+)
+def test_token_id_keys_are_read_exactly_as_vllm_writes_them(keys, ids):
+    entries = {key: -0.5 - n for n, key in enumerate(keys)}
+    body = {"choices": [{"logprobs": {"top_logprobs": [entries], "tokens": [keys[0]]}}]}
+    vllm = connect("vllm", "http://vllm.test/v1", "m")
+    if isinstance(ids, tuple):
+        assert parse_response(body, k=5).token_ids == ids
+    elif ids is None:
+        with pytest.raises(ResponseFormatError):
+            asyncio.run(_checked(vllm, body))
+    else:
+        with pytest.raises(ResponseFormatError, match=ids):
+            parse_response(body, k=5)
+
+
+async def _checked(adapter, body):
+    from proxyclient.adapters.dialect import checked_answer
+
+    return checked_answer(lambda b: adapter.parse_response(b, Prompt((1,), 1), 5))(body)
