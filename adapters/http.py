@@ -28,6 +28,13 @@ keeps only 20 of them alive, so most requests opened a new connection. aiohttp's
 idle connection in O(1) and keeps every one alive (at most ``POOL_LIMITS.max_connections``). Its
 errors are mapped to the httpx errors httpcore raises for the same fault (``_as_httpx_error``),
 so retries and messages do not depend on which library holds the socket.
+
+Per request, at 64 concurrent generations, what is left of httpx is its request and response
+objects: a request goes to its route's transport directly (``_Home.send``: the client's
+headers, timeout and cookies, without ``AsyncClient.send``'s auth, redirect and event-hook
+layers, none of which is configured), the retry machinery starts only once a first attempt
+failed, and answers are read with orjson (json only where orjson refuses: ``-Infinity``, or to
+say what is wrong).
 """
 
 from __future__ import annotations
