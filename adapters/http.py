@@ -421,7 +421,8 @@ class _Home:
         self.thread = LoopThread("proxyclient-http") if host is None else host
         self.client: httpx.AsyncClient | None = None
         self.routes: dict[str, tuple[httpx.URL, httpx.AsyncBaseTransport]] = {}
-        self.json_headers: httpx.Headers | None = None
+        self.json_headers = httpx.Headers()  # the client's, with the JSON content type
+        self.timeouts: dict[str, float | None] = {}  # the client's, as a request extension
         self.gate = _Gate(limits)  # asyncio's and aiolimiter's primitives bind on first use
 
     def route(self, client: httpx.AsyncClient, path: str) -> tuple[httpx.URL, Any]:
@@ -445,20 +446,14 @@ class _Home:
         configured; they were a fifth of the client's CPU per request at 64 concurrent
         generations). The client's headers, timeout and cookies apply as there."""
         url, transport = self.route(client, path)
-        if self.json_headers is None:
-            self.json_headers = client.headers.copy()
-            self.json_headers["Content-Type"] = "application/json"
-        headers = self.json_headers
-        content = None
+        headers, content = client.headers, None
         if payload is not None:  # as httpx encodes json=
+            headers = self.json_headers
             content = json.dumps(
                 payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode()
-        else:
-            headers = client.headers
-        timeout = client.timeout.as_dict()
         request = httpx.Request(
-            method, url, headers=headers, content=content, extensions={"timeout": timeout}
+            method, url, headers=headers, content=content, extensions={"timeout": self.timeouts}
         )
         cookies = client.cookies
         if cookies.jar:  # a hosted API's load balancer may pin us with one
@@ -476,9 +471,12 @@ class _Home:
         return response
 
     def open_client(self, client: httpx.AsyncClient) -> None:
-        """Use ``client`` from now on (routes and headers are found again for it)."""
-        self.client, self.json_headers = client, None
+        """Use ``client`` from now on (routes, headers and timeouts are its own)."""
+        self.client = client
         self.routes.clear()
+        self.json_headers = client.headers.copy()
+        self.json_headers["Content-Type"] = "application/json"
+        self.timeouts = client.timeout.as_dict()
 
     async def close_client(self) -> None:
         if self.client is not None and not self.client.is_closed:
@@ -779,8 +777,6 @@ class HTTPTransport:
             try:
                 result = await attempt()  # most requests: one attempt, no retry machinery
             except _RETRIED as first:
-                if attempts == 1:
-                    raise
                 result = await self._retried(attempt, first, sent, attempts, deadline)
         except _RetryableStatus as exc:
             response = exc.response

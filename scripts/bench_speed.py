@@ -86,6 +86,8 @@ SCRIPTS = Path(__file__).resolve().parent
 if not __package__:  # run as a file: `scripts.` and `tests.` import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.managed_server import fetch_metric  # noqa: E402  (needs the path above)
+
 if TYPE_CHECKING:
     from proxyclient import Generation, GenerationConfig, ProxyTuner
 
@@ -430,22 +432,13 @@ def floor_sample(
     )  # fmt: skip
 
 
-def _vllm_metric(client: httpx.Client, name: str) -> float:
-    from scripts.managed_server import metric_value
-
-    value = metric_value(client.get("/metrics").text, name)
-    if value is None:
-        raise SystemExit(f"{name} is not in vLLM's /metrics")
-    return value
-
-
-def generated_by_vllm(client: httpx.Client, before: float) -> int:
+def generated_by_vllm(root_url: str, before: float) -> int:
     """The tokens vLLM generated since its counter read ``before``: read once no request runs
     (a closed stream is aborted within a decode step or two), at most 5 s later."""
     deadline = time.monotonic() + 5
-    while _vllm_metric(client, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+    while fetch_metric(root_url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    return round(_vllm_metric(client, "vllm:generation_tokens_total") - before)
+    return round(fetch_metric(root_url, "vllm:generation_tokens_total") - before)
 
 
 def base_reaches(
@@ -714,13 +707,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         unavailable: dict[str, str] = {}
 
         def run(mode: str, index: int, rtt: float, tokens: int = args.tokens) -> Sample:
-            before = _vllm_metric(direct, "vllm:generation_tokens_total")
+            before = fetch_metric(server.root_url, "vllm:generation_tokens_total")
             if mode == "floor":
                 sample = floor_sample(relayed, BASE_NAME, prompt_ids[index], tokens, rtt, index)
             else:
                 cfg = config("off", tokens, alpha=0.0) if mode == "loop" else config(mode, tokens)
                 sample = engine_sample(tuner, prompts[index], cfg, rtt, mode, index)
-            sample.server_generated = generated_by_vllm(direct, before)
+            sample.server_generated = generated_by_vllm(server.root_url, before)
             return sample
 
         samples: list[Sample] = []

@@ -134,13 +134,14 @@ def _thread_cpu_seconds() -> dict[str, float]:
     spent = dict.fromkeys(roles.values(), 0.0)
     for thread in threading.enumerate():
         role = next((r for prefix, r in roles.items() if thread.name.startswith(prefix)), None)
+        if role is None:
+            continue
         try:
             stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
         except OSError:
             continue  # ended meanwhile
-        if role is not None:
-            fields = stat.rsplit(")", 1)[1].split()
-            spent[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        fields = stat.rsplit(")", 1)[1].split()
+        spent[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return spent
 
 

@@ -46,6 +46,16 @@ def metric_value(metrics_text: str, name: str) -> float | None:
     return None if found is None else float(found.group(1))
 
 
+def fetch_metric(root_url: str, name: str) -> float:
+    """Sample ``name`` of the server's ``/metrics`` at ``root_url`` (no ``/v1``); RuntimeError
+    naming it when the page has none."""
+    with urllib.request.urlopen(f"{root_url.rstrip('/')}/metrics", timeout=5) as page:
+        value = metric_value(page.read().decode(), name)
+    if value is None:
+        raise RuntimeError(f"{name} is not in {root_url}/metrics")
+    return value
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -888,3 +888,13 @@ def test_a_request_is_the_one_httpx_would_build_and_the_clients_cookies_are_kept
     assert second.headers["cookie"] == "lb=node-7"
     assert get.content == b"" and "content-type" not in get.headers
     assert get.headers["cookie"] == "lb=node-7" and get.headers["x-title"] == "proxyclient tests"
+
+
+def test_no_retries_means_one_attempt_and_no_retry_warning(caplog):
+    mock, seen = transport_of(
+        httpx.Response(503, json={"error": {"message": "overloaded"}}),
+        httpx.Response(200, json={"ok": True}),
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(ServerError, match="after 1 attempt in"):
+        post(mock, max_retries=0)
+    assert len(seen) == 1 and not caplog.records

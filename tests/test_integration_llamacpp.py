@@ -15,7 +15,7 @@ from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt, TopLogprobs
 from proxyclient.adapters.discovery import probe
 from proxyclient.tokenizer import BaseTokenizer
-from scripts.managed_server import metric_value
+from scripts.managed_server import fetch_metric
 from tests.support.reference import assert_same_tokens, proxy_tuned_greedy
 
 pytestmark = pytest.mark.integration
@@ -206,9 +206,7 @@ def test_streamed_drafts_through_llamacpp_equal_off(llama_server, tiny_models, a
 
 
 def metric(server, name: str) -> float:
-    value = metric_value(httpx.get(f"{server.base_url}/metrics", timeout=5).text, name)
-    assert value is not None, f"{name} not in llama-server's /metrics"
-    return value
+    return fetch_metric(server.base_url, name)
 
 
 def decodes_after(server, run) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from proxyclient import GenerationConfig, ProxyTuner, connect
 from proxyclient.adapters.base import Prompt
 from proxyclient.errors import APIConnectionError, TopKTooLargeError
-from scripts.managed_server import metric_value
+from scripts.managed_server import fetch_metric
 from tests.support.constants import BASE_NAME
 
 SSE = (Path(__file__).parent / "fixtures" / "vllm" / "stream_k3.sse").read_bytes()
@@ -121,10 +120,7 @@ def test_a_refused_stream_is_explained_like_any_request():
 
 
 def metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=5).read().decode()
-    value = metric_value(text, name)
-    assert value is not None, f"{name} not in vLLM's /metrics"
-    return value
+    return fetch_metric(url.removesuffix("/v1"), name)
 
 
 @pytest.mark.integration
