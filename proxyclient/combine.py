@@ -78,37 +78,13 @@ def base_scores(
     twin: [V_base] int64, the proxy id of each base id, -1 where the proxies have none; the
     shared vocabulary is the base ids with a twin. Returned ids outside it are dropped.
     """
-    base_ids = base_ids.to(torch.int64)
-    base_logprobs = base_logprobs.to(torch.float64)
-    index = twin_index(twin)
-    seen_ids, seen_lp = base_ids, base_logprobs
-    # Every id of the base has a twin (one tokenizer on both sides): only ids past the vocabulary
-    # can be dropped, and one maximum says whether there is any.
-    if index.identity and (not base_ids.numel() or int(base_ids.max()) < twin.numel()):
-        dropped = 0
-    else:
-        known = index.has_twin[base_ids.clamp(max=twin.numel())]
-        dropped = base_ids.numel() - int(known.sum())
-        if dropped:  # a boolean selection is several passes: only where there is one to make
-            seen_ids, seen_lp = base_ids[known], base_logprobs[known]
-    # With no returned candidate in the shared vocabulary there is no floor to bound the unseen
-    # by (``residual`` still spreads the leftover mass); the caller reports the empty set.
-    if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
-        return Candidates(seen_ids, seen_lp, dropped)
-
-    n_unseen = index.shared.numel() - seen_ids.numel()
-    if policy is UnseenPolicy.FLOOR:
-        unseen_lp = seen_lp.min()
-    elif policy is UnseenPolicy.RESIDUAL:
-        # Mass of everything the server returned, dropped ids included: they are not "unseen".
-        returned_mass = float(torch.logsumexp(base_logprobs, dim=0).exp())
-        leftover = max(0.0, 1.0 - returned_mass)
-        unseen_lp = math.log(leftover / n_unseen) if leftover > 0 and n_unseen else -math.inf
-    else:
-        raise ValueError(f"unknown unseen policy {policy!r}")
-    scores = torch.full((index.shared.numel(),), float(unseen_lp), dtype=torch.float64)
-    scores[seen_ids if index.identity else index.position[seen_ids]] = seen_lp
-    return Candidates(index.shared, scores, dropped)
+    seen = _seen(base_ids, base_logprobs, twin, policy)
+    if seen.unseen_lp is None:
+        return Candidates(seen.ids, seen.logprobs, seen.dropped)
+    index = seen.index
+    scores = torch.full((index.shared.numel(),), seen.unseen_lp, dtype=torch.float64)
+    scores[seen.positions] = seen.logprobs
+    return Candidates(index.shared, scores, seen.dropped)
 
 
 def combine(
@@ -134,14 +110,74 @@ def combine(
             f"proxy logprobs cover {expert_logprobs.shape[-1]} / {anti_logprobs.shape[-1]} ids, "
             f"but the bridge maps to proxy id {index.largest}"
         )
-    base = base_scores(base_ids, base_logprobs, twin, policy)
     if alpha == 0:
-        return base
-    if base.ids is index.shared and index.proxy is None:  # the whole shared vocabulary, same ids
+        return base_scores(base_ids, base_logprobs, twin, policy)
+    seen = _seen(base_ids, base_logprobs, twin, policy)
+    if seen.unseen_lp is None:  # the returned candidates alone
+        proxy_ids = twin[seen.ids]
+        expert, anti = expert_logprobs[proxy_ids], anti_logprobs[proxy_ids]
+        difference = expert.to(torch.float64) - anti.to(torch.float64)
+        return Candidates(seen.ids, seen.logprobs + alpha * difference, seen.dropped)
+    # The whole shared vocabulary: one float64 buffer, written in place, since at a vocabulary of
+    # 128k each pass over it is a megabyte. Bit for bit what base + alpha * (expert - anti) gives
+    # term by term: the same roundings in the same order (f32 -> f64 is exact, + is commutative).
+    if index.proxy is None:  # the same ids on both sides
         size = index.shared.numel()
         expert, anti = expert_logprobs[:size], anti_logprobs[:size]
     else:
-        proxy_ids = index.proxy if base.ids is index.shared else twin[base.ids]
-        expert, anti = expert_logprobs[proxy_ids], anti_logprobs[proxy_ids]
-    difference = expert.to(torch.float64) - anti.to(torch.float64)
-    return Candidates(base.ids, base.scores + alpha * difference, base.dropped)
+        expert, anti = expert_logprobs[index.proxy], anti_logprobs[index.proxy]
+    scores = expert.to(torch.float64, copy=True)
+    scores.sub_(anti).mul_(alpha)
+    returned = seen.logprobs + scores[seen.positions]
+    scores.add_(seen.unseen_lp)
+    scores[seen.positions] = returned
+    return Candidates(index.shared, scores, seen.dropped)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The base's returned candidates in the shared vocabulary, and what ``policy`` gives the
+    unseen ones (None: no unseen candidates, the returned ones alone)."""
+
+    index: TwinIndex
+    ids: torch.Tensor  # [n] base ids returned and shared
+    logprobs: torch.Tensor  # [n] float64
+    dropped: int
+    unseen_lp: float | None
+    positions: torch.Tensor  # [n] the ids' indices in ``index.shared``
+
+
+def _seen(
+    base_ids: torch.Tensor, base_logprobs: torch.Tensor, twin: torch.Tensor, policy: UnseenPolicy
+) -> _Seen:
+    if base_ids.dtype is not torch.int64:
+        base_ids = base_ids.to(torch.int64)
+    if base_logprobs.dtype is not torch.float64:
+        base_logprobs = base_logprobs.to(torch.float64)
+    index = twin_index(twin)
+    seen_ids, seen_lp = base_ids, base_logprobs
+    # Every id of the base has a twin (one tokenizer on both sides): only ids past the vocabulary
+    # can be dropped, and one maximum says whether there is any.
+    if index.identity and (not base_ids.numel() or int(base_ids.max()) < twin.numel()):
+        dropped = 0
+    else:
+        known = index.has_twin[base_ids.clamp(max=twin.numel())]
+        dropped = base_ids.numel() - int(known.sum())
+        if dropped:  # a boolean selection is several passes: only where there is one to make
+            seen_ids, seen_lp = base_ids[known], base_logprobs[known]
+    # With no returned candidate in the shared vocabulary there is no floor to bound the unseen
+    # by (``residual`` still spreads the leftover mass); the caller reports the empty set.
+    if policy is UnseenPolicy.RESTRICT or (policy is UnseenPolicy.FLOOR and not seen_ids.numel()):
+        return _Seen(index, seen_ids, seen_lp, dropped, None, seen_ids)
+    n_unseen = index.shared.numel() - seen_ids.numel()
+    if policy is UnseenPolicy.FLOOR:
+        unseen_lp = float(seen_lp.min())
+    elif policy is UnseenPolicy.RESIDUAL:
+        # Mass of everything the server returned, dropped ids included: they are not "unseen".
+        returned_mass = float(torch.logsumexp(base_logprobs, dim=0).exp())
+        leftover = max(0.0, 1.0 - returned_mass)
+        unseen_lp = math.log(leftover / n_unseen) if leftover > 0 and n_unseen else -math.inf
+    else:
+        raise ValueError(f"unknown unseen policy {policy!r}")
+    positions = seen_ids if index.identity else index.position[seen_ids]
+    return _Seen(index, seen_ids, seen_lp, dropped, unseen_lp, positions)

@@ -167,3 +167,31 @@ def test_a_twin_map_of_one_tokenizer_scores_as_the_general_map_does(policy):
     past = combine(torch.tensor([3, 50]), torch.tensor([-0.5, -1.0], dtype=torch.float64),
                    expert, anti, alpha=1.0, policy=policy, twin=identity)  # fmt: skip
     assert past.dropped == 1
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+@pytest.mark.parametrize("kind", ["same-ids", "bridge"])
+def test_combine_in_place_is_bit_for_bit_the_term_by_term_formula(policy, kind):
+    """combine() writes the dense policies' scores into one buffer in place; the result is
+    exactly base + alpha * (expert - anti) computed term by term in float64, -inf rows and
+    negative alpha included."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = 4000
+    twin = torch.arange(vocab)
+    if kind == "bridge":
+        twin = torch.randperm(vocab + 96, generator=generator)[:vocab]
+        twin[torch.randperm(vocab, generator=generator)[:300]] = -1
+    expert = torch.log_softmax(torch.randn(vocab + 96, generator=generator) * 4, 0)
+    anti = torch.log_softmax(torch.randn(vocab + 96, generator=generator) * 4, 0)
+    expert[7] = -math.inf  # a masked proxy token
+    for alpha in (1.0, 0.37, -2.5):
+        ids = torch.randperm(vocab, generator=generator)[:20]
+        logprobs = torch.log_softmax(torch.randn(20, generator=generator, dtype=torch.float64), 0)
+        logprobs = logprobs - 0.3  # 26% of the mass left to the unseen
+        got = combine(ids, logprobs, expert, anti, alpha=alpha, policy=policy, twin=twin)
+        base = base_scores(ids, logprobs, twin, policy)
+        proxy = twin[base.ids]
+        want = base.scores + alpha * (expert[proxy].double() - anti[proxy].double())
+        assert torch.equal(got.ids, base.ids) and got.dropped == base.dropped
+        assert torch.equal(got.scores.isnan(), want.isnan())
+        assert torch.equal(got.scores.nan_to_num(), want.nan_to_num())
