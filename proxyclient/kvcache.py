@@ -37,6 +37,15 @@ class KVState:
         """Keys and values per layer, [1, heads, length, head_dim] (a batched forward's rows)."""
         self._cache, self._layers, self.length = None, layers, length
 
+    def crop_rows(self, length: int) -> bool:
+        """Keep the first ``length`` tokens of rows held from a batched forward, as a
+        DynamicCache's crop would (a view of each); False when no rows are held."""
+        if self._layers is None:
+            return False
+        self._layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self._layers]
+        self.length = length
+        return True
+
     def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Keys and values per layer, or None when nothing was fed."""
         if self._layers is not None:

@@ -196,6 +196,8 @@ class LocalModel:
         if length == 0:
             state.cache, state.length = None, 0
             return
+        if state.crop_rows(length):  # a batched forward's rows: no Cache built to crop it
+            return
         cache = state.cache
         if not getattr(cache, "is_croppable", True) or not hasattr(cache, "crop"):
             raise ConfigError(

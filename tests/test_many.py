@@ -112,3 +112,9 @@ def test_feed_many_equals_one_sequence_at_a_time(tiny_models):
             assert e.shape == g.shape
             assert (e - g).abs().max() < 1e-4
         assert [s.length for s in many] == [s.length for s in one]
+    # A batched forward's rows rolled back, then fed alone (a Cache built from the cropped rows).
+    model.crop(one[0], one[0].length - 3)
+    model.crop(many[0], many[0].length - 3)
+    assert many[0].length == one[0].length
+    expected, got = model.feed(one[0], [31, 32], 2), model.feed(many[0], [31, 32], 2)
+    assert (expected - got).abs().max() < 1e-4
