@@ -214,7 +214,7 @@ class Engine:
         observation, usage = await self.step.observe(seq)
         tuned = self.step.candidates(seq.config, observation)
         base = self.step.candidates(seq.config, observation, alpha=0.0)
-        usage.add(self.step.tally(observation.top, tuned))
+        self.step.tally(usage, observation.top, tuned)
         probabilities = _option_probabilities(tuned, option_ids)
         present = {o: p for o, p in probabilities.items() if p is not None}
         returned = set(observation.top.token_ids)
@@ -267,7 +267,7 @@ class Engine:
         for i, token in enumerate(tokens):
             observation = Observation(scored.tops[i], local.expert[i], local.anti[i])
             candidates = self.step.candidates(config, observation)
-            usage.add(self.step.tally(observation.top, candidates))
+            self.step.tally(usage, observation.top, candidates)
             every.append(candidates)
             traces.append(self.step.trace(traced, observation, candidates, token))
         result = score_tokens(tokens, every, traces)  # type: ignore[arg-type]
