@@ -16,7 +16,7 @@ import torch
 
 from proxyclient.devices import resolve_device, resolve_dtype
 from proxyclient.errors import ConfigError, ModelLoadError
-from proxyclient.kvcache import KVState, layer_kv, stacked_cache
+from proxyclient.kvcache import KVPool, KVState, layer_kv
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class LocalModel:
     adapter: bool | None = None
     _cache_arg: str = field(init=False, default="past_key_values")
     _accepts_logits_to_keep: bool = field(init=False, default=False)
+    # The keys and values of the sequences batched forwards have held.
+    pool: KVPool = field(init=False, default_factory=KVPool, repr=False)
 
     def __post_init__(self) -> None:
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -117,8 +119,7 @@ class LocalModel:
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = positions
         out = self._forward(input_ids=input_ids, **kwargs)
-        state.cache = out[self._cache_arg]
-        state.length += len(token_ids)
+        state.extend(out[self._cache_arg], len(token_ids))
         logits = out.logits[0, -positions:].float()  # [positions, output_size]
         return torch.log_softmax(logits, dim=-1).cpu()
 
@@ -136,10 +137,11 @@ class LocalModel:
         adapter, ``"__base__"`` for none, so that a LoRA expert and its anti-expert share a
         forward.
 
-        The caches (of different lengths) are left-padded to one length and the new tokens
-        right-padded, with an attention mask over the padding and each row's own positions; the
-        padding is cut off again afterwards. Models whose cache is not a plain DynamicCache are
-        fed one sequence at a time."""
+        The sequences' keys and values live in the model's ``KVPool`` (a sequence fed alone so
+        far is copied in): its rows, right-padded to the longest, are the batch's cache, the new
+        tokens right-padded after them, with an attention mask over the padding and each row's
+        own positions; the new columns go back to the pool. Models whose cache is not a plain
+        DynamicCache are fed one sequence at a time."""
         wanted = [positions] * len(states) if isinstance(positions, int) else list(positions)
         names = list(adapter_names) if adapter_names is not None else [None] * len(states)
         if len(states) == 1 or not all(s.batchable() for s in states):
@@ -152,12 +154,22 @@ class LocalModel:
         if any(not 1 <= p <= c for p, c in zip(wanted, counts, strict=True)):
             raise ValueError(f"positions {wanted} must be in [1, new tokens {counts}] each")
         past, width = max(lengths), max(counts)
+        pool = self.pool
+        if past:  # someone has a cache to read: every sequence needs its row first
+            if newcomers := [s for s in states if s.pool is None]:
+                pool.admit(newcomers, template=[])
+            slots = torch.tensor([s.slot for s in states], device=self.device)
+            cache = pool.gather(slots, past)
+        else:
+            cache = None
         input_ids = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_lists])
         length_col = torch.tensor(lengths)[:, None]
         columns = torch.arange(past + width)[None, :]
-        mask = (columns >= past - length_col) & (columns < past + torch.tensor(counts)[:, None])
+        mask = (columns < length_col) | (
+            (columns >= past) & (columns < past + torch.tensor(counts)[:, None])
+        )
         kwargs: dict[str, Any] = {
-            self._cache_arg: stacked_cache(states, past),
+            self._cache_arg: cache,
             "use_cache": True,
             "attention_mask": mask.long().to(self.device),
             "position_ids": (length_col + torch.arange(width)).to(self.device),
@@ -167,12 +179,14 @@ class LocalModel:
         out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
         logits = out.logits
         layers = layer_kv(out[self._cache_arg])
-        for row, (state, length, count) in enumerate(zip(states, lengths, counts, strict=True)):
-            keep = slice(past - length, past + count)
-            state.set_layers(
-                [(k[row : row + 1, :, keep], v[row : row + 1, :, keep]) for k, v in layers],
-                length + count,
-            )
+        if not past:
+            if newcomers := [s for s in states if s.pool is None]:
+                pool.admit(newcomers, template=layers)
+            slots = torch.tensor([s.slot for s in states], device=self.device)
+        pool.reserve(past + width)
+        pool.write(slots, length_col[:, 0].to(self.device), layers, start=past)
+        for state, count in zip(states, counts, strict=True):
+            state.length += count
         # The wanted positions of every row in one log-softmax: [sum(wanted), V].
         rows = torch.tensor([row for row, n in enumerate(wanted) for _ in range(n)])
         columns = torch.tensor([c - n + i for c, n in zip(counts, wanted, strict=True)
@@ -194,9 +208,10 @@ class LocalModel:
         if length == state.length:
             return
         if length == 0:
-            state.cache, state.length = None, 0
+            state.forget()
             return
-        if state.crop_rows(length):  # a batched forward's rows: no Cache built to crop it
+        if state.pool is not None:  # a pool's row: its first ``length`` columns are the cache
+            state.length = length
             return
         cache = state.cache
         if not getattr(cache, "is_croppable", True) or not hasattr(cache, "crop"):

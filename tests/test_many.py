@@ -118,3 +118,36 @@ def test_feed_many_equals_one_sequence_at_a_time(tiny_models):
     assert many[0].length == one[0].length
     expected, got = model.feed(one[0], [31, 32], 2), model.feed(many[0], [31, 32], 2)
     assert (expected - got).abs().max() < 1e-4
+
+
+def test_pooled_sequences_grow_share_rows_and_give_them_back(tiny_models):
+    """Batched forwards keep every sequence in the model's pool: past its first capacity, in
+    batches of changing membership, each row as fed alone; collected states free their rows,
+    and with none left the pool holds no memory."""
+    import gc
+
+    model = LocalModel.load(tiny_models["expert"], device="cpu")
+    one = [KVState() for _ in range(10)]
+    many = [KVState() for _ in range(10)]
+    for step in range(40):  # 3 tokens a step: 120 columns, past the first 64
+        members = [i for i in range(10) if (i + step) % 3]  # a different batch each step
+        tokens = [[(7 * i + step) % 500 + 1, 2, 3] for i in members]
+        expected = [model.feed(one[i], t, 2) for i, t in zip(members, tokens, strict=True)]
+        got = model.feed_many([many[i] for i in members], tokens, 2)
+        for e, g in zip(expected, got, strict=True):
+            assert (e - g).abs().max() < 1e-4
+        if step % 7 == 6:
+            for i in members:
+                model.crop(one[i], one[i].length - 1)
+                model.crop(many[i], many[i].length - 1)
+    assert model.pool.capacity >= max(s.length for s in many) > 64
+    assert sorted(s.slot for s in many) == list(range(10))
+    del many[3:]
+    gc.collect()
+    fresh = [KVState() for _ in range(7)]
+    model.feed_many(fresh, [[5]] * 7)
+    assert sorted(s.slot for s in many + fresh) == list(range(10))  # freed rows taken again
+    assert model.pool.rows <= 16
+    del many, fresh
+    gc.collect()
+    assert model.pool.keys == [] and model.pool.rows == 0
