@@ -41,10 +41,8 @@ class KVState:
         self.length += count
 
     def forget(self) -> None:
-        """Nothing fed (a rollback to the start); a pooled sequence keeps its row."""
-        if self.pool is None:
-            self._cache = None
-        self.length = 0
+        """Nothing fed (a rollback to the start of a sequence not pooled)."""
+        self._cache, self.length = None, 0
 
     def batchable(self) -> bool:
         """Whether a batched forward can hold this sequence: pooled already, nothing fed yet, or
@@ -61,7 +59,7 @@ class KVPool:
     ``length`` columns, so a rollback is a new length, and a batched forward reads its rows with
     one ``index_select`` per tensor and writes their new columns back with one indexed write:
     stacking per-sequence tensors instead took a pad and a slice per sequence and layer (each a
-    kernel launch on a GPU), a fifth of the local forwards' CPU at 64 sequences.
+    kernel launch on a GPU).
 
     The batch's cache is right-padded: row i holds its own ``length_i`` columns, then padding up
     to the batch's longest; the new tokens follow, and the attention mask and position ids say
@@ -83,14 +81,16 @@ class KVPool:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def admit(self, states: Sequence[KVState], template: Layers) -> None:
+    def admit(self, states: Sequence[KVState], template: Layers | None = None) -> None:
         """Give each of ``states`` (none pooled yet) a row, with the tensors of its own Cache
         copied in. ``template``: any layers of this model (shapes, dtype, device), for a pool
-        not yet allocated."""
+        not yet allocated whose newcomers have no tensors of their own."""
         owns = [layer_kv(s._cache) if s._cache is not None and s.length else None for s in states]
         with self._lock:
             if not self.keys:
                 first = next((own for own in owns if own is not None), template)
+                if first is None:
+                    raise ValueError("an empty pool needs a template or a state with a cache")
                 self._allocate(first, rows=max(8, len(states)))
             if len(self._free) < len(states):
                 self._grow(rows=max(2 * self.rows, self.rows + len(states) - len(self._free)))

@@ -16,7 +16,7 @@ import torch
 
 from proxyclient.devices import resolve_device, resolve_dtype
 from proxyclient.errors import ConfigError, ModelLoadError
-from proxyclient.kvcache import KVPool, KVState, layer_kv
+from proxyclient.kvcache import KVPool, KVState, Layers, layer_kv
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +154,10 @@ class LocalModel:
         if any(not 1 <= p <= c for p, c in zip(wanted, counts, strict=True)):
             raise ValueError(f"positions {wanted} must be in [1, new tokens {counts}] each")
         past, width = max(lengths), max(counts)
-        pool = self.pool
-        if past:  # someone has a cache to read: every sequence needs its row first
-            if newcomers := [s for s in states if s.pool is None]:
-                pool.admit(newcomers, template=[])
-            slots = torch.tensor([s.slot for s in states], device=self.device)
-            cache = pool.gather(slots, past)
-        else:
-            cache = None
+        # Rows for the sequences not pooled yet: before the forward where there is a cache to
+        # read (one of them or the pool has the shapes), after it where nobody has one yet.
+        slots = self._rows(states) if past else None
+        cache = self.pool.gather(slots, past) if slots is not None else None
         input_ids = torch.tensor([[*t, *[0] * (width - len(t))] for t in token_lists])
         length_col = torch.tensor(lengths)[:, None]
         columns = torch.arange(past + width)[None, :]
@@ -179,12 +175,10 @@ class LocalModel:
         out = self._forward(input_ids=input_ids.to(self.device), **kwargs)
         logits = out.logits
         layers = layer_kv(out[self._cache_arg])
-        if not past:
-            if newcomers := [s for s in states if s.pool is None]:
-                pool.admit(newcomers, template=layers)
-            slots = torch.tensor([s.slot for s in states], device=self.device)
-        pool.reserve(past + width)
-        pool.write(slots, length_col[:, 0].to(self.device), layers, start=past)
+        if slots is None:
+            slots = self._rows(states, template=layers)
+        self.pool.reserve(past + width)
+        self.pool.write(slots, length_col[:, 0].to(self.device), layers, start=past)
         for state, count in zip(states, counts, strict=True):
             state.length += count
         # The wanted positions of every row in one log-softmax: [sum(wanted), V].
@@ -193,6 +187,12 @@ class LocalModel:
                                 for i in range(n)])  # fmt: skip
         logprobs = torch.log_softmax(logits[rows, columns].float(), dim=-1).cpu()
         return list(torch.split(logprobs, wanted))
+
+    def _rows(self, states: Sequence[KVState], template: Layers | None = None) -> torch.Tensor:
+        """The states' rows in the pool (the device's index tensor), admitting those without."""
+        if newcomers := [s for s in states if s.pool is None]:
+            self.pool.admit(newcomers, template)
+        return torch.tensor([s.slot for s in states], device=self.device)
 
     def _forward(self, **kwargs: Any) -> Any:
         if self.adapter is False and "adapter_names" not in kwargs:
@@ -207,11 +207,11 @@ class LocalModel:
             raise ValueError(f"cannot crop a {state.length}-token cache to {length} tokens")
         if length == state.length:
             return
-        if length == 0:
-            state.forget()
-            return
         if state.pool is not None:  # a pool's row: its first ``length`` columns are the cache
             state.length = length
+            return
+        if length == 0:
+            state.forget()
             return
         cache = state.cache
         if not getattr(cache, "is_croppable", True) or not hasattr(cache, "crop"):
