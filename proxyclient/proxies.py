@@ -66,6 +66,15 @@ class PairState:
     def anti(self) -> KVState:
         return self.kv(ANTI)
 
+    def unseen(self, expert_len: int, anti_len: int) -> int:
+        """How many ids of sequences of these lengths the caches have not read yet (after the
+        crop a rollback asked for), on the side that has fewer."""
+        expert_fed, anti_fed = self.crop_to or (self.expert.length, self.anti.length)
+        return min(
+            expert_len - min(expert_fed, self.expert.length),
+            anti_len - min(anti_fed, self.anti.length),
+        )
+
     def truncate(self, expert_len: int, anti_len: int) -> None:
         """The sequences now hold only ``expert_len`` / ``anti_len`` ids (a rollback). Where the
         caches hold more, both will keep one id fewer (cropped on the next feed), so that the
@@ -90,6 +99,13 @@ class ProxyLogprobs:
     expert: torch.Tensor
     anti: torch.Tensor  # [positions, V_a]
     seconds: float  # time spent in the forwards
+
+    def split(self, head: int) -> tuple[ProxyLogprobs, ProxyLogprobs]:
+        """The first ``head`` positions and the rest (the forward's seconds go with the first)."""
+        return (
+            ProxyLogprobs(self.expert[:head], self.anti[:head], self.seconds),
+            ProxyLogprobs(self.expert[head:], self.anti[head:], 0.0),
+        )
 
 
 @dataclass(frozen=True)

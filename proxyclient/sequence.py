@@ -125,6 +125,13 @@ class Sequence:
             self.base_ids.append(token)
             self.proxy_generated += self.realigner.feed(token) if self.realigner else [token]
 
+    @property
+    def unread(self) -> int:
+        """Ids the proxies have not read yet, on the side that has fewer."""
+        generated = len(self.proxy_generated)
+        ids = self.prompt_ids
+        return self.proxies.unseen(len(ids.expert) + generated, len(ids.proxy) + generated)
+
     async def proxy_logprobs(self, pair: ProxyPair, positions: int = 1) -> ProxyLogprobs:
         """The proxies' log-probs at the last ``positions`` positions; time counted."""
         out = await pair.logprobs(self.proxies, self.expert_ids, self.anti_ids, positions)

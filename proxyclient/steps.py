@@ -384,7 +384,11 @@ class BaseDraftStep(_DraftStep):
                 seq.timings.base_s += time.perf_counter() - started
 
         seq.timings.steps += 1
-        if config.alpha == 0:
+        # A few unread ids (the last step's correction) are read in the draft's forward, after
+        # the answer: one forward per request instead of two, and a forward's fixed cost is most
+        # of a small (or memory-bound) model's. A long prompt is read during the request.
+        later = config.alpha != 0 and n > 1 and 1 <= seq.unread <= n
+        if config.alpha == 0 or later:
             draft, first = await ask_base(), None
         else:
             draft, first = await _both(ask_base(), seq.proxy_logprobs(self.pair))
@@ -397,7 +401,7 @@ class BaseDraftStep(_DraftStep):
         if seq.appended == 0:
             self.tokens.check_unresolved(draft.tops[0])
         chosen, accepted, _ = await self.check_continuation(
-            seq, draft.tokens, draft.tops, draft.token_logprobs, first, usage
+            seq, draft.tokens, draft.tops, draft.token_logprobs, first, usage, read_first=later
         )
         self.adapt(seq, len(draft), accepted)
         _keep_draft(seq, chosen.tokens)
@@ -411,10 +415,13 @@ class BaseDraftStep(_DraftStep):
         logprobs: Ids[float | None],
         first: ProxyLogprobs | None,
         usage: Usage,
+        *,
+        read_first: bool = False,
     ) -> tuple[Chosen, int, bool]:
         """Verify the base's own continuation (``tokens``, the top-k before each, their
-        logprobs) from ``seq``'s end, where the proxies said ``first``: what is emitted, how many
-        drafted tokens were accepted, and whether every position was verified and kept.
+        logprobs) from ``seq``'s end, where the proxies said ``first`` (``read_first``: they
+        have not read it yet; None otherwise: alpha is 0): what is emitted, how many drafted
+        tokens were accepted, and whether every position was verified and kept.
 
         Positions up to the first token we cannot identify (or cannot spell on the proxy side)
         can be verified: the proxies read the drafted tokens before the last verifiable position
@@ -425,7 +432,7 @@ class BaseDraftStep(_DraftStep):
         )
         last = min(unknown, len(tokens) - 1)
         rows = _DraftRows(first)
-        if last and first is not None:
+        if read_first or (last and first is not None):
             rows = await self.read_draft(seq, list(tokens[:last]), first)  # type: ignore[arg-type]
 
         def positions() -> Iterator[Position]:
@@ -444,10 +451,10 @@ class BaseDraftStep(_DraftStep):
         return self.verify_positions(seq, positions(), usage)
 
     async def read_draft(
-        self, seq: Sequence, tokens: list[int], first: ProxyLogprobs
+        self, seq: Sequence, tokens: list[int], first: ProxyLogprobs | None
     ) -> _DraftRows:
         """Append the drafted ``tokens`` and read the proxies at every drafted position, in one
-        forward.
+        forward (``first`` None: at the position before the draft too).
 
         Draft position i (the base's top-k after drafted tokens 0..i-1) is read where the
         one-token loop reads it: at the last proxy position once the proxy ids spelling tokens
@@ -460,7 +467,12 @@ class BaseDraftStep(_DraftStep):
         for token in tokens:
             seq.append([token])
             ends.append(len(seq.proxy_generated) - start)
-        block = await seq.proxy_logprobs(self.pair, positions=ends[-1]) if ends[-1] else None
+        added = ends[-1] if ends else 0
+        if first is None:
+            read = await seq.proxy_logprobs(self.pair, positions=added + 1)
+            first, block = read.split(1)
+            return _DraftRows(first, block if added else None, ends)
+        block = await seq.proxy_logprobs(self.pair, positions=added) if added else None
         return _DraftRows(first, block, ends)
 
 

@@ -68,6 +68,23 @@ def test_greedy_equals_off_under_every_policy(tuner, mode, draft_tokens, k, unse
     assert got.usage.base_completion_tokens >= got.usage.accepted_draft_tokens
 
 
+@pytest.mark.parametrize("draft_tokens", [2, 4, 8])
+def test_base_drafts_cost_one_proxy_forward_per_request(tuner, draft_tokens):
+    """After the prompt (read while the first request is out), the last step's correction is read
+    in the forward that reads the draft: one forward per request, not one for the current
+    position and one for the draft; the output stays that of one token per request."""
+    options = dict(max_new_tokens=24, alpha=0.3, base_k=20)
+    off = tuner.generate(PROMPTS[0], speculate="off", **options)
+    tuner.proxies.batch_sizes.clear()
+    got = tuner.generate(PROMPTS[0], speculate="base", draft_tokens=draft_tokens, **options)
+    forwards = sum(tuner.proxies.batch_sizes.values())
+    assert got.token_ids == off.token_ids
+    assert got.usage.requests < len(got.token_ids)  # drafts were accepted
+    # Draft-length-1 requests (after rejections) read the correction during the request: the
+    # read of a one-token draft has nothing else to go with.
+    assert forwards <= got.usage.requests + 1
+
+
 def test_base_drafts_at_alpha_zero_are_accepted_whole(tuner):
     got = tuner.generate(PROMPTS[0], max_new_tokens=24, alpha=0.0, speculate="base",
                          draft_tokens=8)  # fmt: skip
