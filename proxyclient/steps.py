@@ -267,7 +267,7 @@ class OneTokenStep:
             top_p=config.top_p,
             generator=seq.generator,
         )
-        return int(candidates.ids[index])
+        return int(candidates.ids.numpy()[index])  # (CPU ids: combine's, or a mask's)
 
 
 # One draft position: what the models said, the drafted token (None: none to check), the draft's

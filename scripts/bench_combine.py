@@ -15,9 +15,11 @@ import time
 
 import torch
 
+from proxyclient.adapters.base import TopLogprobs
 from proxyclient.combine import combine
 from proxyclient.config import UnseenPolicy
 from proxyclient.sampling import choose
+from proxyclient.steps import _as_tensors
 
 
 def per_call_ms(vocab: int, policy: UnseenPolicy, calls: int) -> float:
@@ -26,12 +28,13 @@ def per_call_ms(vocab: int, policy: UnseenPolicy, calls: int) -> float:
     expert = torch.log_softmax(torch.randn(vocab, generator=generator), 0)
     anti = torch.log_softmax(torch.randn(vocab, generator=generator), 0)
     base = torch.topk(torch.log_softmax(torch.randn(vocab, generator=generator).double(), 0), 20)
-    ids, logprobs = base.indices.tolist(), base.values.tolist()
+    top = TopLogprobs(tuple(base.indices.tolist()), tuple(base.values.tolist()))
     started = time.perf_counter()
-    for _ in range(calls):  # as a step does: the answer arrives as lists
+    for _ in range(calls):  # as a step does: the answer arrives as tuples
+        ids, logprobs = _as_tensors(top)
         candidates = combine(
-            torch.tensor(ids),
-            torch.tensor(logprobs, dtype=torch.float64),
+            ids,
+            logprobs,
             expert,
             anti,
             alpha=1.0,

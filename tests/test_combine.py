@@ -195,3 +195,20 @@ def test_combine_in_place_is_bit_for_bit_the_term_by_term_formula(policy, kind):
         assert torch.equal(got.ids, base.ids) and got.dropped == base.dropped
         assert torch.equal(got.scores.isnan(), want.isnan())
         assert torch.equal(got.scores.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+def test_rows_in_bfloat16_or_attached_to_a_graph_score_as_their_float32_copies(policy):
+    """combine reads its inputs through numpy views; rows numpy cannot view (bfloat16, a tensor
+    that requires grad) are read as float32 copies, not refused."""
+    generator = torch.Generator().manual_seed(5)
+    expert = torch.log_softmax(torch.randn(64, generator=generator), 0).bfloat16()
+    anti = torch.log_softmax(torch.randn(64, generator=generator), 0).requires_grad_()
+    ids = torch.tensor([3, 9, 40])
+    logprobs = torch.log(torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64))
+    twin = torch.arange(60)
+    got = combine(ids, logprobs, expert, anti, alpha=0.8, policy=policy, twin=twin)
+    want = combine(
+        ids, logprobs, expert.float(), anti.detach(), alpha=0.8, policy=policy, twin=twin
+    )
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
