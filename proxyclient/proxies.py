@@ -100,13 +100,6 @@ class ProxyLogprobs:
     anti: torch.Tensor  # [positions, V_a]
     seconds: float  # time spent in the forwards
 
-    def split(self, head: int) -> tuple[ProxyLogprobs, ProxyLogprobs]:
-        """The first ``head`` positions and the rest (the forward's seconds go with the first)."""
-        return (
-            ProxyLogprobs(self.expert[:head], self.anti[:head], self.seconds),
-            ProxyLogprobs(self.expert[head:], self.anti[head:], 0.0),
-        )
-
 
 @dataclass(frozen=True)
 class Draft:

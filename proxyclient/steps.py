@@ -431,7 +431,7 @@ class BaseDraftStep(_DraftStep):
             (i for i, t in enumerate(tokens) if t is None or not seq.can_append(t)), len(tokens)
         )
         last = min(unknown, len(tokens) - 1)
-        rows = _DraftRows(first)
+        rows = _DraftRows.of(first)
         if read_first or (last and first is not None):
             rows = await self.read_draft(seq, list(tokens[:last]), first)  # type: ignore[arg-type]
 
@@ -470,10 +470,12 @@ class BaseDraftStep(_DraftStep):
         added = ends[-1] if ends else 0
         if first is None:
             read = await seq.proxy_logprobs(self.pair, positions=added + 1)
-            first, block = read.split(1)
-            return _DraftRows(first, block if added else None, ends)
-        block = await seq.proxy_logprobs(self.pair, positions=added) if added else None
-        return _DraftRows(first, block, ends)
+            return _DraftRows(read.expert.unbind(0), read.anti.unbind(0), ends)
+        if not added:
+            return _DraftRows.of(first, ends)
+        block = await seq.proxy_logprobs(self.pair, positions=added)
+        expert, anti = block.expert.unbind(0), block.anti.unbind(0)
+        return _DraftRows((first.expert[-1], *expert), (first.anti[-1], *anti), ends)
 
 
 class ExpertDraftStep(_DraftStep):
@@ -637,20 +639,26 @@ def _summed(usages: Iterable[Usage]) -> Usage:
 
 @dataclass(frozen=True)
 class _DraftRows:
-    """The proxies' log-probs at the positions of a base draft (see ``read_draft``)."""
+    """The proxies' log-probs at the positions of a base draft (see ``read_draft``): row 0 at
+    draft position 0, row j after the j-th proxy token the draft added."""
 
-    first: ProxyLogprobs | None  # at draft position 0; None when alpha = 0
-    block: ProxyLogprobs | None = None  # [ends[-1], V] at the proxy positions the draft added
+    expert: Ids[torch.Tensor]  # [V_e] each; empty when alpha = 0
+    anti: Ids[torch.Tensor]
     ends: list[int] = field(default_factory=list)  # proxy tokens added by draft tokens 0..i
+
+    @classmethod
+    def of(cls, first: ProxyLogprobs | None, ends: list[int] | None = None) -> _DraftRows:
+        """Rows where the draft added no proxy token: ``first``'s (none: alpha = 0)."""
+        if first is None:
+            return cls((), (), [])
+        return cls((first.expert[-1],), (first.anti[-1],), ends or [])
 
     def at(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(expert, anti) at draft position i."""
-        if self.first is None:
+        if not self.expert:
             return None, None
-        added = self.ends[i - 1] if i else 0
-        if added == 0 or self.block is None:
-            return self.first.expert[-1], self.first.anti[-1]
-        return self.block.expert[added - 1], self.block.anti[added - 1]
+        row = self.ends[i - 1] if i else 0
+        return self.expert[row], self.anti[row]
 
 
 async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any]:
