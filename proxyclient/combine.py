@@ -60,7 +60,7 @@ def twin_index(twin: torch.Tensor) -> TwinIndex:
     cached = _INDEXES.get(id(twin))
     if cached is not None and cached[0] is twin:
         return cached[1]
-    array = _array(twin).astype(np.int64, copy=False)
+    array = numpy_view(twin).astype(np.int64, copy=False)
     shared = np.flatnonzero(array >= 0)
     proxy = array[shared]
     # The usual case, one tokenizer on both sides: base id i is proxy id i, for i < S.
@@ -98,7 +98,7 @@ def base_scores(
     twin: [V_base] int64, the proxy id of each base id, -1 where the proxies have none; the
     shared vocabulary is the base ids with a twin. Returned ids outside it are dropped.
     """
-    seen = _seen(base_ids, base_logprobs, twin, policy)
+    seen = _seen(twin_index(twin), base_ids, base_logprobs, policy)
     if seen.unseen_lp is None:
         return _candidates(seen.ids, seen.logprobs, seen.dropped)
     index = seen.index
@@ -132,8 +132,8 @@ def combine(
         )
     if alpha == 0:
         return base_scores(base_ids, base_logprobs, twin, policy)
-    seen = _seen(base_ids, base_logprobs, twin, policy)
-    expert_all, anti_all = _array(expert_logprobs), _array(anti_logprobs)
+    seen = _seen(index, base_ids, base_logprobs, policy)
+    expert_all, anti_all = numpy_view(expert_logprobs), numpy_view(anti_logprobs)
     if seen.unseen_lp is None:  # the returned candidates alone
         proxy_ids = index.twin[seen.ids]
         expert = expert_all[proxy_ids].astype(np.float64)
@@ -169,11 +169,10 @@ class _Seen(NamedTuple):  # (a tuple: a fifth of a frozen dataclass's constructi
 
 
 def _seen(
-    base_ids: torch.Tensor, base_logprobs: torch.Tensor, twin: torch.Tensor, policy: UnseenPolicy
+    index: TwinIndex, base_ids: torch.Tensor, base_logprobs: torch.Tensor, policy: UnseenPolicy
 ) -> _Seen:
-    index = twin_index(twin)
-    ids = _array(base_ids).astype(np.int64, copy=False)
-    logprobs = _array(base_logprobs).astype(np.float64, copy=False)
+    ids = numpy_view(base_ids).astype(np.int64, copy=False)
+    logprobs = numpy_view(base_logprobs).astype(np.float64, copy=False)
     seen_ids, seen_lp = ids, logprobs
     size = index.twin.size
     # Every id of the base has a twin (one tokenizer on both sides): only ids past the vocabulary
@@ -204,13 +203,13 @@ def _seen(
     return _Seen(index, seen_ids, seen_lp, dropped, unseen_lp, positions)
 
 
-def _array(tensor: torch.Tensor) -> np.ndarray:
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (a copy from another device, or of a dtype numpy lacks)."""
     try:
         return tensor.numpy()
-    except (TypeError, RuntimeError):  # on a GPU, bfloat16, or attached to a graph
-        floating = tensor.is_floating_point()
-        return tensor.detach().to("cpu", torch.float32 if floating else None).numpy()
+    except (TypeError, RuntimeError):  # on a GPU, bfloat16 (numpy has none), or in a graph
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
 
 
 def _candidates(ids: np.ndarray, scores: np.ndarray, dropped: int) -> Candidates:

@@ -212,3 +212,8 @@ def test_rows_in_bfloat16_or_attached_to_a_graph_score_as_their_float32_copies(p
         ids, logprobs, expert.float(), anti.detach(), alpha=0.8, policy=policy, twin=twin
     )
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    # A float64 row in a graph keeps its precision.
+    precise = (anti.detach().double() / 3).requires_grad_()  # not float32-representable
+    kept = combine(ids, logprobs, expert, precise, alpha=0.8, policy=policy, twin=twin)
+    exact = combine(ids, logprobs, expert, precise.detach(), alpha=0.8, policy=policy, twin=twin)
+    assert torch.equal(kept.scores, exact.scores)

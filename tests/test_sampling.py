@@ -73,7 +73,10 @@ def test_greedy_choice_is_torch_argmax_on_ties_and_infinities(dtype):
     of tied maxima, an all -inf row's first entry, the first NaN."""
     generator = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, 4, (50,), generator=generator).to(dtype) for _ in range(30)]
-    rows += [torch.full((7,), -math.inf, dtype=dtype), torch.tensor([1.0, math.nan, 2.0, math.nan])]
+    rows += [
+        torch.full((7,), -math.inf, dtype=dtype),
+        torch.tensor([1.0, math.nan, 2.0, math.nan], dtype=dtype),
+    ]
     rows += [torch.tensor([-math.inf, math.inf, math.inf], dtype=dtype)]
     for row in rows:
         assert choose(row, temperature=0) == int(torch.argmax(row))
