@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -92,6 +93,33 @@ class TopLogprobs:
             complete=complete,
             unresolved=unresolved,
             retokenized=retokenized,
+        )
+
+    @classmethod
+    def from_columns(
+        cls,
+        ids: list[int | None],
+        logprobs: list[float | None],
+        *,
+        k: int = -1,
+        complete: bool = False,
+        retokenized: bool = False,
+    ) -> TopLogprobs:
+        """``from_pairs(zip(ids, logprobs))``, without its dict and sort where the answer is
+        already clean, as a server usually writes it: distinct ids, float log-probs above the
+        sentinel, highest first (a stable sort leaves ties where they are, so this is the same
+        result). Per position, at a top-k of 20 that is a third of from_pairs' time."""
+        if (
+            all([type(lp) is float and lp > SENTINEL_LOGPROB for lp in logprobs])
+            and all([a >= b for a, b in pairwise(logprobs)])  # type: ignore[operator]
+            and len(set(ids)) == len(ids)
+            and None not in ids
+        ):
+            if k > 0:
+                ids, logprobs = ids[:k], logprobs[:k]
+            return cls(tuple(ids), tuple(logprobs), complete, 0, retokenized)  # type: ignore[arg-type]
+        return cls.from_pairs(
+            zip(ids, logprobs, strict=True), k=k, complete=complete, retokenized=retokenized
         )
 
     def __len__(self) -> int:

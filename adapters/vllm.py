@@ -57,10 +57,10 @@ def _top(entries: dict[str, Any], k: int) -> TopLogprobs:
     # vLLM adds the sampled token when it is outside the top k: a random extra candidate.
     keys = "\n".join(entries)
     if _TOKEN_ID_KEYS.fullmatch(keys):  # every key as vLLM writes it: checked in one pass
-        pairs = [(int(key[9:]), logprob) for key, logprob in entries.items()]
+        ids = [int(key[9:]) for key in entries]
     else:
-        pairs = [(_token_id(key), logprob) for key, logprob in entries.items()]
-    return TopLogprobs.from_pairs(pairs, k=k, complete=k == -1)
+        ids = [_token_id(key) for key in entries]
+    return TopLogprobs.from_columns(ids, list(entries.values()), k=k, complete=k == -1)
 
 
 class VLLMCompletions(DialectAdapter):
