@@ -87,8 +87,8 @@ def twin_index(twin: torch.Tensor) -> TwinIndex:
 
 
 def base_scores(
-    base_ids: torch.Tensor,
-    base_logprobs: torch.Tensor,
+    base_ids: torch.Tensor | np.ndarray,
+    base_logprobs: torch.Tensor | np.ndarray,
     twin: torch.Tensor,
     policy: UnseenPolicy,
 ) -> Candidates:
@@ -108,8 +108,8 @@ def base_scores(
 
 
 def combine(
-    base_ids: torch.Tensor,
-    base_logprobs: torch.Tensor,
+    base_ids: torch.Tensor | np.ndarray,
+    base_logprobs: torch.Tensor | np.ndarray,
     expert_logprobs: torch.Tensor,
     anti_logprobs: torch.Tensor,
     *,
@@ -119,7 +119,8 @@ def combine(
 ) -> Candidates:
     """Proxy-tuned scores of the candidates.
 
-    base_ids, base_logprobs: [k] the base's returned top-k.
+    base_ids, base_logprobs: [k] the base's returned top-k (tensors, or numpy arrays as a step
+    passes them).
     expert_logprobs, anti_logprobs: [V_e], [V_a] log-softmax over each proxy's whole output
     (padded vocabularies allowed). twin: [V_base] proxy id per base id, -1 for none
     (``torch.arange(V)`` when both sides share a tokenizer).
@@ -169,7 +170,10 @@ class _Seen(NamedTuple):  # (a tuple: a fifth of a frozen dataclass's constructi
 
 
 def _seen(
-    index: TwinIndex, base_ids: torch.Tensor, base_logprobs: torch.Tensor, policy: UnseenPolicy
+    index: TwinIndex,
+    base_ids: torch.Tensor | np.ndarray,
+    base_logprobs: torch.Tensor | np.ndarray,
+    policy: UnseenPolicy,
 ) -> _Seen:
     ids = numpy_view(base_ids).astype(np.int64, copy=False)
     logprobs = numpy_view(base_logprobs).astype(np.float64, copy=False)
@@ -203,8 +207,11 @@ def _seen(
     return _Seen(index, seen_ids, seen_lp, dropped, unseen_lp, positions)
 
 
-def numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (a copy from another device, or of a dtype numpy lacks)."""
+def numpy_view(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A numpy view of a CPU tensor (a copy from another device, or of a dtype numpy lacks); an
+    array as it is."""
+    if type(tensor) is np.ndarray:
+        return tensor
     try:
         return tensor.numpy()
     except (TypeError, RuntimeError):  # on a GPU, bfloat16 (numpy has none), or in a graph

@@ -19,7 +19,6 @@ base draft is exactly a one-token request, so steering that rejects most drafts 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import dataclasses
 import logging
@@ -30,6 +29,7 @@ from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from proxyclient.adapters.base import (
@@ -164,7 +164,7 @@ class OneTokenStep:
         if expert is None or anti is None:  # alpha == 0: no proxy forward was run
             expert = anti = torch.zeros(self.tokens.vocab_size)
 
-        ids, logprobs = _as_tensors(top)
+        ids, logprobs = _as_arrays(top)
 
         def scored(policy: UnseenPolicy) -> Candidates:
             return combine(
@@ -671,15 +671,12 @@ async def _both(first: Awaitable[Any], second: Awaitable[Any]) -> tuple[Any, Any
     return outcome[0], outcome[1]
 
 
-def _as_tensors(top: TopLogprobs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k's ids (int64) and log-probs (float64) as tensors. Through an array's buffer:
-    a third of what torch.tensor takes to read a tuple of Python numbers, per position."""
-    if not top.token_ids:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float64)
-    return (
-        torch.frombuffer(array.array("q", top.token_ids), dtype=torch.int64),
-        torch.frombuffer(array.array("d", top.logprobs), dtype=torch.float64),
-    )
+def _as_arrays(top: TopLogprobs) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k's ids (int64) and log-probs (float64) as the numpy arrays ``combine`` computes
+    on, read straight from the tuples: a quarter of what tensors through a buffer took (and
+    combine's views of them), per position."""
+    n = len(top.token_ids)
+    return np.fromiter(top.token_ids, np.int64, n), np.fromiter(top.logprobs, np.float64, n)
 
 
 def _within(candidates: Candidates, allowed: torch.Tensor) -> Candidates:

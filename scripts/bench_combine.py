@@ -19,7 +19,7 @@ from proxyclient.adapters.base import TopLogprobs
 from proxyclient.combine import combine
 from proxyclient.config import UnseenPolicy
 from proxyclient.sampling import choose
-from proxyclient.steps import _as_tensors
+from proxyclient.steps import _as_arrays
 
 
 def per_call_ms(vocab: int, policy: UnseenPolicy, calls: int) -> float:
@@ -31,7 +31,7 @@ def per_call_ms(vocab: int, policy: UnseenPolicy, calls: int) -> float:
     top = TopLogprobs(tuple(base.indices.tolist()), tuple(base.values.tolist()))
     started = time.perf_counter()
     for _ in range(calls):  # as a step does: the answer arrives as tuples
-        ids, logprobs = _as_tensors(top)
+        ids, logprobs = _as_arrays(top)
         candidates = combine(
             ids,
             logprobs,

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,3 +218,31 @@ def test_rows_in_bfloat16_or_attached_to_a_graph_score_as_their_float32_copies(p
     kept = combine(ids, logprobs, expert, precise, alpha=0.8, policy=policy, twin=twin)
     exact = combine(ids, logprobs, expert, precise.detach(), alpha=0.8, policy=policy, twin=twin)
     assert torch.equal(kept.scores, exact.scores)
+
+
+@pytest.mark.parametrize("policy", list(UnseenPolicy))
+def test_the_top_k_as_numpy_arrays_scores_as_tensors_do(policy):
+    """A step hands combine the base's top-k as numpy arrays (read from the answer's tuples, no
+    tensor in between): the same candidates as tensors give, an id past the vocabulary dropped,
+    and the arrays left as they were."""
+    from proxyclient.adapters.base import TopLogprobs
+    from proxyclient.steps import _as_arrays
+
+    generator = torch.Generator().manual_seed(3)
+    twin = torch.arange(500)
+    twin[[4, 77]] = -1
+    expert = torch.log_softmax(torch.randn(512, generator=generator), 0)
+    anti = torch.log_softmax(torch.randn(512, generator=generator), 0)
+    logprobs = torch.log_softmax(torch.randn(20, generator=generator, dtype=torch.float64), 0)
+    ids = [*torch.randperm(500, generator=generator)[:17].tolist(), 4, 77, 600]
+    top = TopLogprobs(tuple(ids), tuple((logprobs - 0.2).tolist()))
+    arrays = _as_arrays(top)
+    assert [a.dtype for a in arrays] == [np.int64, np.float64]
+    before = [a.copy() for a in arrays]
+    tensors = torch.tensor(top.token_ids), torch.tensor(top.logprobs, dtype=torch.float64)
+    got = combine(*arrays, expert, anti, alpha=0.7, policy=policy, twin=twin)
+    want = combine(*tensors, expert, anti, alpha=0.7, policy=policy, twin=twin)
+    assert got.dropped == want.dropped == 3
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before, strict=True))
+    assert len(_as_arrays(TopLogprobs((), ()))[0]) == 0
