@@ -195,6 +195,7 @@ def test_a_literal_stream_is_read_position_by_position(tokenizer, api):
 def test_a_stream_reads_as_the_draft_of_the_same_request(servers, tokenizer, api):
     base = base_for(api, servers[api], tokenizer)
     prompt = prompt_of(tokenizer)
+    before = len(servers[api].wait_for_streams(0))
 
     async def both():
         draft = await base.generate(prompt, K[api], 6, greedy=True)
@@ -205,17 +206,20 @@ def test_a_stream_reads_as_the_draft_of_the_same_request(servers, tokenizer, api
     assert [p.token for p in got] == list(draft.tokens)
     assert [p.logprob for p in got] == list(draft.token_logprobs)
     assert [p.top for p in got] == list(draft.tops) and all(len(p.top) == K[api] for p in got)
-    assert servers[api].streams[-1].ended == "done"
+    # (the server records a stream once it has written the end, which the client may read first)
+    assert servers[api].wait_for_streams(before + 1)[-1].ended == "done"
 
 
 @pytest.mark.parametrize("api", APIS)
 def test_a_stream_cut_mid_way_gives_what_came_then_a_connection_error(servers, tokenizer, api):
     server, prompt = servers[api], prompt_of(tokenizer)
+    before = len(server.wait_for_streams(0))
     whole, _ = run(base := base_for(api, server, tokenizer), read(base, prompt, K[api], 6))
+    server.wait_for_streams(before + 1)  # the whole stream's record, before the broken one's
     server.break_next_stream(after=4)
     got, error = run(base := base_for(api, server, tokenizer), read(base, prompt, K[api], 6))
     assert isinstance(error, APIConnectionError) and "the stream broke" in str(error)
-    assert server.streams[-1].ended == "broken"
+    assert server.wait_for_streams(before + 2)[-1].ended == "broken"
     # Four events: chat streams a role chunk first.
     came = 3 if api in ("openai-chat", "deepseek") else 4
     assert [p.token for p in got] == [p.token for p in whole[:came]]
