@@ -67,6 +67,44 @@ class TopLogprobs:
         most the k best kept (servers add the sampled token). An id of None (a token the answer
         did not identify) still takes its place in the ranking, then counts as unresolved.
         ``retokenized``: the server conditioned on its own split of the prompt's text."""
+        pairs = list(pairs)
+        ids, logprobs = [i for i, _ in pairs], [lp for _, lp in pairs]
+        return cls.from_columns(ids, logprobs, k=k, complete=complete, retokenized=retokenized)
+
+    @classmethod
+    def from_columns(
+        cls,
+        ids: list[int | None],
+        logprobs: list[float | None],
+        *,
+        k: int = -1,
+        complete: bool = False,
+        retokenized: bool = False,
+    ) -> TopLogprobs:
+        """``from_pairs`` of ``zip(ids, logprobs)``. An answer already clean, as servers usually
+        write it (distinct ids, float log-probs above the sentinel, highest first), is kept as it
+        is: the ranking would leave it so (a stable sort keeps ties in place). Per position at a
+        top-k of 20: 6 µs, ranking it 10."""
+        if (
+            all([type(lp) is float and lp > SENTINEL_LOGPROB for lp in logprobs])
+            and all([a >= b for a, b in pairwise(logprobs)])  # type: ignore[operator]
+            and len(set(ids)) == len(ids)
+            and None not in ids
+        ):
+            if k > 0:
+                ids, logprobs = ids[:k], logprobs[:k]
+            return cls(tuple(ids), tuple(logprobs), complete, 0, retokenized)  # type: ignore[arg-type]
+        return cls._ranked(zip(ids, logprobs, strict=True), k, complete, retokenized)
+
+    @classmethod
+    def _ranked(
+        cls,
+        pairs: Iterable[tuple[int | None, float | None]],
+        k: int,
+        complete: bool,
+        retokenized: bool,
+    ) -> TopLogprobs:
+        """What ``from_pairs`` says, for any answer: cleaned, deduplicated and ranked."""
         best: dict[int, float] = {}
         unknown: list[float] = []
         for token_id, logprob in pairs:
@@ -93,33 +131,6 @@ class TopLogprobs:
             complete=complete,
             unresolved=unresolved,
             retokenized=retokenized,
-        )
-
-    @classmethod
-    def from_columns(
-        cls,
-        ids: list[int | None],
-        logprobs: list[float | None],
-        *,
-        k: int = -1,
-        complete: bool = False,
-        retokenized: bool = False,
-    ) -> TopLogprobs:
-        """``from_pairs(zip(ids, logprobs))``, without its dict and sort where the answer is
-        already clean, as a server usually writes it: distinct ids, float log-probs above the
-        sentinel, highest first (a stable sort leaves ties where they are, so this is the same
-        result). Per position at a top-k of 20: 6 µs, from_pairs 10."""
-        if (
-            all([type(lp) is float and lp > SENTINEL_LOGPROB for lp in logprobs])
-            and all([a >= b for a, b in pairwise(logprobs)])  # type: ignore[operator]
-            and len(set(ids)) == len(ids)
-            and None not in ids
-        ):
-            if k > 0:
-                ids, logprobs = ids[:k], logprobs[:k]
-            return cls(tuple(ids), tuple(logprobs), complete, 0, retokenized)  # type: ignore[arg-type]
-        return cls.from_pairs(
-            zip(ids, logprobs, strict=True), k=k, complete=complete, retokenized=retokenized
         )
 
     def __len__(self) -> int:

@@ -1,12 +1,13 @@
-"""TopLogprobs built from an answer's entries: from_columns (a fast path for clean answers) gives
-what from_pairs gives, on clean answers and on every kind of mess a server writes."""
+"""TopLogprobs built from an answer's entries: from_pairs and from_columns (which keep a clean
+answer as it is) give what the general ranking gives, on clean answers and on every kind of mess
+a server writes."""
 
 import math
+from unittest import mock
 
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from proxyclient.adapters import base
 from proxyclient.adapters.base import TopLogprobs
 
 MESS = [-9999.0, None, math.nan, -math.inf, -1e300, 0, -2]  # sentinels, and ints from JSON
@@ -46,44 +47,29 @@ def answers(draw):
 @example([(1, -0.5), (2, -1.0), (3, -9999.0)], -1)  # in order, but the last is a sentinel
 @example([(1, 0), (2, -1.0)], -1)  # in order, but an int
 @example([(1, -0.5), (2, math.nan)], -1)
-def test_from_columns_equals_from_pairs(pairs, k):
+def test_a_top_k_is_the_general_ranking_of_the_answer(pairs, k):
     ids, logprobs = [i for i, _ in pairs], [lp for _, lp in pairs]
-    expected = TopLogprobs.from_pairs(pairs, k=k, complete=True, retokenized=True)
-    got = TopLogprobs.from_columns(ids, logprobs, k=k, complete=True, retokenized=True)
-    assert _same(got, expected)
+    expected = TopLogprobs._ranked(pairs, k, True, True)
+    by_columns = TopLogprobs.from_columns(ids, logprobs, k=k, complete=True, retokenized=True)
+    by_pairs = TopLogprobs.from_pairs(iter(pairs), k=k, complete=True, retokenized=True)
+    assert _same(by_columns, expected) and _same(by_pairs, expected)
 
 
 @given(
     st.lists(st.floats(min_value=-50.0, max_value=0.0), min_size=1, max_size=40),
     st.sampled_from([-1, 5, 20]),
 )
-def test_a_clean_answer_takes_no_sort(logprobs, k):
+def test_a_clean_answer_is_kept_without_ranking(logprobs, k):
     # distinct ids, floats above the sentinel, highest first: what vLLM writes
     logprobs = sorted(logprobs, reverse=True)
     ids = list(range(100, 100 + len(logprobs)))
-    expected = TopLogprobs.from_pairs(zip(ids, logprobs, strict=True), k=k)
-    calls = []
-    original = base.TopLogprobs.from_pairs.__func__
-
-    def counted(cls, *args, **kwargs):
-        calls.append(1)
-        return original(cls, *args, **kwargs)
-
-    base.TopLogprobs.from_pairs = classmethod(counted)
-    try:
+    expected = TopLogprobs._ranked(zip(ids, logprobs, strict=True), k, False, False)
+    with mock.patch.object(TopLogprobs, "_ranked", side_effect=AssertionError("ranked")):
         got = TopLogprobs.from_columns(ids, logprobs, k=k)
-    finally:
-        base.TopLogprobs.from_pairs = classmethod(original)
-    assert not calls
-    assert _same(got, expected)
-    assert all(type(lp) is float for lp in got.logprobs)
+        by_pairs = TopLogprobs.from_pairs(zip(ids, logprobs, strict=True), k=k)
+    assert _same(got, expected) and _same(by_pairs, expected)
 
 
 def _same(a: TopLogprobs, b: TopLogprobs) -> bool:
-    # NaN-free by construction; -0.0 == 0.0 is fine, but the types must match too
-    return (
-        a.token_ids == b.token_ids
-        and a.logprobs == b.logprobs
-        and [type(x) for x in a.logprobs] == [type(x) for x in b.logprobs]
-        and (a.complete, a.unresolved, a.retokenized) == (b.complete, b.unresolved, b.retokenized)
-    )
+    # NaN-free by construction; ints and floats compare equal, so the types are compared too
+    return a == b and list(map(type, a.logprobs)) == list(map(type, b.logprobs))
